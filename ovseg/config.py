@@ -1,0 +1,55 @@
+"""Every config key ovseg adds to detectron2's defaults, with its default and what it means."""
+from detectron2.config import CfgNode as CN
+
+# CLIP's preprocessing constants on the 0-255 scale (images are fed as RGB).
+CLIP_PIXEL_MEAN = [122.7709383, 116.7460125, 104.09373615]
+CLIP_PIXEL_STD = [68.5005327, 66.6321579, 70.32316305]
+
+
+def add_ovseg_config(cfg: CN) -> CN:
+    """Add ovseg's keys to a detectron2 config (in place) and return it."""
+    cfg.MODEL.CLIP = CN()
+    # open_clip architecture name (ViT-B-16, ViT-L-14, ViT-L-14-336, EVA02-B-16, EVA02-L-14-336, ...).
+    cfg.MODEL.CLIP.MODEL_NAME = "ViT-B-16"
+    # open_clip pretrained tag (e.g. "openai", downloaded on first use) or a local checkpoint path
+    # (open_clip state dict or one exported by ovseg). "" = random initialisation (smoke tests only).
+    cfg.MODEL.CLIP.PRETRAINED = "openai"
+    # How the last ViT block builds the dense map `clip_dense`:
+    #   "value": no token mixing, value path + residual + MLP (MaskCLIP / CLIPSelf);
+    #   "attention": the stock block, i.e. exactly what open_clip computes.
+    cfg.MODEL.CLIP.DENSE_MODE = "value"
+    # 0-based indices of the blocks whose outputs are exported as res2, res3, ... (all at the patch stride).
+    # Empty: four evenly spaced blocks ending with the second-to-last one.
+    cfg.MODEL.CLIP.FEATURE_BLOCKS = []
+    # Number of final transformer blocks left trainable (CLIPSelf trains them); 0 = fully frozen.
+    cfg.MODEL.CLIP.UNLOCK_LAST_BLOCKS = 0
+
+    cfg.MODEL.TEXT = CN()
+    # Prompt templates: "imagenet" (CLIP's 80 ImageNet prompts), "simple" (open_clip's short set of 7)
+    # or "single" ("a photo of a {}.").
+    cfg.MODEL.TEXT.TEMPLATES = "imagenet"
+    # Test vocabulary: "" = the test dataset's classes; else "cat,sofa|couch" or a text file (one class a line,
+    # synonyms separated by "|").
+    cfg.MODEL.TEXT.VOCABULARY = ""
+    # Prompts encoded per text-encoder forward (bounds memory for 847 classes x 80 templates).
+    cfg.MODEL.TEXT.BATCH_SIZE = 1024
+
+    cfg.MODEL.DENSE_SEG = CN()
+    # Multiplier of the cosine similarities before the softmax over classes (CLIP's learned scale is 100).
+    cfg.MODEL.DENSE_SEG.LOGIT_SCALE = 100.0
+    # "whole": one forward over the (resized) image; "slide": overlapping windows, logits averaged.
+    cfg.MODEL.DENSE_SEG.INFERENCE_MODE = "whole"
+    cfg.MODEL.DENSE_SEG.WINDOW_SIZE = 448
+    cfg.MODEL.DENSE_SEG.WINDOW_STRIDE = 224
+
+    cfg.MODEL.PIXEL_MEAN = list(CLIP_PIXEL_MEAN)
+    cfg.MODEL.PIXEL_STD = list(CLIP_PIXEL_STD)
+    cfg.INPUT.FORMAT = "RGB"
+    return cfg
+
+
+def get_ovseg_cfg() -> CN:
+    """detectron2's default config extended with ovseg's keys."""
+    from detectron2.config import get_cfg
+
+    return add_ovseg_config(get_cfg())
