@@ -1,0 +1,146 @@
+"""Training-free open-vocabulary semantic segmentation straight from CLIP's dense features."""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from torch import nn
+
+from ..backbone.clip_vit import CLIPViTDenseEncoder
+from ..clip_model import load_open_clip, split_clip
+from ..text import TextClassifier, Vocabulary, parse_vocabulary
+
+logger = logging.getLogger(__name__)
+
+
+def sliding_windows(size: Tuple[int, int], window: int, stride: int) -> List[Tuple[int, int, int, int]]:
+    """(y0, x0, y1, x1) windows covering an (H, W) image; the last row/column is flush with the border.
+    A window larger than the image shrinks to the image."""
+    if window <= 0 or stride <= 0:
+        raise ValueError(f"window ({window}) and stride ({stride}) must be positive")
+    out = []
+    h, w = size
+    wh, ww = min(window, h), min(window, w)
+    ys = list(range(0, h - wh + 1, stride))
+    xs = list(range(0, w - ww + 1, stride))
+    ys += [h - wh] if ys[-1] != h - wh else []
+    xs += [w - ww] if xs[-1] != w - ww else []
+    for y in ys:
+        for x in xs:
+            out.append((y, x, y + wh, x + ww))
+    return out
+
+
+@META_ARCH_REGISTRY.register()
+class CLIPDenseSegmentor(nn.Module):
+    """Per-pixel logits = scale * <clip_dense, class text embedding>, upsampled to the input.
+
+    No trainable parameters: any CLIP / CLIPSelf checkpoint runs as is. Output per image:
+    ``{"sem_seg": (C, height, width)}`` class probabilities, the format `SemSegEvaluator` reads.
+    """
+
+    @configurable
+    def __init__(self, *, backbone: CLIPViTDenseEncoder, text_classifier: TextClassifier,
+                 pixel_mean: Tuple[float, ...], pixel_std: Tuple[float, ...], vocabulary=None,
+                 logit_scale: float = 100.0, inference_mode: str = "whole", window_size: int = 448,
+                 window_stride: int = 224):
+        """
+        Args:
+            backbone: the CLIP dense encoder.
+            text_classifier: the frozen text tower (same CLIP model).
+            pixel_mean, pixel_std: per-channel normalisation of the 0-255 RGB input.
+            vocabulary: initial vocabulary (anything `parse_vocabulary` accepts); `set_vocabulary` changes it.
+            logit_scale: multiplier of the cosine similarities before the softmax.
+            inference_mode: "whole" or "slide".
+            window_size, window_stride: sliding-window geometry in input pixels.
+        """
+        super().__init__()
+        if inference_mode not in ("whole", "slide"):
+            raise ValueError(f"MODEL.DENSE_SEG.INFERENCE_MODE={inference_mode!r}; use 'whole' or 'slide'")
+        self.backbone = backbone
+        self.text_classifier = text_classifier
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.logit_scale = logit_scale
+        self.inference_mode = inference_mode
+        self.window_size = window_size
+        self.window_stride = window_stride
+        self._vocabulary: Optional[Vocabulary] = None
+        self._vocabulary_spec = vocabulary
+
+    @classmethod
+    def from_config(cls, cfg):
+        visual, text_model = split_clip(load_open_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED))
+        vocabulary = cfg.MODEL.TEXT.VOCABULARY or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
+        return {
+            "backbone": CLIPViTDenseEncoder(cfg, visual=visual),
+            "text_classifier": TextClassifier(cfg, text_model=text_model),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "vocabulary": vocabulary,
+            "logit_scale": cfg.MODEL.DENSE_SEG.LOGIT_SCALE,
+            "inference_mode": cfg.MODEL.DENSE_SEG.INFERENCE_MODE,
+            "window_size": cfg.MODEL.DENSE_SEG.WINDOW_SIZE,
+            "window_stride": cfg.MODEL.DENSE_SEG.WINDOW_STRIDE,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        if self._vocabulary is None:
+            if self._vocabulary_spec is None:
+                raise ValueError("no vocabulary: set MODEL.TEXT.VOCABULARY, DATASETS.TEST, or call set_vocabulary()")
+            self._vocabulary = parse_vocabulary(self._vocabulary_spec)
+        return self._vocabulary
+
+    def set_vocabulary(self, vocabulary) -> Vocabulary:
+        """Switch the classes to segment (a string, file, list or dataset name); no rebuild needed."""
+        self._vocabulary = parse_vocabulary(vocabulary)
+        return self._vocabulary
+
+    def dense_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, C, H, W) logits (padding cut off)."""
+        h, w = images.shape[-2:]
+        dense = self.backbone(images)["clip_dense"]  # (B, D, h/p, w/p) over the padded input
+        logits = self.logit_scale * torch.einsum("bdhw,cd->bchw", dense, text.to(dense.dtype))
+        p = self.backbone.patch_size
+        logits = F.interpolate(logits.float(), size=(dense.shape[-2] * p, dense.shape[-1] * p), mode="bilinear",
+                               align_corners=False)
+        return logits[..., :h, :w]
+
+    def segment(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) normalised image -> (C, H, W) class probabilities."""
+        if self.inference_mode == "whole":
+            return self.dense_logits(image[None], text)[0].softmax(0)
+        h, w = image.shape[-2:]
+        logits = image.new_zeros((text.shape[0], h, w), dtype=torch.float32)
+        count = image.new_zeros((1, h, w), dtype=torch.float32)
+        for y0, x0, y1, x1 in sliding_windows((h, w), self.window_size, self.window_stride):
+            logits[:, y0:y1, x0:x1] += self.dense_logits(image[None, :, y0:y1, x0:x1], text)[0]
+            count[:, y0:y1, x0:x1] += 1
+        return (logits / count).softmax(0)
+
+    def forward(self, batched_inputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:
+        if self.training:
+            raise RuntimeError("CLIPDenseSegmentor is training-free: use it with --eval-only or the demo")
+        text = self.text_classifier(self.vocabulary)  # (C, D)
+        results = []
+        for inp in batched_inputs:
+            image = inp["image"].to(self.device)
+            if image.shape[0] != 3:
+                raise ValueError(f"expected a 3-channel image, got shape {tuple(image.shape)}")
+            h, w = image.shape[-2:]
+            if min(h, w) < 1:
+                raise ValueError(f"empty image of shape {tuple(image.shape)}")
+            probs = self.segment((image.float() - self.pixel_mean) / self.pixel_std, text)
+            out_h, out_w = inp.get("height", h), inp.get("width", w)
+            results.append({"sem_seg": sem_seg_postprocess(probs, (h, w), out_h, out_w)})
+        return results
