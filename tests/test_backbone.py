@@ -5,7 +5,6 @@ import torch.nn.functional as F
 
 from ovseg.modeling.backbone import CLIPViTDenseEncoder, resize_pos_embed
 from ovseg.modeling.clip_model import split_clip
-
 from tests.helpers import TINY_MODELS
 
 TOL = dict(atol=1e-5, rtol=1e-5)

@@ -1,10 +1,11 @@
 """Vocabulary parsing, prompt ensembling and the embedding cache."""
-import pytest
-import torch
-import torch.nn.functional as F
 from unittest import mock
 
 import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
 from ovseg.modeling import split_clip
 from ovseg.modeling.text import TextClassifier, get_templates, make_vocabulary, parse_vocabulary
 

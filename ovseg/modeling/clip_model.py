@@ -5,9 +5,11 @@ initialisation) into an open_clip model, with clear errors for every way that ca
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
+import socket
 from typing import Tuple
 
 import open_clip
@@ -27,6 +29,31 @@ class WeightsUnavailableError(RuntimeError):
 
 def _is_path(spec: str) -> bool:
     return os.sep in spec or spec.endswith(WEIGHT_SUFFIXES) or os.path.exists(spec)
+
+
+@contextlib.contextmanager
+def _hub_cache_only_when_unreachable(host: str = "huggingface.co"):
+    """Offline, huggingface_hub retries for about a minute before giving up; when the hub's name does not even
+    resolve, go straight to the local cache (a cached download still works, a missing one fails at once)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    try:
+        socket.getaddrinfo(host, 443)
+        reachable = True
+    except OSError:
+        reachable = False
+    if reachable or constants.HF_HUB_OFFLINE:
+        yield
+        return
+    logger.warning("%s is unreachable: looking for the weights in the local cache only", host)
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
 
 
 def _check_model_name(model_name: str) -> None:
@@ -112,7 +139,8 @@ def load_open_clip(model_name: str, pretrained: str) -> nn.Module:
                 f"tags: {tags}"
             )
         try:
-            model = open_clip.create_model(model_name, pretrained=pretrained)
+            with _hub_cache_only_when_unreachable():
+                model = open_clip.create_model(model_name, pretrained=pretrained)
         except Exception as e:  # noqa: BLE001 - network / hub failures come in many types
             raise WeightsUnavailableError(
                 f"Could not get the {model_name!r} weights {pretrained!r} ({type(e).__name__}: {e}). Without "
