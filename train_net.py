@@ -13,14 +13,32 @@ from collections import OrderedDict
 import detectron2.utils.comm as comm
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import (DatasetCatalog, DatasetMapper, MetadataCatalog, build_detection_test_loader,
+                             build_detection_train_loader)
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator, verify_results
-from detectron2.solver.build import maybe_add_gradient_clipping
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils.logger import setup_logger
 
 import ovseg  # noqa: F401  (registers ovseg's models and datasets)
 from ovseg.config import get_ovseg_cfg
+from ovseg.data.clipself_mapper import CLIPSelfDatasetMapper, RegionRecognitionDatasetMapper, register_image_folders
+from ovseg.evaluation.region_recognition import RegionRecognitionEvaluator
+
+# INPUT.DATASET_MAPPER_NAME / INPUT.TEST_DATASET_MAPPER_NAME -> mapper class, built as cls(cfg, is_train)
+DATASET_MAPPERS = {
+    "": DatasetMapper,
+    "clipself": CLIPSelfDatasetMapper,
+    "region_recognition": RegionRecognitionDatasetMapper,
+}
+
+
+def build_mapper(cfg, is_train: bool):
+    name = cfg.INPUT.DATASET_MAPPER_NAME if is_train else cfg.INPUT.TEST_DATASET_MAPPER_NAME
+    if name not in DATASET_MAPPERS:
+        key = "INPUT.DATASET_MAPPER_NAME" if is_train else "INPUT.TEST_DATASET_MAPPER_NAME"
+        raise ValueError(f"{key}={name!r}; known mappers: {sorted(DATASET_MAPPERS)}")
+    return DATASET_MAPPERS[name](cfg, is_train)
 
 
 def _unwrap(model):
@@ -38,10 +56,12 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+        evaluator_type = cfg.TEST.EVALUATOR_TYPE or MetadataCatalog.get(dataset_name).get("evaluator_type", None)
         evaluators = []
         if evaluator_type in ("sem_seg", "ade20k_panoptic_seg", "coco_panoptic_seg"):
             evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+        if evaluator_type == "region_recognition":
+            evaluators.append(RegionRecognitionEvaluator(dataset_name, distributed=True, output_dir=output_folder))
         if not evaluators:
             raise NotImplementedError(
                 f"no evaluator for dataset {dataset_name!r} (evaluator_type={evaluator_type!r}); "
@@ -50,13 +70,26 @@ class Trainer(DefaultTrainer):
         return DatasetEvaluators(evaluators)
 
     @classmethod
+    def build_train_loader(cls, cfg):
+        register_image_folders(cfg.DATASETS.TRAIN)  # plain folders listed in DATASETS.TRAIN
+        return build_detection_train_loader(cfg, mapper=build_mapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=build_mapper(cfg, is_train=False))
+
+    @classmethod
     def build_optimizer(cls, cfg, model):
-        params = [p for p in model.parameters() if p.requires_grad]
+        # frozen parameters are skipped; norms (and biases, SOLVER.WEIGHT_DECAY_BIAS) get their own decay
+        params = get_default_optimizer_params(
+            model, base_lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM, weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS)
         if not params:
             raise ValueError(
                 f"{cfg.MODEL.META_ARCHITECTURE} has no trainable parameters: evaluate it with --eval-only"
             )
-        optimizer = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+        optimizer = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+                                      betas=tuple(cfg.SOLVER.ADAMW_BETAS), eps=cfg.SOLVER.ADAMW_EPS)
         return maybe_add_gradient_clipping(cfg, optimizer)
 
     @classmethod

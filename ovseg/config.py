@@ -42,9 +42,62 @@ def add_ovseg_config(cfg: CN) -> CN:
     cfg.MODEL.DENSE_SEG.WINDOW_SIZE = 448
     cfg.MODEL.DENSE_SEG.WINDOW_STRIDE = 224
 
+    add_clipself_config(cfg)
+
     cfg.MODEL.PIXEL_MEAN = list(CLIP_PIXEL_MEAN)
     cfg.MODEL.PIXEL_STD = list(CLIP_PIXEL_STD)
     cfg.INPUT.FORMAT = "RGB"
+    return cfg
+
+
+def add_clipself_config(cfg: CN) -> CN:
+    """CLIPSelf self-distillation (`CLIPSelfDistiller`), its data, and the region-recognition evaluation.
+    Defaults follow the authors' code (github.com/wusize/CLIPSelf, src/training/params.py and
+    scripts/train_clipself_coco_*_eva_vitb16.sh)."""
+    cfg.MODEL.CLIPSELF = CN()
+    # Multiplier of the distillation loss 1 - cos(student region feature, teacher crop embedding).
+    cfg.MODEL.CLIPSELF.LOSS_WEIGHT = 1.0
+
+    # Training data of the distiller (mapper "clipself"); sizes in pixels of the original image.
+    cfg.INPUT.CLIPSELF = CN()
+    # "patches": cells of a random m x n grid; "proposals": boxes read from PROPOSAL_FILE.
+    cfg.INPUT.CLIPSELF.REGION_SOURCE = "patches"
+    # Largest m and n of the random grid (authors: --max-split 6).
+    cfg.INPUT.CLIPSELF.GRID_MAX_SPLIT = 6
+    # Largest max(m, n) / min(m, n) of the grid (authors: n in [ceil(m/2), 2m], i.e. 2).
+    cfg.INPUT.CLIPSELF.GRID_MAX_ASPECT = 2.0
+    # Regions per image, drawn at random when there are more (authors: --max-boxes 20).
+    cfg.INPUT.CLIPSELF.MAX_REGIONS = 20
+    # COCO-style JSON whose "annotations" are the proposals ({"image_id", "bbox": [x, y, w, h]}).
+    cfg.INPUT.CLIPSELF.PROPOSAL_FILE = ""
+    # Proposals whose area (after clipping to the image) is outside [MIN_SIZE^2, MAX_SIZE^2] are dropped
+    # (authors: --min-size 8, --max-size 1024).
+    cfg.INPUT.CLIPSELF.PROPOSAL_MIN_SIZE = 8.0
+    cfg.INPUT.CLIPSELF.PROPOSAL_MAX_SIZE = 1024.0
+    # Side of the square crops given to the teacher: the CLIP model's native input size (224 for B/16).
+    cfg.INPUT.CLIPSELF.CROP_SIZE = 224
+    # Crops cover the region enlarged by this factor around its centre (clipped to the image); the student
+    # still pools the region itself (authors: 1.0 for patches, 1.5 for proposals).
+    cfg.INPUT.CLIPSELF.CROP_SCALE = 1.0
+    # Longest side of the student's input; several values = multi-scale training, one drawn per image.
+    cfg.INPUT.CLIPSELF.SIZES = [1024]
+
+    # Region-recognition test data (mapper "region_recognition", COCO-panoptic-format datasets).
+    cfg.INPUT.REGION_RECOGNITION = CN()
+    # Longest side of the test image (authors: --det-image-size 1024).
+    cfg.INPUT.REGION_RECOGNITION.SIZE = 1024
+    # Segments whose box area is below MIN_SIZE^2 (original pixels) are not evaluated (authors: 8).
+    cfg.INPUT.REGION_RECOGNITION.MIN_SIZE = 8.0
+
+    # Dataset mappers by name (train_net.DATASET_MAPPERS); "" = detectron2's DatasetMapper.
+    cfg.INPUT.DATASET_MAPPER_NAME = ""
+    cfg.INPUT.TEST_DATASET_MAPPER_NAME = ""
+    # Evaluator for every test dataset, overriding its metadata's `evaluator_type` ("" = use the metadata);
+    # e.g. "region_recognition" on a COCO-panoptic-format dataset.
+    cfg.TEST.EVALUATOR_TYPE = ""
+    # AdamW moments and epsilon (torch defaults; the CLIPSelf/open_clip recipe uses (0.9, 0.98), 1e-6).
+    cfg.SOLVER.ADAMW_BETAS = [0.9, 0.999]
+    cfg.SOLVER.ADAMW_EPS = 1e-8
     return cfg
 
 

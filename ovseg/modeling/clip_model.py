@@ -16,6 +16,7 @@ import open_clip
 import torch
 from torch import nn
 
+from .checkpoint_layouts import to_open_clip_layout
 from .tiny_models import register_tiny_models
 
 logger = logging.getLogger(__name__)
@@ -85,12 +86,18 @@ def _load_file(model: nn.Module, path: str, model_name: str) -> None:
         raise ValueError(f"MODEL.CLIP.PRETRAINED={path!r} does not hold a state dict of tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
+    try:
+        state, layout = to_open_clip_layout(state, own.keys())
+    except ValueError as e:
+        raise ValueError(f"MODEL.CLIP.PRETRAINED={path!r} for {model_name!r}: {e}") from e
+    if layout:
+        logger.info("Converted %s from the %s key layout to open_clip's", path, layout)
     matched = [k for k in state if k in own]
     if not matched:
         raise ValueError(
             f"MODEL.CLIP.PRETRAINED={path!r} has none of the keys of open_clip model {model_name!r} "
             f"(e.g. file has {list(state)[:3]}, model expects {list(own)[:3]}): wrong model name or wrong file? "
-            "EVA-CLIP / CLIPSelf releases must be converted first."
+            "(EVA-CLIP / CLIPSelf and ovseg CLIPSelfDistiller layouts are converted automatically.)"
         )
     bad_shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in matched if state[k].shape != own[k].shape]
