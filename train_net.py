@@ -17,7 +17,7 @@ from detectron2.data import (DatasetCatalog, DatasetMapper, MetadataCatalog, bui
                              build_detection_train_loader)
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator, verify_results
-from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.logger import setup_logger
 
 import ovseg  # noqa: F401  (registers ovseg's models and datasets)
@@ -80,10 +80,12 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        # frozen parameters are skipped; norms (and biases, SOLVER.WEIGHT_DECAY_BIAS) get their own decay
-        params = get_default_optimizer_params(
-            model, base_lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM, weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS)
+        # frozen parameters are skipped; vectors (norm gains, biases incl. attention in_proj_bias, layer scales)
+        # take SOLVER.WEIGHT_DECAY_NORM, matrices SOLVER.WEIGHT_DECAY (open_clip / CLIPSelf exclude vectors)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        params = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.SOLVER.WEIGHT_DECAY},
+                  {"params": [p for p in trainable if p.ndim < 2], "weight_decay": cfg.SOLVER.WEIGHT_DECAY_NORM}]
+        params = [g for g in params if g["params"]]
         if not params:
             raise ValueError(
                 f"{cfg.MODEL.META_ARCHITECTURE} has no trainable parameters: evaluate it with --eval-only"
