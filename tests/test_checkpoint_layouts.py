@@ -43,8 +43,9 @@ def _eva_clip_state(model):
 def test_official_names_cover_the_eva_clip_definition(tiny_clip):
     keys = set(_eva_clip_state(tiny_clip(TINY_EVA)))
     for k in ["visual.cls_token", "visual.pos_embed", "visual.patch_embed.proj.weight", "visual.norm.weight",
-              "visual.head.weight", "visual.head.bias", "visual.blocks.0.attn.q_proj.weight", "visual.blocks.0.attn.q_bias",
-              "visual.blocks.0.attn.k_proj.weight", "visual.blocks.0.attn.v_bias", "visual.blocks.2.attn.inner_attn_ln.bias",
+              "visual.head.weight", "visual.head.bias", "visual.blocks.0.attn.q_proj.weight",
+              "visual.blocks.0.attn.q_bias", "visual.blocks.0.attn.k_proj.weight", "visual.blocks.0.attn.v_bias",
+              "visual.blocks.2.attn.inner_attn_ln.bias",
               "visual.blocks.1.mlp.w1.weight", "visual.blocks.1.mlp.w3.bias", "visual.blocks.1.mlp.ffn_ln.weight",
               "text.transformer.resblocks.0.attn.in_proj_weight", "text.text_projection", "logit_scale"]:
         assert k in keys, k
