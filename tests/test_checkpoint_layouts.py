@@ -1,5 +1,6 @@
 """EVA-CLIP / CLIPSelf checkpoint layout -> open_clip (timm EVA02), through MODEL.CLIP.PRETRAINED."""
 import math
+import os
 
 import open_clip
 import pytest
@@ -11,6 +12,7 @@ from ovseg.modeling.checkpoint_layouts import convert_eva_clip_state_dict
 from ovseg.modeling.tiny_models import TINY_EVA
 
 HEADS = 4  # tiny EVA02 config
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _official_name(key: str) -> str:
@@ -131,3 +133,22 @@ def test_unmatched_or_missing_keys_fail_loudly(tiny_clip, tmp_path):
     torch.save(extra, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="bad.pt"):
         load_open_clip(TINY_EVA, str(tmp_path / "bad.pt"))
+
+
+def test_convert_script_writes_plain_open_clip(tiny_clip, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert", os.path.join(REPO, "scripts", "convert_to_open_clip.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    original = tiny_clip(TINY_EVA, seed=7)
+    torch.save(_eva_clip_state(original), tmp_path / "eva.pt")
+    assert script.main(["--model-name", TINY_EVA, "--input", str(tmp_path / "eva.pt"),
+                        "--output", str(tmp_path / "plain.pt")]) == 0
+    plain = torch.load(tmp_path / "plain.pt")
+    assert plain.keys() == original.state_dict().keys()
+    assert all(torch.equal(plain[k], v) for k, v in original.state_dict().items())
+    # open_clip itself reads it
+    again = open_clip.create_model(TINY_EVA, pretrained=str(tmp_path / "plain.pt"))
+    key = "visual.trunk.head.weight"
+    assert torch.equal(again.state_dict()[key], original.state_dict()[key])

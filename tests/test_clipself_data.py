@@ -173,3 +173,18 @@ def test_image_folder_dataset(tmp_path):
     register_image_folders([str(tmp_path / "empty")])
     with pytest.raises(ValueError, match="no images"):
         DatasetCatalog.get(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("name", ["clipself_eva02_b16_coco_patches", "clipself_eva02_b16_coco_proposals",
+                                  "clipself_vitb16_coco_patches"])
+def test_configs_load(name):
+    from ovseg.config import get_ovseg_cfg
+
+    cfg = get_ovseg_cfg()
+    cfg.merge_from_file(f"configs/clipself/{name}.yaml")
+    assert cfg.MODEL.META_ARCHITECTURE == "CLIPSelfDistiller" and cfg.MODEL.CLIP.UNLOCK_LAST_BLOCKS == 12
+    assert cfg.SOLVER.BASE_LR == 1e-5 and cfg.SOLVER.WEIGHT_DECAY == 0.1 and cfg.INPUT.CLIPSELF.SIZES == [1024]
+    assert cfg.SOLVER.MAX_ITER * cfg.SOLVER.IMS_PER_BATCH == pytest.approx(6 * 118287, rel=1e-3)
+    if cfg.INPUT.CLIPSELF.REGION_SOURCE == "patches":
+        mapper = CLIPSelfDatasetMapper(cfg, True)
+        assert mapper.max_regions == 20 and max(max(c) for c in mapper.choices) == 6
