@@ -16,8 +16,13 @@ def add_ovseg_config(cfg: CN) -> CN:
     cfg.MODEL.CLIP.PRETRAINED = "openai"
     # How the last ViT block builds the dense map `clip_dense`:
     #   "value": no token mixing, value path + residual + MLP (MaskCLIP / CLIPSelf);
-    #   "attention": the stock block, i.e. exactly what open_clip computes.
+    #   "attention": the stock block, i.e. exactly what open_clip computes;
+    #   "sclip": SCLIP correlative attention softmax(qq^T)+softmax(kk^T), residual + MLP kept;
+    #   "clearclip": ClearCLIP q-q attention, residual and MLP of the last block dropped;
+    #   "naclip": NACLIP k-k attention + Gaussian neighbourhood bias, residual and MLP dropped.
     cfg.MODEL.CLIP.DENSE_MODE = "value"
+    # Std. deviation (in patches) of NACLIP's Gaussian neighbourhood bias; 5 in the NACLIP paper and code.
+    cfg.MODEL.CLIP.NACLIP_SIGMA = 5.0
     # 0-based indices of the blocks whose outputs are exported as res2, res3, ... (all at the patch stride).
     # Empty: four evenly spaced blocks ending with the second-to-last one.
     cfg.MODEL.CLIP.FEATURE_BLOCKS = []
