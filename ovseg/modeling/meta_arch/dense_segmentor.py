@@ -89,6 +89,11 @@ class CLIPDenseSegmentor(nn.Module):
             "window_stride": cfg.MODEL.DENSE_SEG.WINDOW_STRIDE,
         }
 
+    @classmethod
+    def output_tasks(cls, cfg) -> Tuple[str, ...]:
+        """The detectron2 output keys this model produces (picks the evaluators)."""
+        return ("sem_seg",)
+
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
