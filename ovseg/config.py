@@ -44,8 +44,16 @@ def add_ovseg_config(cfg: CN) -> CN:
     cfg.MODEL.DENSE_SEG.LOGIT_SCALE = 100.0
     # "whole": one forward over the (resized) image; "slide": overlapping windows, logits averaged.
     cfg.MODEL.DENSE_SEG.INFERENCE_MODE = "whole"
+    # Sliding-window geometry in input pixels (rounded down to multiples of the patch size).
     cfg.MODEL.DENSE_SEG.WINDOW_SIZE = 448
     cfg.MODEL.DENSE_SEG.WINDOW_STRIDE = 224
+    # Background rule (VOC-21, PC-60, COCO-Object): pixels whose highest class probability is below this go to
+    # the class named BACKGROUND_CLASS. 0 = off.
+    cfg.MODEL.DENSE_SEG.BG_THRESHOLD = 0.0
+    cfg.MODEL.DENSE_SEG.BACKGROUND_CLASS = "background"
+    # PAMR refinement of the logits (Araslanov & Roth 2020): iterations (0 = off) and neighbour dilations.
+    cfg.MODEL.DENSE_SEG.PAMR_ITERS = 0
+    cfg.MODEL.DENSE_SEG.PAMR_DILATIONS = [1, 2, 4, 8, 12, 24]
 
     cfg.MODEL.PIXEL_MEAN = list(CLIP_PIXEL_MEAN)
     cfg.MODEL.PIXEL_STD = list(CLIP_PIXEL_STD)
