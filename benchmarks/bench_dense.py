@@ -11,38 +11,14 @@ RSS after the model is built). Prints a table and writes JSON to benchmarks/resu
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _reset_peak_rss() -> None:
-    # Linux: writing 5 to clear_refs resets VmHWM, the process's peak RSS, so a peak is that of what follows
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mib() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory import PeakMemory  # noqa: E402
 
 
 def run_case(args) -> dict:
@@ -94,14 +70,9 @@ def run_case(args) -> dict:
         return model(inputs)[0]["sem_seg"]
 
     dtype = torch.bfloat16 if args.precision == "bf16" else None
+    # the peak includes the warm-up: after it, the allocator would reuse the memory it grew
     with torch.no_grad(), torch.autocast(device_type="cuda" if cuda else "cpu", dtype=dtype,
-                                         enabled=dtype is not None):
-        # peaks are taken from before the warm-up: after it, the allocator would reuse the memory it grew
-        base = _rss_mib()
-        _reset_peak_rss()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            base_gpu = torch.cuda.memory_allocated() / 2**20
+                                         enabled=dtype is not None), PeakMemory(cuda) as mem:
         step()  # warm-up
         sync()
         t0 = time.perf_counter()
@@ -109,7 +80,7 @@ def run_case(args) -> dict:
             step()
         sync()
         seconds = (time.perf_counter() - t0) / args.iters
-    peak = (torch.cuda.max_memory_allocated() / 2**20 - base_gpu) if cuda else (_peak_rss_mib() - base)
+    peak = mem.mib
     return {"case": "image", "part": args.part, "precision": args.precision, "size": f"{h}x{w}",
             "classes": args.classes, "s_per_image": seconds, "images_per_s": 1 / seconds, "peak_extra_mib": peak}
 
