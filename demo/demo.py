@@ -23,8 +23,11 @@ from predictor import OVSegPredictor  # noqa: E402
 
 from ovseg.config import get_ovseg_cfg  # noqa: E402
 from ovseg.modeling import WeightsUnavailableError  # noqa: E402
+from ovseg.modeling.backbone import DENSE_MODES  # noqa: E402
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "clip_dense_vitb16.yaml")
+# NACLIP: the best training-free mode (see README); --dense-mode switches to another one
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "trainingfree",
+                              "naclip_vitb16.yaml")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 EXIT_NO_WEIGHTS = 3
 
@@ -37,6 +40,7 @@ def get_parser():
     p.add_argument("--video-input", help="a video file")
     p.add_argument("--webcam", action="store_true", help="read frames from the first webcam")
     p.add_argument("--output", help="output file (one input) or folder; visualisations are written there")
+    p.add_argument("--dense-mode", choices=DENSE_MODES, help="MODEL.CLIP.DENSE_MODE (default: the config's)")
     p.add_argument("--random-init", action="store_true",
                    help="random CLIP weights (MODEL.CLIP.PRETRAINED ''): runs the pipeline without any download")
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
@@ -49,6 +53,8 @@ def setup_cfg(args):
     cfg.merge_from_list(args.opts)
     if args.random_init:
         cfg.MODEL.CLIP.PRETRAINED = ""
+    if args.dense_mode:
+        cfg.MODEL.CLIP.DENSE_MODE = args.dense_mode
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()

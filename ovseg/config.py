@@ -16,8 +16,13 @@ def add_ovseg_config(cfg: CN) -> CN:
     cfg.MODEL.CLIP.PRETRAINED = "openai"
     # How the last ViT block builds the dense map `clip_dense`:
     #   "value": no token mixing, value path + residual + MLP (MaskCLIP / CLIPSelf);
-    #   "attention": the stock block, i.e. exactly what open_clip computes.
+    #   "attention": the stock block, i.e. exactly what open_clip computes;
+    #   "sclip": SCLIP correlative attention softmax(qq^T)+softmax(kk^T), residual + MLP kept;
+    #   "clearclip": ClearCLIP q-q attention, residual and MLP of the last block dropped;
+    #   "naclip": NACLIP k-k attention + Gaussian neighbourhood bias, residual and MLP dropped.
     cfg.MODEL.CLIP.DENSE_MODE = "value"
+    # Std. deviation (in patches) of NACLIP's Gaussian neighbourhood bias; 5 in the NACLIP paper and code.
+    cfg.MODEL.CLIP.NACLIP_SIGMA = 5.0
     # 0-based indices of the blocks whose outputs are exported as res2, res3, ... (all at the patch stride).
     # Empty: four evenly spaced blocks ending with the second-to-last one.
     cfg.MODEL.CLIP.FEATURE_BLOCKS = []
@@ -39,8 +44,16 @@ def add_ovseg_config(cfg: CN) -> CN:
     cfg.MODEL.DENSE_SEG.LOGIT_SCALE = 100.0
     # "whole": one forward over the (resized) image; "slide": overlapping windows, logits averaged.
     cfg.MODEL.DENSE_SEG.INFERENCE_MODE = "whole"
+    # Sliding-window geometry in input pixels (rounded down to multiples of the patch size).
     cfg.MODEL.DENSE_SEG.WINDOW_SIZE = 448
     cfg.MODEL.DENSE_SEG.WINDOW_STRIDE = 224
+    # Background rule (VOC-21, PC-60, COCO-Object): pixels whose highest class probability is below this go to
+    # the class named BACKGROUND_CLASS. 0 = off.
+    cfg.MODEL.DENSE_SEG.BG_THRESHOLD = 0.0
+    cfg.MODEL.DENSE_SEG.BACKGROUND_CLASS = "background"
+    # PAMR refinement of the logits (Araslanov & Roth 2020): iterations (0 = off) and neighbour dilations.
+    cfg.MODEL.DENSE_SEG.PAMR_ITERS = 0
+    cfg.MODEL.DENSE_SEG.PAMR_DILATIONS = [1, 2, 4, 8, 12, 24]
 
     add_clipself_config(cfg)
 
@@ -92,9 +105,6 @@ def add_clipself_config(cfg: CN) -> CN:
     # Dataset mappers by name (train_net.DATASET_MAPPERS); "" = detectron2's DatasetMapper.
     cfg.INPUT.DATASET_MAPPER_NAME = ""
     cfg.INPUT.TEST_DATASET_MAPPER_NAME = ""
-    # Evaluator for every test dataset, overriding its metadata's `evaluator_type` ("" = use the metadata);
-    # e.g. "region_recognition" on a COCO-panoptic-format dataset.
-    cfg.TEST.EVALUATOR_TYPE = ""
     # AdamW moments and epsilon (torch defaults; the CLIPSelf/open_clip recipe uses (0.9, 0.98), 1e-6).
     cfg.SOLVER.ADAMW_BETAS = [0.9, 0.999]
     cfg.SOLVER.ADAMW_EPS = 1e-8

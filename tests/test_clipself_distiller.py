@@ -63,14 +63,14 @@ def test_loss_matches_open_clip_teacher(tmp_path, name):
         for b in batch:
             x = ((b["image"].float() - mean) / std)[None]
             x = F.pad(x, (0, wp - x.shape[-1], 0, hp - x.shape[-2]))
-            dense = model.student(x)["clip_dense"]
+            dense = model.backbone(x)["clip_dense"]
             student.append(F.normalize(pool_boxes(dense, [b["region_boxes"]], 16), dim=-1))
         student = torch.cat(student)
     ref = (1 - (student * teacher).sum(-1)).mean()
     torch.testing.assert_close(loss.detach(), ref, atol=1e-5, rtol=1e-5)
     loss.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert grads and all(n.startswith("student.") for n in grads)
+    assert grads and all(n.startswith("backbone.") for n in grads)
     assert not model.teacher.training and not any(p.requires_grad for p in model.teacher.parameters())
 
 
@@ -114,7 +114,7 @@ def test_training_through_train_net(tmp_path, name):
     for g in groups:
         for p in g["params"]:
             n = ids[id(p)]
-            assert n.startswith("student.") and p.requires_grad
+            assert n.startswith("backbone.") and p.requires_grad
             assert g["weight_decay"] == (0.1 if p.ndim >= 2 else 0.0), n
 
     trainer.train()
@@ -123,9 +123,9 @@ def test_training_through_train_net(tmp_path, name):
     assert loss_after < loss_before - 0.01, (loss_before, loss_after)
 
     after = model.state_dict()
-    last = len(model.student.tower.blocks) - 1
-    block_prefix = ("student.tower.visual.transformer.resblocks." if "ViT" in name
-                    else "student.tower.visual.trunk.blocks.") + f"{last}."
+    last = len(model.backbone.tower.blocks) - 1
+    block_prefix = ("backbone.tower.visual.transformer.resblocks." if "ViT" in name
+                    else "backbone.tower.visual.trunk.blocks.") + f"{last}."
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(block_prefix) for k in changed), sorted(changed)[:5]
     for k in before:  # teacher and text tower bit-identical
@@ -138,8 +138,8 @@ def test_training_through_train_net(tmp_path, name):
     x = torch.randn(2, 3, 48, 80)
     tokens = open_clip.get_tokenizer(name)(["a cat", "a sofa"])
     with torch.no_grad():
-        ref_dense = model.student(x)
-        ref_image = model.student.encode_image(x)
+        ref_dense = model.backbone(x)
+        ref_image = model.backbone.encode_image(x)
         ref_text = model.text_classifier.text_model.encode_text(tokens)
     for file in (path, str(tmp_path / "out" / "model_final.pth")):
         # frozen like the distiller's copy: nn.MultiheadAttention takes a different (fused) kernel when no
@@ -148,8 +148,8 @@ def test_training_through_train_net(tmp_path, name):
         with torch.no_grad():
             text = loaded.encode_text(tokens)
             visual, _ = split_clip(loaded)
-            enc = CLIPViTDenseEncoder(visual=visual, feature_blocks=model.student.feature_blocks,
-                                      unlock_last_blocks=model.student.unlock_last_blocks)
+            enc = CLIPViTDenseEncoder(visual=visual, feature_blocks=model.backbone.feature_blocks,
+                                      unlock_last_blocks=model.backbone.unlock_last_blocks)
             dense, image = enc(x), enc.encode_image(x)
         assert all(torch.equal(dense[k], ref_dense[k]) for k in ref_dense)
         assert torch.equal(image, ref_image) and torch.equal(text, ref_text)

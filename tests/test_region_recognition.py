@@ -151,7 +151,7 @@ def register_tiny_panoptic(name: str, root) -> None:
 
 def _cfg(tmp_path, **kw):
     opts = dict(MODEL__META_ARCHITECTURE="CLIPSelfDistiller", INPUT__TEST_DATASET_MAPPER_NAME="region_recognition",
-                INPUT__REGION_RECOGNITION__SIZE=128, TEST__EVALUATOR_TYPE="region_recognition",
+                INPUT__REGION_RECOGNITION__SIZE=128,
                 OUTPUT_DIR=str(tmp_path / "out"), DATALOADER__NUM_WORKERS=0)
     opts.update(kw)
     return tiny_cfg(**opts)
@@ -187,7 +187,7 @@ def test_model_region_scores_brute_force():
     boxes = torch.tensor([[16.0, 0, 48, 16], [3.5, 7.25, 70.0, 40.0]])
     with torch.no_grad():
         out = model([{"image": image, "region_boxes": boxes, "region_masks": masks}])[0]
-        dense = model.student(((image - model.pixel_mean) / model.pixel_std)[None])["clip_dense"][0]  # (D, 3, 5)
+        dense = model.backbone(((image - model.pixel_mean) / model.pixel_std)[None])["clip_dense"][0]  # (D, 3, 5)
         text = model.text_classifier("cat,sofa,wall")
         cells = [[(0, 1), (0, 2)], [(1, 0), (2, 0), (2, 4)]]
         ref_mask = torch.stack([F.normalize(torch.stack([dense[:, i, j] for i, j in c]).mean(0), dim=0) for c in cells])

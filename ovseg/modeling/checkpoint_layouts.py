@@ -5,7 +5,8 @@
   SwiGLU `mlp.w1/w2/w3/ffn_ln`, `head`, RoPE tables `rope.freqs_cos/sin`), while open_clip builds EVA02 through
   timm under `visual.trunk.` (`attn.q_proj.bias`, `attn.norm`, `mlp.fc1_g/fc1_x/fc2/norm`, `head`). The text tower
   is open_clip's own layout in both.
-- ovseg's CLIPSelfDistiller training checkpoints (`model_final.pth`): the student's visual tower and the text tower.
+- ovseg's CLIPSelfDistiller training checkpoints (`model_final.pth`): the student's (`backbone`) visual tower and the
+  text tower; the teacher's copy is dropped.
 
 Every source key must be matched by a rule and every target key must be produced, else a ValueError names them.
 """
@@ -56,7 +57,7 @@ def is_eva_clip_layout(state: Dict[str, torch.Tensor]) -> bool:
 
 
 def is_ovseg_distiller_layout(state: Dict[str, torch.Tensor]) -> bool:
-    return any(k.startswith("student.tower.visual.") for k in state)
+    return any(k.startswith("teacher.tower.visual.") for k in state)
 
 
 def _pick(candidates: Iterable[str], target: set) -> Optional[str]:
@@ -165,8 +166,8 @@ def convert_ovseg_distiller_state_dict(state: Dict[str, torch.Tensor], target_ke
     target = set(target_keys)
     out, unmatched = {}, []
     for key, value in state.items():
-        if key.startswith("student.tower.visual."):
-            out["visual." + key[len("student.tower.visual."):]] = value
+        if key.startswith("backbone.tower.visual."):
+            out["visual." + key[len("backbone.tower.visual."):]] = value
         elif key.startswith("text_classifier.text_model."):
             out[key[len("text_classifier.text_model."):]] = value
         elif not key.startswith("teacher."):

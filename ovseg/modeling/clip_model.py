@@ -67,6 +67,17 @@ def _check_model_name(model_name: str) -> None:
         )
 
 
+# Prefixes under which ovseg models (and DDP) keep open_clip's modules; stripping them gives open_clip keys, so a
+# detectron2 checkpoint of any ovseg model (e.g. model_final.pth) is also a CLIP checkpoint.
+_OVSEG_PREFIXES = ("module.", "backbone.tower.", "text_classifier.text_model.")
+
+
+def _open_clip_key(key: str) -> str:
+    for prefix in _OVSEG_PREFIXES:
+        key = key.removeprefix(prefix)
+    return key
+
+
 def _load_file(model: nn.Module, path: str, model_name: str) -> None:
     """Load an open_clip (or ovseg-exported) state dict into `model`, reporting key mismatches."""
     try:
@@ -87,11 +98,14 @@ def _load_file(model: nn.Module, path: str, model_name: str) -> None:
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
     try:
+        # foreign layouts first (EVA-CLIP, CLIPSelfDistiller with its teacher): strict, complete conversions
         state, layout = to_open_clip_layout(state, own.keys())
     except ValueError as e:
         raise ValueError(f"MODEL.CLIP.PRETRAINED={path!r} for {model_name!r}: {e}") from e
     if layout:
         logger.info("Converted %s from the %s key layout to open_clip's", path, layout)
+    else:
+        state = {_open_clip_key(k): v for k, v in state.items()}
     matched = [k for k in state if k in own]
     if not matched:
         raise ValueError(

@@ -14,13 +14,17 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from timm.layers import apply_rot_embed_cat
 from torch import nn
 
 from ..clip_model import load_open_clip, split_clip
 
 logger = logging.getLogger(__name__)
 
-DENSE_MODES = ("value", "attention")
+DENSE_MODES = ("value", "attention", "sclip", "clearclip", "naclip")
+# Modes that keep the last block's residual connections and MLP. ClearCLIP and NACLIP drop both: the residual
+# stream carries the global (image-level) signal that blurs patch features (ClearCLIP, Lan et al. 2024, sec. 3).
+RESIDUAL_MODES = ("value", "attention", "sclip")
 
 
 def resize_pos_embed(pos: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int],
@@ -37,6 +41,45 @@ def resize_pos_embed(pos: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tup
     grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos.dtype)
     grid = grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], channels)
     return torch.cat([prefix, grid], dim=0)
+
+
+def neighbourhood_bias(grid: Tuple[int, int], sigma: float, num_prefix: int = 1,
+                       device: Optional[torch.device] = None) -> torch.Tensor:
+    """NACLIP's additive attention bias: an unnormalised Gaussian of the distance between patches on the grid.
+
+    Returns (num_prefix + h*w, num_prefix + h*w): entry (i, j) = exp(-|p_i - p_j|^2 / (2 sigma^2)) for patches
+    i, j (distance in patches); rows and columns of prefix (class) tokens are 0, i.e. unbiased. The NACLIP code
+    builds it by convolving a (2h-1, 2w-1) Gaussian window, which reaches every pair, so no truncation.
+    """
+    h, w = grid
+    ys = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)  # (h*w,) row of each patch
+    xs = torch.arange(w, device=device, dtype=torch.float32).repeat(h)
+    d2 = (ys[:, None] - ys[None]) ** 2 + (xs[:, None] - xs[None]) ** 2  # (h*w, h*w)
+    return F.pad(torch.exp(-d2 / (2.0 * sigma ** 2)), (num_prefix, 0, num_prefix, 0))
+
+
+def mix_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, scale: float,
+               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The training-free token mixings over per-head (B, heads, N, hd) queries, keys and values.
+
+    All use the block's own attention scale (head_dim^-0.5) and let the class token take part like any token:
+      - "sclip":     (softmax(q q^T s) + softmax(k k^T s)) v  (correlative self-attention; the two maps are
+                     summed, not renormalised, as in the SCLIP code);
+      - "clearclip": softmax(q q^T s) v;
+      - "naclip":    softmax(k k^T s + bias) v, with the Gaussian `bias` added after the scaling.
+    Returns (B, heads, N, hd). SDPA computes each map without materialising it where a fused kernel exists;
+    (A + B) v is computed as A v + B v.
+    """
+    if mode == "sclip":
+        return (F.scaled_dot_product_attention(q, q, v, scale=scale)
+                + F.scaled_dot_product_attention(k, k, v, scale=scale))
+    if mode == "clearclip":
+        return F.scaled_dot_product_attention(q, q, v, scale=scale)
+    if mode == "naclip":
+        if bias is None:
+            raise ValueError("dense mode 'naclip' needs the neighbourhood bias")
+        return F.scaled_dot_product_attention(k, k, v, attn_mask=bias.to(q.dtype), scale=scale)
+    raise ValueError(f"unknown dense mode {mode!r}; valid modes: {list(DENSE_MODES)}")
 
 
 class _Tower(nn.Module):
@@ -57,7 +100,27 @@ class _Tower(nn.Module):
         raise NotImplementedError
 
     def token_mixing(self, block: nn.Module, y: torch.Tensor, ctx: dict, mode: str) -> torch.Tensor:
-        """The attention sub-layer's output for normed tokens `y`; "value" skips the token mixing."""
+        """The attention sub-layer's output for normed tokens `y` (B, N, C) in `mode` (one of DENSE_MODES):
+        "value" skips the token mixing, "attention" is the block's own, the others go through `mix_tokens`."""
+        if mode in ("sclip", "clearclip", "naclip"):
+            q, k, v = self.qkv_heads(block, y, ctx)  # (B, heads, N, hd) each
+            bias = None
+            if mode == "naclip":
+                h, w = ctx["grid"]
+                bias = neighbourhood_bias((h, w), ctx["naclip_sigma"], y.shape[1] - h * w, device=y.device)
+            return self.attn_out(block, mix_tokens(q, k, v, mode, self.attn_scale(block), bias), y)
+        raise ValueError(f"unknown dense mode {mode!r}; valid modes: {list(DENSE_MODES)}")
+
+    def qkv_heads(self, block: nn.Module, y: torch.Tensor, ctx: dict
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values (B, heads, N, hd) exactly as the block's attention forms them."""
+        raise NotImplementedError
+
+    def attn_scale(self, block: nn.Module) -> float:
+        raise NotImplementedError
+
+    def attn_out(self, block: nn.Module, o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-head mixed values (B, heads, N, hd) -> the attention sub-layer's output (B, N, C)."""
         raise NotImplementedError
 
     def head(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -69,7 +132,8 @@ class _Tower(nn.Module):
         raise NotImplementedError
 
     def last_block(self, x: torch.Tensor, ctx: dict, mode: str) -> torch.Tensor:
-        """The last block with the given token mixing; residuals and MLP as in the tower."""
+        """The last block with the given token mixing: residuals and MLP as in the tower for RESIDUAL_MODES,
+        the attention branch alone (layer scale included) for "clearclip" / "naclip"."""
         raise NotImplementedError
 
 
@@ -113,11 +177,28 @@ class OpenCLIPViTTower(_Tower):
             c = y.shape[-1]
             v = F.linear(y, attn.in_proj_weight[2 * c:], attn.in_proj_bias[2 * c:])
             return attn.out_proj(v)
-        raise ValueError(f"unknown dense mode {mode!r}")
+        return super().token_mixing(block, y, ctx, mode)
+
+    def qkv_heads(self, block, y, ctx):
+        attn = block.attn
+        b, n, c = y.shape
+        qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias)  # (B, N, 3C)
+        qkv = qkv.view(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, hd)
+        return qkv[0], qkv[1], qkv[2]
+
+    def attn_scale(self, block):
+        return (block.attn.embed_dim // block.attn.num_heads) ** -0.5
+
+    def attn_out(self, block, o, y):
+        b, _, n, _ = o.shape
+        return block.attn.out_proj(o.transpose(1, 2).reshape(b, n, -1))
 
     def last_block(self, x, ctx, mode):
         blk = self.blocks[-1]
-        x = x + blk.ls_1(self.token_mixing(blk, blk.ln_1(x), ctx, mode))
+        y = blk.ls_1(self.token_mixing(blk, blk.ln_1(x), ctx, mode))
+        if mode not in RESIDUAL_MODES:
+            return y
+        x = x + y
         return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
     def head(self, tokens):
@@ -188,12 +269,47 @@ class EvaTower(_Tower):
             if attn.gate is not None:
                 v = v * attn.gate(y).sigmoid()
             return attn.proj(v)
-        raise ValueError(f"unknown dense mode {mode!r}")
+        return super().token_mixing(block, y, ctx, mode)
+
+    def qkv_heads(self, block, y, ctx):
+        # as timm's EvaAttention: optional q/k norms, then RoPE on the patch tokens (not the class token)
+        attn = block.attn
+        b, n, _ = y.shape
+        if attn.qkv is not None:
+            qkv = attn.qkv(y)
+            if attn.q_bias is not None:
+                qkv = qkv + torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            q, k, v = qkv.view(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (proj(y).view(b, n, attn.num_heads, -1).transpose(1, 2)
+                       for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # (B, heads, N, hd)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        rope = ctx["rope"]
+        if rope is not None:
+            npt = attn.num_prefix_tokens
+            half = getattr(attn, "rotate_half", False)
+            q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+            k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+        return q, k, v
+
+    def attn_scale(self, block):
+        return block.attn.scale
+
+    def attn_out(self, block, o, y):
+        attn = block.attn
+        b, _, n, _ = o.shape
+        o = attn.norm(o.transpose(1, 2).reshape(b, n, -1))
+        if attn.gate is not None:
+            o = o * attn.gate(y).sigmoid()
+        return attn.proj(o)
 
     def last_block(self, x, ctx, mode):
         blk = self.blocks[-1]
         y = self.token_mixing(blk, blk.norm1(x), ctx, mode)
-        x = x + (blk.gamma_1 * y if blk.gamma_1 is not None else y)
+        y = blk.gamma_1 * y if blk.gamma_1 is not None else y
+        if mode not in RESIDUAL_MODES:
+            return y
+        x = x + y
         y = blk.mlp(blk.norm2(x))
         return x + (blk.gamma_2 * y if blk.gamma_2 is not None else y)
 
@@ -223,12 +339,13 @@ class CLIPViTDenseEncoder(Backbone):
     Outputs of `forward(images)` with normalised images (B, 3, H, W), any H, W (padded to the patch size):
       - "res2", "res3", ...: outputs of the blocks in `feature_blocks`, (B, C, H/p, W/p), stride p;
       - "clip_dense": (B, D, H/p, W/p), L2-normalised CLIP-space embedding of each patch, made by the last
-        block in `dense_mode` followed by the final norm and projection.
+        block in `dense_mode` followed by the final norm and projection (applied in every mode, as MaskCLIP,
+        SCLIP, ClearCLIP and NACLIP all do).
     """
 
     @configurable
     def __init__(self, *, visual: nn.Module, feature_blocks: Sequence[int] = (), dense_mode: str = "value",
-                 unlock_last_blocks: int = 0):
+                 unlock_last_blocks: int = 0, naclip_sigma: float = 5.0):
         """
         Args:
             visual: an open_clip visual tower (`model.visual`).
@@ -236,6 +353,7 @@ class CLIPViTDenseEncoder(Backbone):
                 blocks ending with the second-to-last.
             dense_mode: how the last block mixes tokens for `clip_dense`; one of DENSE_MODES.
             unlock_last_blocks: number of final blocks left trainable (0 = all frozen).
+            naclip_sigma: standard deviation, in patches, of NACLIP's Gaussian neighbourhood bias.
         """
         super().__init__()
         if dense_mode not in DENSE_MODES:
@@ -248,10 +366,13 @@ class CLIPViTDenseEncoder(Backbone):
         for i in feature_blocks:
             if not 0 <= i < depth:
                 raise ValueError(f"MODEL.CLIP.FEATURE_BLOCKS has {i}, but the tower has blocks 0..{depth - 1}")
+        if not naclip_sigma > 0:
+            raise ValueError(f"MODEL.CLIP.NACLIP_SIGMA={naclip_sigma} must be > 0")
         if not 0 <= unlock_last_blocks <= depth:
             raise ValueError(f"MODEL.CLIP.UNLOCK_LAST_BLOCKS={unlock_last_blocks} not in [0, {depth}]")
         self.feature_blocks = list(feature_blocks)
         self.dense_mode = dense_mode
+        self.naclip_sigma = float(naclip_sigma)
         self.unlock_last_blocks = unlock_last_blocks
         self.patch_size = self.tower.patch_size
         self._feature_names = {b: f"res{k + 2}" for k, b in enumerate(self.feature_blocks)}
@@ -278,6 +399,7 @@ class CLIPViTDenseEncoder(Backbone):
             "feature_blocks": list(cfg.MODEL.CLIP.FEATURE_BLOCKS),
             "dense_mode": cfg.MODEL.CLIP.DENSE_MODE,
             "unlock_last_blocks": cfg.MODEL.CLIP.UNLOCK_LAST_BLOCKS,
+            "naclip_sigma": cfg.MODEL.CLIP.NACLIP_SIGMA,
         }
 
     def unlocked_blocks(self) -> List[nn.Module]:
@@ -309,14 +431,17 @@ class CLIPViTDenseEncoder(Backbone):
     def forward_tokens(self, x: torch.Tensor, dense_mode: Optional[str] = None
                        ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, dict]:
         """Run the tower. Returns (multi-level feature maps, last-block tokens (B, 1 + h*w, C), context)."""
+        mode = dense_mode or self.dense_mode
+        if mode not in DENSE_MODES:
+            raise ValueError(f"dense mode {mode!r}; valid modes: {list(DENSE_MODES)}")
         x, ctx = self.tower.embed(self.pad(x))
+        ctx["naclip_sigma"] = self.naclip_sigma
         feats = {}
         blocks = self.tower.blocks
         for i, blk in enumerate(blocks[:-1]):
             x = self.tower.run_block(blk, x, ctx)
             if i in self._feature_names:
                 feats[self._feature_names[i]] = self._to_map(x, ctx["grid"])
-        mode = dense_mode or self.dense_mode
         if len(blocks) - 1 in self._feature_names:
             # the last block's own (attention) output is wanted as a feature as well
             full = self.tower.run_block(blocks[-1], x, ctx)

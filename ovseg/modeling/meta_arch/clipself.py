@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 @META_ARCH_REGISTRY.register()
 class CLIPSelfDistiller(nn.Module):
-    """Student = CLIP dense encoder with its last blocks unlocked; teacher = frozen copy of the original tower.
+    """Student (`backbone`) = CLIP dense encoder with its last blocks unlocked; teacher = frozen copy of the original
+    tower.
 
     Training inputs (mapper "clipself"): "image" (3, h, w) 0-255 RGB, "region_boxes" (K_i, 4) xyxy in image
     pixels, "crops" (K_i, 3, S, S) the same regions cut from the original image. Returns
@@ -41,12 +42,13 @@ class CLIPSelfDistiller(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, student: CLIPViTDenseEncoder, teacher: CLIPViTDenseEncoder,
+    def __init__(self, *, backbone: CLIPViTDenseEncoder, teacher: CLIPViTDenseEncoder,
                  text_classifier: Optional[TextClassifier], pixel_mean: Sequence[float], pixel_std: Sequence[float],
                  loss_weight: float = 1.0, vocabulary=None):
         """
         Args:
-            student: the dense encoder being refined (its `unlock_last_blocks` decide what trains).
+            backbone: the student, the dense encoder being refined (its `unlock_last_blocks` decide what trains);
+                named like every ovseg model's encoder, so its checkpoints read as CLIP checkpoints.
             teacher: the original tower as a frozen dense encoder; its `encode_image` embeds the crops.
             text_classifier: the frozen text tower (region recognition, export); None = training only.
             pixel_mean, pixel_std: normalisation of 0-255 RGB inputs (images and crops alike).
@@ -54,12 +56,12 @@ class CLIPSelfDistiller(nn.Module):
             vocabulary: initial vocabulary for inference; `set_vocabulary` changes it.
         """
         super().__init__()
-        if student.patch_size != teacher.patch_size or student.embed_dim != teacher.embed_dim:
+        if backbone.patch_size != teacher.patch_size or backbone.embed_dim != teacher.embed_dim:
             raise ValueError("student and teacher must be the same CLIP architecture")
-        if not any(p.requires_grad for p in student.parameters()):
+        if not any(p.requires_grad for p in backbone.parameters()):
             logger.warning("CLIPSelfDistiller: the student has no unlocked block (MODEL.CLIP.UNLOCK_LAST_BLOCKS=0); "
                            "nothing can be trained")
-        self.student = student
+        self.backbone = backbone  # the student
         self.teacher = teacher
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -75,7 +77,7 @@ class CLIPSelfDistiller(nn.Module):
         visual, text_model = split_clip(load_open_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED))
         teacher_visual = copy.deepcopy(visual)  # taken before any training step: the original weights
         return {
-            "student": CLIPViTDenseEncoder(cfg, visual=visual),
+            "backbone": CLIPViTDenseEncoder(cfg, visual=visual),
             "teacher": CLIPViTDenseEncoder(visual=teacher_visual, feature_blocks=[0], dense_mode="value",
                                            unlock_last_blocks=0),
             "text_classifier": TextClassifier(cfg, text_model=text_model),
@@ -84,6 +86,11 @@ class CLIPSelfDistiller(nn.Module):
             "loss_weight": cfg.MODEL.CLIPSELF.LOSS_WEIGHT,
             "vocabulary": cfg.MODEL.TEXT.VOCABULARY or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None),
         }
+
+    @classmethod
+    def output_tasks(cls, cfg) -> Tuple[str, ...]:
+        """Inference gives region scores: evaluated by region recognition (ovseg.evaluation)."""
+        return ("region_recognition",)
 
     @property
     def device(self) -> torch.device:
@@ -118,7 +125,7 @@ class CLIPSelfDistiller(nn.Module):
             if image.dim() != 3 or image.shape[0] != 3:
                 raise ValueError(f"expected a (3, H, W) image, got shape {tuple(image.shape)}")
             images.append(self.normalize(image))
-        return ImageList.from_tensors(images, size_divisibility=self.student.patch_size)
+        return ImageList.from_tensors(images, size_divisibility=self.backbone.patch_size)
 
     def region_boxes(self, batched_inputs: List[Dict]) -> List[torch.Tensor]:
         boxes = []
@@ -138,8 +145,8 @@ class CLIPSelfDistiller(nn.Module):
 
     def student_region_features(self, images: ImageList, boxes: List[torch.Tensor]) -> torch.Tensor:
         """Student dense map pooled over each box (RoIAlign, 1x1): (sum K_i, D), L2-normalised."""
-        dense = self.student(images.tensor)["clip_dense"]  # (B, D, H/p, W/p)
-        return F.normalize(pool_boxes(dense, boxes, self.student.patch_size).float(), dim=-1)
+        dense = self.backbone(images.tensor)["clip_dense"]  # (B, D, H/p, W/p)
+        return F.normalize(pool_boxes(dense, boxes, self.backbone.patch_size).float(), dim=-1)
 
     def distillation_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return self.loss_weight * (1.0 - (student * teacher).sum(-1)).mean()
@@ -155,7 +162,7 @@ class CLIPSelfDistiller(nn.Module):
                 raise ValueError(f"{len(b)} region boxes but {len(c)} crops in one image")
         if sum(len(b) for b in boxes) == 0:
             # nothing to distil in this batch; keep the graph so that every process calls backward alike
-            dense = self.student(images.tensor)["clip_dense"]
+            dense = self.backbone(images.tensor)["clip_dense"]
             return {"loss_clipself": dense.sum() * 0.0}
         teacher = self.teacher_embeddings(torch.cat(crops).to(self.device))  # (K, D)
         student = self.student_region_features(images, boxes)  # (K, D)
@@ -168,8 +175,8 @@ class CLIPSelfDistiller(nn.Module):
         text = self.text_classifier(self.vocabulary).to(self.device)  # (C, D)
         images = self.preprocess(batched_inputs)
         boxes = self.region_boxes(batched_inputs)
-        dense = self.student(images.tensor)["clip_dense"]  # (B, D, h, w) over the padded batch
-        box_feats = pool_boxes(dense, boxes, self.student.patch_size).float().split([len(b) for b in boxes])
+        dense = self.backbone(images.tensor)["clip_dense"]  # (B, D, h, w) over the padded batch
+        box_feats = pool_boxes(dense, boxes, self.backbone.patch_size).float().split([len(b) for b in boxes])
         results = []
         pad_h, pad_w = images.tensor.shape[-2:]
         for i, inp in enumerate(batched_inputs):
@@ -187,7 +194,7 @@ class CLIPSelfDistiller(nn.Module):
         """The full open_clip state dict: the student's (refined) visual tower + the original text tower."""
         if self.text_classifier is None:
             raise RuntimeError("cannot export an open_clip checkpoint without the text tower")
-        state = {f"visual.{k}": v for k, v in self.student.tower.visual.state_dict().items()}
+        state = {f"visual.{k}": v for k, v in self.backbone.tower.visual.state_dict().items()}
         state.update(self.text_classifier.text_model.state_dict())
         return {k: v.detach().cpu().clone() for k, v in state.items()}
 

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from torch import nn
 
 from ..backbone.clip_vit import CLIPViTDenseEncoder
 from ..clip_model import load_open_clip, split_clip
+from ..pamr import PAMR
 from ..text import TextClassifier, Vocabulary, parse_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ class CLIPDenseSegmentor(nn.Module):
     def __init__(self, *, backbone: CLIPViTDenseEncoder, text_classifier: TextClassifier,
                  pixel_mean: Tuple[float, ...], pixel_std: Tuple[float, ...], vocabulary=None,
                  logit_scale: float = 100.0, inference_mode: str = "whole", window_size: int = 448,
-                 window_stride: int = 224):
+                 window_stride: int = 224, bg_threshold: float = 0.0, background_class: str = "background",
+                 pamr: Optional[PAMR] = None):
         """
         Args:
             backbone: the CLIP dense encoder.
@@ -57,7 +58,11 @@ class CLIPDenseSegmentor(nn.Module):
             vocabulary: initial vocabulary (anything `parse_vocabulary` accepts); `set_vocabulary` changes it.
             logit_scale: multiplier of the cosine similarities before the softmax.
             inference_mode: "whole" or "slide".
-            window_size, window_stride: sliding-window geometry in input pixels.
+            window_size, window_stride: sliding-window geometry in input pixels (rounded down to multiples of the
+                patch size, so that windows share one patch grid and their logits add up at feature resolution).
+            bg_threshold: pixels whose highest class probability is below it go to `background_class`; 0 = off.
+            background_class: display name of the vocabulary's background class (needed when bg_threshold > 0).
+            pamr: optional PAMR refinement of the logits with the image.
         """
         super().__init__()
         if inference_mode not in ("whole", "slide"):
@@ -70,6 +75,9 @@ class CLIPDenseSegmentor(nn.Module):
         self.inference_mode = inference_mode
         self.window_size = window_size
         self.window_stride = window_stride
+        self.bg_threshold = bg_threshold
+        self.background_class = background_class
+        self.pamr = pamr
         self._vocabulary: Optional[Vocabulary] = None
         self._vocabulary_spec = vocabulary
 
@@ -87,7 +95,16 @@ class CLIPDenseSegmentor(nn.Module):
             "inference_mode": cfg.MODEL.DENSE_SEG.INFERENCE_MODE,
             "window_size": cfg.MODEL.DENSE_SEG.WINDOW_SIZE,
             "window_stride": cfg.MODEL.DENSE_SEG.WINDOW_STRIDE,
+            "bg_threshold": cfg.MODEL.DENSE_SEG.BG_THRESHOLD,
+            "background_class": cfg.MODEL.DENSE_SEG.BACKGROUND_CLASS,
+            "pamr": PAMR(cfg.MODEL.DENSE_SEG.PAMR_ITERS, cfg.MODEL.DENSE_SEG.PAMR_DILATIONS)
+            if cfg.MODEL.DENSE_SEG.PAMR_ITERS > 0 else None,
         }
+
+    @classmethod
+    def output_tasks(cls, cfg) -> Tuple[str, ...]:
+        """The detectron2 output keys this model produces (picks the evaluators)."""
+        return ("sem_seg",)
 
     @property
     def device(self) -> torch.device:
@@ -106,27 +123,63 @@ class CLIPDenseSegmentor(nn.Module):
         self._vocabulary = parse_vocabulary(vocabulary)
         return self._vocabulary
 
-    def dense_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> (B, C, H, W) logits (padding cut off)."""
-        h, w = images.shape[-2:]
-        dense = self.backbone(images)["clip_dense"]  # (B, D, h/p, w/p) over the padded input
-        logits = self.logit_scale * torch.einsum("bdhw,cd->bchw", dense, text.to(dense.dtype))
-        p = self.backbone.patch_size
-        logits = F.interpolate(logits.float(), size=(dense.shape[-2] * p, dense.shape[-1] * p), mode="bilinear",
-                               align_corners=False)
-        return logits[..., :h, :w]
+    def low_res_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images, H and W multiples of the patch size -> (B, C, H/p, W/p) logits."""
+        dense = self.backbone(images)["clip_dense"]  # (B, D, H/p, W/p)
+        return self.logit_scale * torch.einsum("bdhw,cd->bchw", dense, text.to(dense.dtype)).float()
 
-    def segment(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) normalised image -> (C, H, W) class probabilities."""
-        if self.inference_mode == "whole":
-            return self.dense_logits(image[None], text)[0].softmax(0)
+    def _window_logits(self, padded: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Sliding windows over a padded (3, Hp, Wp) image, averaged at feature resolution: (C, Hp/p, Wp/p)."""
+        p = self.backbone.patch_size
+        window = max(p, self.window_size // p * p)
+        stride = max(p, self.window_stride // p * p)
+        hp, wp = padded.shape[-2:]
+        logits = padded.new_zeros((text.shape[0], hp // p, wp // p), dtype=torch.float32)
+        count = padded.new_zeros((1, hp // p, wp // p), dtype=torch.float32)
+        for y0, x0, y1, x1 in sliding_windows((hp, wp), window, stride):  # all multiples of p
+            logits[:, y0 // p:y1 // p, x0 // p:x1 // p] += self.low_res_logits(padded[None, :, y0:y1, x0:x1], text)[0]
+            count[:, y0 // p:y1 // p, x0 // p:x1 // p] += 1
+        return logits.div_(count)
+
+    def segment(self, image: torch.Tensor, text: torch.Tensor, out_size: Optional[Tuple[int, int]] = None
+                ) -> torch.Tensor:
+        """(3, H, W) normalised image -> (C, out_h, out_w) class probabilities (default out size: H, W).
+
+        Logits are computed, and for sliding windows accumulated, at feature resolution, then upsampled once,
+        straight to the output size: the only full-resolution (C, out_h, out_w) tensor made (PAMR adds one).
+        """
         h, w = image.shape[-2:]
-        logits = image.new_zeros((text.shape[0], h, w), dtype=torch.float32)
-        count = image.new_zeros((1, h, w), dtype=torch.float32)
-        for y0, x0, y1, x1 in sliding_windows((h, w), self.window_size, self.window_stride):
-            logits[:, y0:y1, x0:x1] += self.dense_logits(image[None, :, y0:y1, x0:x1], text)[0]
-            count[:, y0:y1, x0:x1] += 1
-        return (logits / count).softmax(0)
+        out_h, out_w = out_size or (h, w)
+        padded = self.backbone.pad(image[None])[0]  # (3, Hp, Wp)
+        if self.inference_mode == "whole":
+            low = self.low_res_logits(padded[None], text)[0]
+        else:
+            low = self._window_logits(padded, text)
+        # the padded map is scaled like the image, then the padding is cut off
+        hp, wp = padded.shape[-2:]
+        size = (max(out_h, round(hp * out_h / h)), max(out_w, round(wp * out_w / w)))
+        logits = F.interpolate(low[None], size=size, mode="bilinear", align_corners=False)[0, :, :out_h, :out_w]
+        if self.pamr is not None:
+            rgb = F.interpolate(image[None].float(), size=(out_h, out_w), mode="bilinear", align_corners=False)
+            logits = self.pamr(rgb, logits[None])[0]
+        probs = logits.sub_(logits.amax(0, keepdim=True)).exp_()  # in-place softmax over classes
+        probs = probs.div_(probs.sum(0, keepdim=True))
+        if self.bg_threshold > 0:
+            bg = self._background_index()
+            uncertain = probs.amax(0) < self.bg_threshold  # (out_h, out_w)
+            probs.masked_fill_(uncertain[None], 0.0)
+            probs[bg].masked_fill_(uncertain, 1.0)
+        return probs
+
+    def _background_index(self) -> int:
+        names = [n.lower() for n in self.vocabulary.names]
+        if self.background_class.lower() not in names:
+            raise ValueError(
+                f"MODEL.DENSE_SEG.BG_THRESHOLD={self.bg_threshold} needs a class named "
+                f"{self.background_class!r} (MODEL.DENSE_SEG.BACKGROUND_CLASS) in the vocabulary: "
+                f"{self.vocabulary.names}"
+            )
+        return names.index(self.background_class.lower())
 
     def forward(self, batched_inputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:
         if self.training:
@@ -140,7 +193,6 @@ class CLIPDenseSegmentor(nn.Module):
             h, w = image.shape[-2:]
             if min(h, w) < 1:
                 raise ValueError(f"empty image of shape {tuple(image.shape)}")
-            probs = self.segment((image.float() - self.pixel_mean) / self.pixel_std, text)
-            out_h, out_w = inp.get("height", h), inp.get("width", w)
-            results.append({"sem_seg": sem_seg_postprocess(probs, (h, w), out_h, out_w)})
+            normed = (image.float() - self.pixel_mean) / self.pixel_std
+            results.append({"sem_seg": self.segment(normed, text, (inp.get("height", h), inp.get("width", w)))})
         return results
