@@ -28,3 +28,5 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_dense.py
+	$(PY) benchmarks/bench_dense_modes.py
+	$(PY) benchmarks/bench_clipself.py
