@@ -130,6 +130,9 @@ class OpenVocabMaskSegmentor(nn.Module):
         backbone = CLIPViTDenseEncoder(cfg, visual=visual)
         pixel_decoder = build_pixel_decoder(cfg, backbone.output_shape())
         pd, ms, clf = cfg.MODEL.MASK_SEG.PIXEL_DECODER, cfg.MODEL.MASK_SEG, cfg.MODEL.MASK_SEG.CLASSIFIER
+        if ms.DECODER.NUM_LEVELS > len(pd.PYRAMID_SCALES) - 1:
+            raise ValueError(f"MODEL.MASK_SEG.DECODER.NUM_LEVELS={ms.DECODER.NUM_LEVELS}, but the pixel decoder has "
+                             f"only {len(pd.PYRAMID_SCALES) - 1} levels besides the mask features")
         train_names = [registered_dataset(n, "DATASETS.TRAIN") for n in cfg.DATASETS.TRAIN]
         test_names = [registered_dataset(n, "DATASETS.TEST") for n in cfg.DATASETS.TEST]
         train_vocabulary = ms.TRAIN_VOCABULARY or None

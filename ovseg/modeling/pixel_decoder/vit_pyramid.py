@@ -21,9 +21,10 @@ from .build import PIXEL_DECODER_REGISTRY
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
-    """Channel-first normalisation by name: "GN" (up to 32 groups dividing `channels`), "LN", or "" (none)."""
+    """Channel-first normalisation by name: "GN" (up to 32 groups of at least 2 channels), "LN", or ""."""
     if kind == "GN":
-        return nn.GroupNorm(math.gcd(32, channels), channels)
+        # one-channel groups would normalise a 1x1 map to nothing (and torch refuses it in training)
+        return nn.GroupNorm(math.gcd(32, max(channels // 2, 1)), channels)
     if kind == "LN":
         return ChannelLayerNorm(channels)
     if kind in ("", "none"):
