@@ -221,3 +221,22 @@ def test_evaluators_follow_evaluator_type_and_model_outputs(dataset, tmp_path):
     assert len(evs) == 1 and isinstance(evs[0], SemSegEvaluator)
     cfg.MODEL.META_ARCHITECTURE = "CLIPDenseSegmentor"
     assert [type(e).__name__ for e in train_net.Trainer.build_evaluator(cfg, val)._evaluators] == ["SemSegEvaluator"]
+
+
+@pytest.mark.parametrize("name", ["Base-MaskSeg.yaml", "ade_clipself.yaml"])
+def test_configs_parse_and_build_with_the_tiny_clip(name):
+    from ovseg.config import get_ovseg_cfg
+
+    cfg = get_ovseg_cfg()
+    cfg.merge_from_file(f"configs/{name}")
+    assert cfg.MODEL.META_ARCHITECTURE == "OpenVocabMaskSegmentor"
+    # same model at toy size: the tiny CLIP (2 exported levels) and no datasets
+    cfg.merge_from_list(["MODEL.CLIP.MODEL_NAME", "ovseg-tiny-ViT-16", "MODEL.CLIP.PRETRAINED", "",
+                         "MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
+                         "MODEL.TEXT.VOCABULARY", "a,b", "MODEL.TEXT.TEMPLATES", "single",
+                         "MODEL.MASK_SEG.PIXEL_DECODER.IN_FEATURES", ["res2", "res2", "res3", "res3"],
+                         "MODEL.MASK_SEG.DECODER.LAYERS", 1, "MODEL.MASK_SEG.PIXEL_DECODER.TRANSFORMER_LAYERS", 1])
+    m = build_model(cfg).eval()
+    with torch.no_grad():
+        out = m([{"image": torch.rand(3, 32, 48) * 255}])[0]
+    assert set(out) == {"sem_seg", "panoptic_seg"} | ({"instances"} if cfg.MODEL.MASK_SEG.TEST.INSTANCE_ON else set())
