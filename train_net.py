@@ -6,6 +6,7 @@
         DATASETS.TEST "('ade20k_150_sem_seg_val',)"
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
 """
+import itertools
 import logging
 import os
 from collections import OrderedDict
@@ -23,6 +24,7 @@ from detectron2.utils.logger import setup_logger
 import ovseg  # noqa: F401  (registers ovseg's models and datasets)
 from ovseg.config import get_ovseg_cfg
 from ovseg.data.clipself_mapper import CLIPSelfDatasetMapper, RegionRecognitionDatasetMapper, register_image_folders
+from ovseg.data.mappers import TRAIN_MAPPERS
 from ovseg.evaluation import build_benchmark_evaluator
 
 # INPUT.DATASET_MAPPER_NAME / INPUT.TEST_DATASET_MAPPER_NAME -> mapper class, built as cls(cfg, is_train)
@@ -30,6 +32,7 @@ DATASET_MAPPERS = {
     "": DatasetMapper,
     "clipself": CLIPSelfDatasetMapper,
     "region_recognition": RegionRecognitionDatasetMapper,
+    **TRAIN_MAPPERS,  # the mask segmentor's semantic / panoptic training mappers
 }
 
 
@@ -72,19 +75,36 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        # frozen parameters are skipped; vectors (norm gains, biases incl. attention in_proj_bias, layer scales)
-        # take SOLVER.WEIGHT_DECAY_NORM, matrices SOLVER.WEIGHT_DECAY (open_clip / CLIPSelf exclude vectors)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        params = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.SOLVER.WEIGHT_DECAY},
-                  {"params": [p for p in trainable if p.ndim < 2], "weight_decay": cfg.SOLVER.WEIGHT_DECAY_NORM}]
-        params = [g for g in params if g["params"]]
-        if not params:
+        """AdamW over the trainable parameters: backbone ones at SOLVER.BACKBONE_MULTIPLIER x the base LR (left out
+        at 0); vectors (norm gains, biases, layer scales) at SOLVER.WEIGHT_DECAY_NORM and embeddings (queries, void,
+        level embeddings) at SOLVER.WEIGHT_DECAY_EMBED, as open_clip / CLIPSelf and Mask2Former do; matrices at
+        SOLVER.WEIGHT_DECAY. CLIP_TYPE "full_model" clips one gradient norm over the whole model."""
+        groups = []
+        for module_name, module in model.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                lr, wd = cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY
+                full = f"{module_name}.{name}" if module_name else name
+                if full.startswith(("backbone.", "module.backbone.")):
+                    lr *= cfg.SOLVER.BACKBONE_MULTIPLIER
+                    if lr == 0:
+                        continue
+                if isinstance(module, torch.nn.Embedding) or name in ("void_embedding", "level_embed"):
+                    wd = cfg.SOLVER.WEIGHT_DECAY_EMBED
+                elif p.ndim < 2:
+                    wd = cfg.SOLVER.WEIGHT_DECAY_NORM
+                groups.append({"params": [p], "lr": lr, "weight_decay": wd})
+        if not groups:
             raise ValueError(
                 f"{cfg.MODEL.META_ARCHITECTURE} has no trainable parameters: evaluate it with --eval-only"
             )
-        optimizer = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-                                      betas=tuple(cfg.SOLVER.ADAMW_BETAS), eps=cfg.SOLVER.ADAMW_EPS)
-        return maybe_add_gradient_clipping(cfg, optimizer)
+        kwargs = dict(lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.ADAMW_BETAS), eps=cfg.SOLVER.ADAMW_EPS)
+        clip = cfg.SOLVER.CLIP_GRADIENTS
+        if clip.ENABLED and clip.CLIP_TYPE == "full_model":
+            # one gradient norm over the whole model (detectron2's own types clip each parameter on its own)
+            return full_model_clipping(torch.optim.AdamW, clip.CLIP_VALUE)(groups, **kwargs)
+        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW(groups, **kwargs))
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
@@ -98,6 +118,19 @@ class Trainer(DefaultTrainer):
             one.DATASETS.TEST = (name,)
             results[name] = super().test(one, model, [evaluators[idx]] if evaluators else None)
         return results
+
+
+def full_model_clipping(optimizer_class, max_norm: float):
+    """`optimizer_class` whose step first clips the gradient norm of all its parameters together."""
+
+    class FullModelGradientClipping(optimizer_class):
+        def step(self, closure=None):
+            params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return super().step(closure)
+
+    FullModelGradientClipping.__name__ = optimizer_class.__name__ + "FullModelGradientClipping"
+    return FullModelGradientClipping
 
 
 def setup(args):

@@ -57,6 +57,8 @@ def add_ovseg_config(cfg: CN) -> CN:
 
     add_clipself_config(cfg)
 
+    add_mask_segmentor_config(cfg)
+
     cfg.MODEL.PIXEL_MEAN = list(CLIP_PIXEL_MEAN)
     cfg.MODEL.PIXEL_STD = list(CLIP_PIXEL_STD)
     cfg.INPUT.FORMAT = "RGB"
@@ -108,6 +110,108 @@ def add_clipself_config(cfg: CN) -> CN:
     # AdamW moments and epsilon (torch defaults; the CLIPSelf/open_clip recipe uses (0.9, 0.98), 1e-6).
     cfg.SOLVER.ADAMW_BETAS = [0.9, 0.999]
     cfg.SOLVER.ADAMW_EPS = 1e-8
+    return cfg
+
+
+def add_mask_segmentor_config(cfg: CN) -> CN:
+    """Keys of the FC-CLIP-style `OpenVocabMaskSegmentor`, its data mappers and its solver."""
+    cfg.MODEL.MASK_SEG = CN()
+    # Training vocabulary: "" = the vocabulary of DATASETS.TRAIN[0] (every training set must share it).
+    # Test classes whose names (any synonym, case-insensitive) occur in it count as "seen" for the ensemble.
+    cfg.MODEL.MASK_SEG.TRAIN_VOCABULARY = ""
+
+    cfg.MODEL.MASK_SEG.PIXEL_DECODER = CN()
+    # Name in ovseg's PIXEL_DECODER_REGISTRY.
+    cfg.MODEL.MASK_SEG.PIXEL_DECODER.NAME = "ViTPyramidPixelDecoder"
+    # Backbone features turned into the pyramid, finest level first; one per PYRAMID_SCALES entry.
+    cfg.MODEL.MASK_SEG.PIXEL_DECODER.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Resampling factor of each feature relative to the patch grid (4 = stride p/4; 0.5 = stride 2p), finest first.
+    # Only powers of two; the first level gives the mask features.
+    cfg.MODEL.MASK_SEG.PIXEL_DECODER.PYRAMID_SCALES = [4.0, 2.0, 1.0, 0.5]
+    # Channels of every pyramid level and of the mask features.
+    cfg.MODEL.MASK_SEG.PIXEL_DECODER.CONV_DIM = 256
+    cfg.MODEL.MASK_SEG.PIXEL_DECODER.MASK_DIM = 256
+    # Normalisation in the pyramid convolutions: "GN" (32 groups or fewer), "LN" or "" (none).
+    cfg.MODEL.MASK_SEG.PIXEL_DECODER.NORM = "GN"
+    # How many of the coarsest levels the transformer encoder attends over jointly (full attention, so keep
+    # the fine levels out: their token count grows 4x per level).
+    cfg.MODEL.MASK_SEG.PIXEL_DECODER.TRANSFORMER_LEVELS = 2
+    cfg.MODEL.MASK_SEG.PIXEL_DECODER.TRANSFORMER_LAYERS = 6
+    cfg.MODEL.MASK_SEG.PIXEL_DECODER.TRANSFORMER_HEADS = 8
+    cfg.MODEL.MASK_SEG.PIXEL_DECODER.TRANSFORMER_FFN_DIM = 1024
+    cfg.MODEL.MASK_SEG.PIXEL_DECODER.DROPOUT = 0.0
+
+    cfg.MODEL.MASK_SEG.DECODER = CN()
+    # Name in ovseg's TRANSFORMER_DECODER_REGISTRY.
+    cfg.MODEL.MASK_SEG.DECODER.NAME = "MaskedAttentionDecoder"
+    cfg.MODEL.MASK_SEG.DECODER.HIDDEN_DIM = 256
+    cfg.MODEL.MASK_SEG.DECODER.NUM_QUERIES = 100
+    cfg.MODEL.MASK_SEG.DECODER.HEADS = 8
+    cfg.MODEL.MASK_SEG.DECODER.FFN_DIM = 2048
+    # Masked-attention layers; each one predicts (deep supervision), as does the input to the first one.
+    cfg.MODEL.MASK_SEG.DECODER.LAYERS = 9
+    # Pyramid levels the decoder's layers cross-attend to, round robin from the coarsest (3 = strides 2p, p, p/2).
+    cfg.MODEL.MASK_SEG.DECODER.NUM_LEVELS = 3
+    cfg.MODEL.MASK_SEG.DECODER.DROPOUT = 0.0
+    # Pre-norm (LayerNorm before each sub-layer) instead of post-norm.
+    cfg.MODEL.MASK_SEG.DECODER.PRE_NORM = False
+
+    cfg.MODEL.MASK_SEG.CLASSIFIER = CN()
+    # In-vocabulary classifier: logit = scale * cos(query embedding, text embedding or learned void embedding).
+    # Initial scale (1/temperature) and whether it is learned (clamped to at most 100, like CLIP's).
+    cfg.MODEL.MASK_SEG.CLASSIFIER.LOGIT_SCALE = 14.285714  # 1 / 0.07, CLIP's initial temperature
+    cfg.MODEL.MASK_SEG.CLASSIFIER.LEARN_LOGIT_SCALE = True
+    # Out-of-vocabulary classifier: mask-pooled frozen `clip_dense` vs text, scaled like CLIP's logits.
+    # False = in-vocabulary classifier only at inference.
+    cfg.MODEL.MASK_SEG.CLASSIFIER.OUT_VOCAB = True
+    cfg.MODEL.MASK_SEG.CLASSIFIER.OUT_VOCAB_LOGIT_SCALE = 100.0
+    # Geometric ensemble p = p_in^(1-w) * p_out^w with w = ALPHA for seen classes and BETA for unseen ones.
+    cfg.MODEL.MASK_SEG.CLASSIFIER.ENSEMBLE_ALPHA = 0.4
+    cfg.MODEL.MASK_SEG.CLASSIFIER.ENSEMBLE_BETA = 0.8
+
+    cfg.MODEL.MASK_SEG.LOSS = CN()
+    # Weights of the classification (CE), mask (sigmoid BCE) and dice terms; the same weights serve as the
+    # Hungarian matcher's costs.
+    cfg.MODEL.MASK_SEG.LOSS.CLASS_WEIGHT = 2.0
+    cfg.MODEL.MASK_SEG.LOSS.MASK_WEIGHT = 5.0
+    cfg.MODEL.MASK_SEG.LOSS.DICE_WEIGHT = 5.0
+    # CE weight of the void ("no object") class for unmatched queries.
+    cfg.MODEL.MASK_SEG.LOSS.NO_OBJECT_WEIGHT = 0.1
+    # Losses on every decoder layer's prediction, not only the last.
+    cfg.MODEL.MASK_SEG.LOSS.DEEP_SUPERVISION = True
+    # Points sampled per mask for the mask losses and matching costs (112 * 112 in Mask2Former).
+    cfg.MODEL.MASK_SEG.LOSS.NUM_POINTS = 12544
+    # Uncertainty-based importance sampling: candidates = OVERSAMPLE_RATIO * NUM_POINTS random points, of which
+    # IMPORTANCE_SAMPLE_RATIO * NUM_POINTS most uncertain are kept, the rest drawn uniformly.
+    cfg.MODEL.MASK_SEG.LOSS.OVERSAMPLE_RATIO = 3.0
+    cfg.MODEL.MASK_SEG.LOSS.IMPORTANCE_SAMPLE_RATIO = 0.75
+
+    cfg.MODEL.MASK_SEG.TEST = CN()
+    # Which outputs inference produces (detectron2 formats "sem_seg", "panoptic_seg", "instances").
+    cfg.MODEL.MASK_SEG.TEST.SEMANTIC_ON = True
+    cfg.MODEL.MASK_SEG.TEST.PANOPTIC_ON = True
+    cfg.MODEL.MASK_SEG.TEST.INSTANCE_ON = False
+    # Panoptic: queries whose best non-void score is below OBJECT_MASK_THRESHOLD are dropped; a segment keeps
+    # its pixels only if at least OVERLAP_THRESHOLD of its own mask survives the pixel-wise argmax.
+    cfg.MODEL.MASK_SEG.TEST.OBJECT_MASK_THRESHOLD = 0.8
+    cfg.MODEL.MASK_SEG.TEST.OVERLAP_THRESHOLD = 0.8
+    # Instances: top-k (query, class) pairs over thing classes.
+    cfg.MODEL.MASK_SEG.TEST.DETECTIONS_PER_IMAGE = 100
+
+    # INPUT.DATASET_MAPPER_NAME (set in add_clipself_config) also takes the mask segmentor's mappers
+    # (ovseg/data/mappers.py): "mask_semantic" (resize + crop, optionally class-balanced) or "mask_panoptic_lsj".
+    # Class-balanced crop for "mask_semantic": no class may cover more than this share of a crop (1.0 = off).
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+    # Large-scale jitter ("mask_panoptic_lsj"): resize by a factor in [MIN_SCALE, MAX_SCALE] of IMAGE_SIZE,
+    # then crop / pad to IMAGE_SIZE x IMAGE_SIZE.
+    cfg.INPUT.IMAGE_SIZE = 1024
+    cfg.INPUT.MIN_SCALE = 0.1
+    cfg.INPUT.MAX_SCALE = 2.0
+
+    # Learning-rate multiplier of trainable backbone parameters (unlocked CLIP blocks); 0 leaves them out.
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Weight decay of embeddings (queries, level embeddings, the void embedding) and of norm layers.
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     return cfg
 
 

@@ -16,6 +16,8 @@ def test_config_builds(path):
     cfg.merge_from_file(str(path))
     cfg.merge_from_list(["MODEL.CLIP.MODEL_NAME", "ovseg-tiny-ViT-16", "MODEL.CLIP.PRETRAINED", "", "MODEL.DEVICE",
                          "cpu", "MODEL.CLIP.UNLOCK_LAST_BLOCKS", min(cfg.MODEL.CLIP.UNLOCK_LAST_BLOCKS, 3)])  # 3 blocks
+    if cfg.MODEL.META_ARCHITECTURE == "OpenVocabMaskSegmentor":  # the tiny tower exports two levels
+        cfg.MODEL.MASK_SEG.PIXEL_DECODER.IN_FEATURES = ["res2", "res2", "res3", "res3"]
     model = build_model(cfg)
     assert model.backbone.dense_mode == cfg.MODEL.CLIP.DENSE_MODE
     for name in cfg.DATASETS.TEST:  # datasets named by configs are registered

@@ -1,0 +1,148 @@
+"""Training dataset mappers for mask-classification models: dataset dict -> image + per-segment targets.
+
+Both produce what `OpenVocabMaskSegmentor` trains on: "image" (3, H, W) uint8 RGB as a float-able tensor and
+"instances" with `gt_classes` (N,) (indices into the dataset's vocabulary) and `gt_masks` (BitMasks (N, H, W)).
+Chosen by INPUT.DATASET_MAPPER_NAME through train_net.py's DATASET_MAPPERS table.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Callable, Dict, List
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.structures import BitMasks, Instances
+
+logger = logging.getLogger(__name__)
+
+
+def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
+    """COCO-panoptic PNG (H, W, 3) uint8 -> segment ids (H, W) int64: id = R + 256 G + 256^2 B."""
+    rgb = rgb.astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+
+
+def _instances(image_shape, classes: List[int], masks: List[np.ndarray]) -> Instances:
+    inst = Instances(image_shape)
+    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
+    if masks:
+        inst.gt_masks = BitMasks(torch.from_numpy(np.ascontiguousarray(np.stack(masks))))
+    else:
+        inst.gt_masks = BitMasks(torch.zeros((0, *image_shape), dtype=torch.bool))
+    return inst
+
+
+def _image_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))  # (3, H, W)
+
+
+class MaskSemanticMapper:
+    """Semantic-segmentation data: resize (short edge), crop (optionally class-balanced: no class may cover
+    more than INPUT.CROP.SINGLE_CATEGORY_MAX_AREA of the crop), flip; one target mask per class present."""
+
+    @configurable
+    def __init__(self, *, augmentations: List[T.Augmentation], image_format: str = "RGB", ignore_label: int = 255):
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        self.ignore_label = ignore_label
+        logger.info("MaskSemanticMapper augmentations: %s", augmentations)
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        augs: List[T.Augmentation] = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN,
+                                                           cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)]
+        ignore = _ignore_label(cfg)
+        if cfg.INPUT.CROP.ENABLED:
+            augs.append(T.RandomCrop_CategoryAreaConstraint(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE,
+                                                            cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA, ignore))
+        if cfg.INPUT.RANDOM_FLIP != "none":
+            augs.append(T.RandomFlip(horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
+                                     vertical=cfg.INPUT.RANDOM_FLIP == "vertical"))
+        return {"augmentations": augs, "image_format": cfg.INPUT.FORMAT, "ignore_label": ignore}
+
+    def __call__(self, dataset_dict: Dict) -> Dict:
+        d = copy.deepcopy(dataset_dict)
+        if "sem_seg_file_name" not in d:
+            raise ValueError(f"{d.get('file_name')!r}: the 'mask_semantic' mapper needs 'sem_seg_file_name'")
+        image = utils.read_image(d["file_name"], format=self.image_format)
+        utils.check_image_size(d, image)
+        sem_seg = utils.read_image(d.pop("sem_seg_file_name")).astype("float64")
+        if sem_seg.ndim == 3:
+            sem_seg = sem_seg[..., 0]
+        aug = T.AugInput(image, sem_seg=sem_seg)
+        self.augmentations(aug)
+        image, sem_seg = aug.image, aug.sem_seg.round().astype(np.int64)
+        d["image"] = _image_tensor(image)
+        d["sem_seg"] = torch.as_tensor(sem_seg)
+        classes = [int(c) for c in np.unique(sem_seg) if c != self.ignore_label]
+        d["instances"] = _instances(image.shape[:2], classes, [sem_seg == c for c in classes])
+        return d
+
+
+class MaskPanopticLSJMapper:
+    """Panoptic data (COCO-panoptic PNG + segments_info) with large-scale jitter: flip, resize by a random
+    factor of INPUT.IMAGE_SIZE within [MIN_SCALE, MAX_SCALE], then crop / pad to IMAGE_SIZE squared.
+    One target per non-crowd segment; padding is unlabelled."""
+
+    @configurable
+    def __init__(self, *, augmentations: List[T.Augmentation], image_format: str = "RGB"):
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        logger.info("MaskPanopticLSJMapper augmentations: %s", augmentations)
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        size = cfg.INPUT.IMAGE_SIZE
+        augs: List[T.Augmentation] = []
+        if cfg.INPUT.RANDOM_FLIP != "none":
+            augs.append(T.RandomFlip(horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
+                                     vertical=cfg.INPUT.RANDOM_FLIP == "vertical"))
+        augs += [
+            T.ResizeScale(min_scale=cfg.INPUT.MIN_SCALE, max_scale=cfg.INPUT.MAX_SCALE, target_height=size,
+                          target_width=size),
+            T.FixedSizeCrop(crop_size=(size, size), seg_pad_value=0),  # id 0 = unlabelled in COCO panoptic
+        ]
+        return {"augmentations": augs, "image_format": cfg.INPUT.FORMAT}
+
+    def __call__(self, dataset_dict: Dict) -> Dict:
+        d = copy.deepcopy(dataset_dict)
+        if "pan_seg_file_name" not in d or "segments_info" not in d:
+            raise ValueError(f"{d.get('file_name')!r}: the 'mask_panoptic_lsj' mapper needs 'pan_seg_file_name' "
+                             "and 'segments_info' (a COCO-panoptic dataset)")
+        image = utils.read_image(d["file_name"], format=self.image_format)
+        utils.check_image_size(d, image)
+        # float64 holds every 24-bit id exactly, and detectron2 resizes non-uint8 maps with torch (nearest)
+        pan = rgb_to_id(utils.read_image(d.pop("pan_seg_file_name"), "RGB")).astype(np.float64)
+        aug = T.AugInput(image, sem_seg=pan)
+        self.augmentations(aug)
+        image, pan = aug.image, aug.sem_seg.round().astype(np.int64)
+        d["image"] = _image_tensor(image)
+        classes, masks = [], []
+        for seg in d.pop("segments_info"):
+            if seg.get("iscrowd", 0):
+                continue
+            m = pan == seg["id"]
+            if m.any():  # the crop may have cut the segment away
+                classes.append(int(seg["category_id"]))
+                masks.append(m)
+        d["instances"] = _instances(image.shape[:2], classes, masks)
+        d.pop("sem_seg_file_name", None)
+        return d
+
+
+def _ignore_label(cfg) -> int:
+    from detectron2.data import MetadataCatalog
+
+    if cfg.DATASETS.TRAIN:
+        return MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("ignore_label", 255)
+    return 255
+
+
+TRAIN_MAPPERS: Dict[str, Callable] = {
+    "mask_semantic": MaskSemanticMapper,
+    "mask_panoptic_lsj": MaskPanopticLSJMapper,
+}

@@ -1,0 +1,313 @@
+"""FC-CLIP-style open-vocabulary mask segmentor on a frozen CLIP ViT.
+
+One frozen CLIP forward serves both jobs: its block outputs feed the mask generator (pixel decoder +
+masked-attention decoder) and its `clip_dense` map classifies each predicted mask out of vocabulary.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import BitMasks, ImageList
+from torch import nn
+
+from ..backbone.clip_vit import CLIPViTDenseEncoder
+from ..classifiers import InVocabClassifier, geometric_ensemble, out_of_vocab_logits
+from ..clip_model import load_open_clip, split_clip
+from ..criterion import SetCriterion
+from ..pixel_decoder import build_pixel_decoder
+from ..postprocessing import instance_inference, panoptic_inference, semantic_inference
+from ..text import TextClassifier, Vocabulary, parse_vocabulary
+from ..text.vocabulary import vocabulary_from_metadata
+from ..transformer_decoder import build_transformer_decoder
+
+logger = logging.getLogger(__name__)
+
+
+def registered_dataset(name: str, key: str) -> str:
+    """`name` if detectron2 knows the dataset, else a clear error naming the config key."""
+    if name not in DatasetCatalog.list():
+        close = [d for d in DatasetCatalog.list() if name.split("_")[0] in d][:10]
+        raise KeyError(f"{key} names dataset {name!r}, which is not registered"
+                       + (f"; similar registered names: {close}" if close else "")
+                       + ". Register it (ovseg's dataset table or DatasetCatalog.register) or fix the name.")
+    return name
+
+
+def dataset_vocabulary(name: str) -> Tuple[Vocabulary, Optional[torch.Tensor]]:
+    """A registered dataset's vocabulary and which of its classes are things (None when it does not say)."""
+    meta = MetadataCatalog.get(name)
+    vocab = vocabulary_from_metadata(meta)
+    things = meta.get("thing_dataset_id_to_contiguous_id", None)
+    if things is None:
+        return vocab, None
+    is_thing = torch.zeros(len(vocab), dtype=torch.bool)
+    is_thing[list(things.values())] = True
+    return vocab, is_thing
+
+
+def seen_mask(vocabulary: Vocabulary, train_vocabulary: Optional[Vocabulary]) -> torch.Tensor:
+    """(C,) bool: a class is seen if any of its synonyms names a training class (case-insensitive)."""
+    if train_vocabulary is None:
+        return torch.zeros(len(vocabulary), dtype=torch.bool)
+    known = {s.lower() for c in train_vocabulary.classes for s in c}
+    return torch.tensor([any(s.lower() in known for s in c) for c in vocabulary.classes], dtype=torch.bool)
+
+
+@META_ARCH_REGISTRY.register()
+class OpenVocabMaskSegmentor(nn.Module):
+    """Mask classification with open-vocabulary classes: N queries -> masks + CLIP-space embeddings.
+
+    Training: Hungarian-matched class / mask / dice losses against the training vocabulary's text embeddings.
+    Inference: in-vocabulary logits (query embedding vs text) ensembled with out-of-vocabulary logits (frozen
+    CLIP features pooled in each mask vs text), then detectron2's `sem_seg`, `panoptic_seg` and `instances`.
+    """
+
+    @configurable
+    def __init__(self, *, backbone: CLIPViTDenseEncoder, text_classifier: TextClassifier, pixel_decoder: nn.Module,
+                 transformer_decoder: nn.Module, criterion: SetCriterion, in_vocab: InVocabClassifier,
+                 pixel_mean: Sequence[float], pixel_std: Sequence[float], train_vocabulary=None, vocabulary=None,
+                 out_vocab: bool = True, out_vocab_logit_scale: float = 100.0, ensemble_alpha: float = 0.4,
+                 ensemble_beta: float = 0.8, semantic_on: bool = True, panoptic_on: bool = True,
+                 instance_on: bool = False, object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8,
+                 detections_per_image: int = 100):
+        """
+        Args:
+            backbone, text_classifier: the frozen CLIP towers.
+            pixel_decoder, transformer_decoder: the mask generator.
+            criterion: training losses; in_vocab: the trained classifier head.
+            pixel_mean, pixel_std: normalisation of the 0-255 RGB input.
+            train_vocabulary: classes of the training data (labels index it); a dataset name, string or list.
+            vocabulary: initial test vocabulary (dataset name, string, file, list); see `set_vocabulary`.
+            out_vocab, out_vocab_logit_scale, ensemble_alpha, ensemble_beta: out-of-vocabulary classifier and
+                the geometric ensemble (alpha: seen classes, beta: unseen).
+            semantic_on, panoptic_on, instance_on: which outputs inference returns.
+            object_mask_threshold, overlap_threshold: panoptic post-processing.
+            detections_per_image: instance top-k.
+        """
+        super().__init__()
+        if not (semantic_on or panoptic_on or instance_on):
+            raise ValueError("MODEL.MASK_SEG.TEST: turn on at least one of SEMANTIC_ON, PANOPTIC_ON, INSTANCE_ON")
+        for name, v in (("ENSEMBLE_ALPHA", ensemble_alpha), ("ENSEMBLE_BETA", ensemble_beta)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"MODEL.MASK_SEG.CLASSIFIER.{name}={v} must be in [0, 1]")
+        self.backbone = backbone
+        self.text_classifier = text_classifier
+        self.pixel_decoder = pixel_decoder
+        self.transformer_decoder = transformer_decoder
+        self.criterion = criterion
+        self.in_vocab = in_vocab
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+        self.out_vocab = out_vocab
+        self.out_vocab_logit_scale = out_vocab_logit_scale
+        self.ensemble_alpha = ensemble_alpha
+        self.ensemble_beta = ensemble_beta
+        self.semantic_on, self.panoptic_on, self.instance_on = semantic_on, panoptic_on, instance_on
+        self.object_mask_threshold = object_mask_threshold
+        self.overlap_threshold = overlap_threshold
+        self.detections_per_image = detections_per_image
+
+        self.train_vocabulary: Optional[Vocabulary] = None
+        if train_vocabulary is not None:
+            self.train_vocabulary = self._resolve(train_vocabulary)[0]
+        self._vocabulary: Optional[Vocabulary] = None
+        self.is_thing: Optional[torch.Tensor] = None
+        self.seen: Optional[torch.Tensor] = None
+        if vocabulary is not None:
+            self.set_vocabulary(vocabulary)
+
+    @classmethod
+    def output_tasks(cls, cfg) -> Tuple[str, ...]:
+        """The detectron2 outputs produced at test time (they pick the evaluators)."""
+        t = cfg.MODEL.MASK_SEG.TEST
+        return tuple(k for k, on in (("sem_seg", t.SEMANTIC_ON), ("panoptic_seg", t.PANOPTIC_ON),
+                                     ("instances", t.INSTANCE_ON)) if on)
+
+    @classmethod
+    def from_config(cls, cfg):
+        visual, text_model = split_clip(load_open_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED))
+        backbone = CLIPViTDenseEncoder(cfg, visual=visual)
+        pixel_decoder = build_pixel_decoder(cfg, backbone.output_shape())
+        pd, ms, clf = cfg.MODEL.MASK_SEG.PIXEL_DECODER, cfg.MODEL.MASK_SEG, cfg.MODEL.MASK_SEG.CLASSIFIER
+        if ms.DECODER.NUM_LEVELS > len(pd.PYRAMID_SCALES) - 1:
+            raise ValueError(f"MODEL.MASK_SEG.DECODER.NUM_LEVELS={ms.DECODER.NUM_LEVELS}, but the pixel decoder has "
+                             f"only {len(pd.PYRAMID_SCALES) - 1} levels besides the mask features")
+        train_names = [registered_dataset(n, "DATASETS.TRAIN") for n in cfg.DATASETS.TRAIN]
+        test_names = [registered_dataset(n, "DATASETS.TEST") for n in cfg.DATASETS.TEST]
+        train_vocabulary = ms.TRAIN_VOCABULARY or None
+        if train_vocabulary is None and train_names:
+            first = dataset_vocabulary(train_names[0])[0]
+            for other in train_names[1:]:
+                if dataset_vocabulary(other)[0] != first:
+                    raise ValueError(f"DATASETS.TRAIN: {other!r} has another vocabulary than {train_names[0]!r}; "
+                                     "training sets must share their class list")
+            train_vocabulary = train_names[0]
+        return {
+            "backbone": backbone,
+            "text_classifier": TextClassifier(cfg, text_model=text_model),
+            "pixel_decoder": pixel_decoder,
+            "transformer_decoder": build_transformer_decoder(cfg, pd.CONV_DIM, pd.MASK_DIM, backbone.embed_dim),
+            "criterion": SetCriterion(cfg),
+            "in_vocab": InVocabClassifier(backbone.embed_dim, clf.LOGIT_SCALE, clf.LEARN_LOGIT_SCALE),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "train_vocabulary": train_vocabulary,
+            "vocabulary": cfg.MODEL.TEXT.VOCABULARY or (test_names[0] if test_names else None),
+            "out_vocab": clf.OUT_VOCAB,
+            "out_vocab_logit_scale": clf.OUT_VOCAB_LOGIT_SCALE,
+            "ensemble_alpha": clf.ENSEMBLE_ALPHA,
+            "ensemble_beta": clf.ENSEMBLE_BETA,
+            "semantic_on": ms.TEST.SEMANTIC_ON,
+            "panoptic_on": ms.TEST.PANOPTIC_ON,
+            "instance_on": ms.TEST.INSTANCE_ON,
+            "object_mask_threshold": ms.TEST.OBJECT_MASK_THRESHOLD,
+            "overlap_threshold": ms.TEST.OVERLAP_THRESHOLD,
+            "detections_per_image": ms.TEST.DETECTIONS_PER_IMAGE,
+        }
+
+    # ---- vocabulary -------------------------------------------------------------------------------------
+    @staticmethod
+    def _resolve(spec) -> Tuple[Vocabulary, Optional[torch.Tensor]]:
+        if isinstance(spec, str) and spec in DatasetCatalog.list():
+            return dataset_vocabulary(spec)
+        return parse_vocabulary(spec), None
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        if self._vocabulary is None:
+            raise ValueError("no test vocabulary: set MODEL.TEXT.VOCABULARY or DATASETS.TEST, or call set_vocabulary()")
+        return self._vocabulary
+
+    def set_vocabulary(self, vocabulary, is_thing: Optional[Sequence[bool]] = None) -> Vocabulary:
+        """Switch the test classes without rebuilding: a registered dataset name (its vocabulary and thing
+        classes), or a string / file / list (every class then counts as a thing unless `is_thing` says).
+        Which classes are "seen" (ensemble weight alpha) is derived from the training vocabulary."""
+        vocab, things = self._resolve(vocabulary)
+        if is_thing is not None:
+            things = torch.as_tensor(list(is_thing), dtype=torch.bool)
+            if len(things) != len(vocab):
+                raise ValueError(f"is_thing has {len(things)} entries for {len(vocab)} classes")
+        elif things is None:
+            # a dataset without thing metadata is semantic-only (all stuff); a user list is all things
+            from_dataset = isinstance(vocabulary, str) and vocabulary in DatasetCatalog.list()
+            things = torch.full((len(vocab),), not from_dataset, dtype=torch.bool)
+        self._vocabulary, self.is_thing = vocab, things
+        self.seen = seen_mask(vocab, self.train_vocabulary)
+        return vocab
+
+    # ---- forward pieces ---------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalise and pad (bottom / right, to the patch size) into one batch."""
+        p = self.backbone.patch_size
+        images = []
+        for inp in batched_inputs:
+            img = inp["image"]
+            if img.dim() != 3 or img.shape[0] != 3:
+                raise ValueError(f"expected a (3, H, W) RGB image, got shape {tuple(img.shape)}")
+            if min(img.shape[-2:]) < p:
+                raise ValueError(f"image of size {tuple(img.shape[-2:])} is smaller than the CLIP patch size {p}: "
+                                 "resize it (INPUT.MIN_SIZE_TEST / MIN_SIZE_TRAIN) before segmenting")
+            images.append((img.to(self.device).float() - self.pixel_mean) / self.pixel_std)
+        return ImageList.from_tensors(images, size_divisibility=p)
+
+    def encode(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Backbone features; no autograd graph through the CLIP tower when none of it is trainable."""
+        frozen = not any(p.requires_grad for p in self.backbone.parameters())
+        with torch.no_grad() if frozen else nullcontext():
+            return self.backbone(images)
+
+    def text_embeddings(self, vocabulary: Vocabulary) -> torch.Tensor:
+        return self.text_classifier(vocabulary).to(self.device)  # (C, D), cached per class
+
+    def prepare_targets(self, batched_inputs: List[Dict], padded_size: Tuple[int, int]) -> List[Dict]:
+        targets = []
+        for inp in batched_inputs:
+            if "instances" not in inp:
+                raise ValueError("training needs per-image 'instances' (gt_classes, gt_masks): set "
+                                 "INPUT.DATASET_MAPPER_NAME to 'mask_semantic' or 'mask_panoptic_lsj'")
+            inst = inp["instances"].to(self.device)
+            masks = inst.gt_masks.tensor if isinstance(inst.gt_masks, BitMasks) else inst.gt_masks
+            h, w = masks.shape[-2:]
+            padded = masks.new_zeros((masks.shape[0], *padded_size))
+            padded[:, :h, :w] = masks
+            labels = inst.gt_classes.long()
+            if len(labels) and labels.max() >= len(self.train_vocabulary):
+                raise ValueError(f"label {int(labels.max())} outside the training vocabulary of "
+                                 f"{len(self.train_vocabulary)} classes")
+            targets.append({"labels": labels, "masks": padded})
+        return targets
+
+    def losses(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList) -> Dict[str, torch.Tensor]:
+        if self.train_vocabulary is None:
+            raise ValueError("no training vocabulary: set DATASETS.TRAIN or MODEL.MASK_SEG.TRAIN_VOCABULARY")
+        text = self.text_embeddings(self.train_vocabulary)
+
+        def classify(o):
+            return {"pred_logits": self.in_vocab(o["pred_embeds"], text), "pred_masks": o["pred_masks"]}
+
+        outs = classify(outputs)
+        outs["aux_outputs"] = [classify(a) for a in outputs["aux_outputs"]]
+        return self.criterion(outs, self.prepare_targets(batched_inputs, tuple(images.tensor.shape[-2:])))
+
+    def class_probabilities(self, outputs: Dict, dense: torch.Tensor, images: ImageList, text: torch.Tensor
+                            ) -> torch.Tensor:
+        """(B, Q, C + 1) class probabilities (last = void) from the ensemble of both classifiers."""
+        in_logits = self.in_vocab(outputs["pred_embeds"], text)
+        if not self.out_vocab:
+            return in_logits.float().softmax(-1)
+        mask_probs = outputs["pred_masks"].sigmoid()  # (B, Q, h, w)
+        # pool only over each image's own pixels, not the batch padding
+        valid = torch.zeros_like(mask_probs[:, :1])
+        ph, pw = images.tensor.shape[-2:]
+        mh, mw = mask_probs.shape[-2:]
+        for i, (h, w) in enumerate(images.image_sizes):
+            valid[i, :, : -(-h * mh // ph), : -(-w * mw // pw)] = 1
+        out_logits = out_of_vocab_logits(dense, mask_probs * valid, text, self.out_vocab_logit_scale)
+        return geometric_ensemble(in_logits, out_logits, self.seen, self.ensemble_alpha, self.ensemble_beta)
+
+    def postprocess(self, probs: torch.Tensor, mask_logits: torch.Tensor, image_size: Tuple[int, int],
+                    height: int, width: int) -> Dict:
+        """One image: (Q, C + 1) probabilities, (Q, H_pad, W_pad) mask logits -> detectron2 output dict."""
+        masks = sem_seg_postprocess(mask_logits, image_size, height, width).sigmoid()  # (Q, height, width)
+        result = {}
+        if self.semantic_on:
+            result["sem_seg"] = semantic_inference(probs, masks)
+        is_thing = self.is_thing.to(masks.device)
+        if self.panoptic_on:
+            result["panoptic_seg"] = panoptic_inference(probs, masks, is_thing, self.object_mask_threshold,
+                                                        self.overlap_threshold)
+        if self.instance_on:
+            result["instances"] = instance_inference(probs, masks, is_thing, self.detections_per_image)
+        return result
+
+    def forward(self, batched_inputs: List[Dict]):
+        """Training: dict of losses. Inference: per image {"sem_seg", "panoptic_seg", "instances"} (as enabled)."""
+        images = self.preprocess(batched_inputs)
+        features = self.encode(images.tensor)
+        mask_features, multi_scale = self.pixel_decoder(features)
+        outputs = self.transformer_decoder(multi_scale, mask_features)
+        if self.training:
+            return self.losses(outputs, batched_inputs, images)
+
+        text = self.text_embeddings(self.vocabulary)
+        probs = self.class_probabilities(outputs, features["clip_dense"], images, text)
+        mask_logits = F.interpolate(outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear",
+                                    align_corners=False)  # (B, Q, H_pad, W_pad)
+        results = []
+        for i, inp in enumerate(batched_inputs):
+            h, w = images.image_sizes[i]
+            results.append(self.postprocess(probs[i], mask_logits[i], (h, w), inp.get("height", h),
+                                            inp.get("width", w)))
+        return results

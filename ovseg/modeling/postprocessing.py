@@ -1,0 +1,102 @@
+"""Semantic / panoptic / instance inference from per-query class probabilities and masks, shared by every
+mask-classification meta-architecture. Inputs are one image's predictions at output resolution."""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+from detectron2.structures import BitMasks, Instances
+
+
+def semantic_inference(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per-pixel class scores: sum over queries of p(class | query) * p(pixel in mask | query).
+
+    Args:
+        probs: (Q, K + 1) class probabilities, last column = void (dropped).
+        masks: (Q, H, W) mask probabilities (sigmoid).
+    Returns:
+        (K, H, W) scores (the format `SemSegEvaluator` reads: argmax over dim 0).
+    """
+    return torch.einsum("qk,qhw->khw", probs[:, :-1], masks)
+
+
+def panoptic_inference(probs: torch.Tensor, masks: torch.Tensor, is_thing: torch.Tensor,
+                       object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8
+                       ) -> Tuple[torch.Tensor, List[Dict]]:
+    """Non-overlapping segments from the confident queries.
+
+    Queries whose best non-void class scores at most `object_mask_threshold` are dropped. Each pixel goes to
+    the kept query maximising score * mask probability; a query keeps its pixels only where its own mask is
+    >= 0.5, and only if those are at least `overlap_threshold` of its own mask. Stuff queries of the same class
+    are merged into one segment.
+
+    Args:
+        probs: (Q, K + 1) class probabilities (last = void); masks: (Q, H, W) mask probabilities.
+        is_thing: (K,) bool.
+    Returns:
+        panoptic_seg (H, W) int32 (0 = unassigned, segments numbered from 1) and segments_info, a list of
+        {"id", "category_id", "isthing", "score", "area"} in detectron2's format.
+    """
+    h, w = masks.shape[-2:]
+    panoptic = torch.zeros((h, w), dtype=torch.int32, device=masks.device)
+    segments: List[Dict] = []
+    scores, labels = probs[:, :-1].max(-1)  # best non-void class per query
+    keep = (scores > object_mask_threshold) & (probs.argmax(-1) != probs.shape[-1] - 1)
+    if not keep.any():
+        return panoptic, segments
+    scores, labels, masks = scores[keep], labels[keep], masks[keep]
+    owner = (scores[:, None, None] * masks).argmax(0)  # (H, W) index into the kept queries
+    stuff_segment: Dict[int, int] = {}
+    for q in range(len(scores)):
+        own = masks[q] >= 0.5
+        own_area = int(own.sum())
+        region = (owner == q) & own
+        area = int(region.sum())
+        if own_area == 0 or area == 0 or area / own_area < overlap_threshold:
+            continue
+        cls = int(labels[q])
+        thing = bool(is_thing[cls])
+        if not thing and cls in stuff_segment:
+            seg_id = stuff_segment[cls]
+            panoptic[region] = seg_id
+            seg = segments[seg_id - 1]
+            seg["area"] += area
+            seg["score"] = max(seg["score"], float(scores[q]))
+            continue
+        seg_id = len(segments) + 1
+        panoptic[region] = seg_id
+        segments.append({"id": seg_id, "category_id": cls, "isthing": thing, "score": float(scores[q]),
+                         "area": area})
+        if not thing:
+            stuff_segment[cls] = seg_id
+    return panoptic, segments
+
+
+def instance_inference(probs: torch.Tensor, masks: torch.Tensor, is_thing: torch.Tensor, top_k: int = 100
+                       ) -> Instances:
+    """Top-k (query, thing class) pairs as detectron2 Instances.
+
+    Score = p(class | query) * mean mask probability inside the binarised mask (a query may yield several
+    classes). Boxes are the masks' bounding boxes.
+
+    Args:
+        probs: (Q, K + 1) class probabilities (last = void); masks: (Q, H, W) mask probabilities.
+        is_thing: (K,) bool; only thing classes are returned.
+    Returns:
+        Instances with pred_masks (N, H, W) bool, pred_boxes, scores (N,), pred_classes (N,).
+    """
+    q, k1 = probs.shape
+    h, w = masks.shape[-2:]
+    cls_scores = probs[:, :-1] * is_thing.to(probs.dtype)[None]  # non-things can never be picked
+    flat = cls_scores.flatten()
+    top_k = min(top_k, int((flat > 0).sum()))
+    scores, idx = flat.topk(top_k)
+    query, classes = idx // (k1 - 1), idx % (k1 - 1)
+    binary = masks[query] >= 0.5  # (N, H, W)
+    mask_score = (masks[query] * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
+    result = Instances((h, w))
+    result.pred_masks = binary
+    result.pred_boxes = BitMasks(binary).get_bounding_boxes()
+    result.scores = scores * mask_score
+    result.pred_classes = classes
+    return result

@@ -1,0 +1,243 @@
+"""OpenVocabMaskSegmentor end to end on the tiny CLIP: shapes, gradients, vocabulary switching, bad input,
+the pixel decoder's pyramid, the data mappers and train_net's optimizer / evaluator wiring."""
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import COCOPanopticEvaluator, SemSegEvaluator
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Instances
+from PIL import Image
+
+import train_net
+from ovseg.data.mappers import MaskPanopticLSJMapper, MaskSemanticMapper, rgb_to_id
+from tests.synthetic_panoptic import make_dataset
+from tests.tiny_mask import tiny_mask_cfg
+
+VOCAB = "red circle,green square,sky"
+TRAIN_VOCAB = "red circle|ball,green square"
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = tiny_mask_cfg(MODEL__TEXT__VOCABULARY=VOCAB, MODEL__MASK_SEG__TRAIN_VOCABULARY=TRAIN_VOCAB,
+                        MODEL__MASK_SEG__TEST__INSTANCE_ON=True, MODEL__MASK_SEG__TEST__OBJECT_MASK_THRESHOLD=0.0,
+                        MODEL__MASK_SEG__TEST__OVERLAP_THRESHOLD=0.0)
+    return build_model(cfg)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"), n_train=6, n_val=3, prefix="synth_pan_unit")
+
+
+def _instances(h, w):
+    inst = Instances((h, w))
+    inst.gt_classes = torch.tensor([0, 1])
+    m = torch.zeros(2, h, w, dtype=torch.bool)
+    m[0, : h // 2], m[1, h // 2:, : w // 2] = True, True
+    inst.gt_masks = BitMasks(m)
+    return inst
+
+
+def test_training_losses_and_gradients(model):
+    model.train()
+    batch = [{"image": torch.rand(3, 96, 80) * 255, "instances": _instances(96, 80)},
+             {"image": torch.rand(3, 64, 72) * 255, "instances": _instances(64, 72)[:0]}]  # one without segments
+    losses = model(batch)
+    layers = len(model.transformer_decoder.layers)
+    assert len(losses) == 3 * (layers + 1) and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in model.backbone.parameters())  # frozen CLIP
+    assert all(p.grad is None for p in model.text_classifier.parameters())
+    for part in (model.pixel_decoder, model.transformer_decoder, model.in_vocab):
+        grads = [p.grad for p in part.parameters() if p.requires_grad]
+        assert grads and all(g is not None for g in grads), type(part).__name__
+        assert sum(g.abs().sum() for g in grads) > 0
+    model.zero_grad()
+    model.eval()
+
+
+def test_inference_outputs(model):
+    model.eval()
+    with torch.no_grad():
+        out = model([{"image": torch.rand(3, 70, 90) * 255, "height": 35, "width": 45},
+                     {"image": torch.rand(3, 48, 48) * 255}])
+    assert out[0]["sem_seg"].shape == (3, 35, 45) and out[1]["sem_seg"].shape == (3, 48, 48)
+    pan, segments = out[0]["panoptic_seg"]
+    assert pan.shape == (35, 45)
+    assert {s["id"] for s in segments} == set(pan.unique().tolist()) - {0}
+    inst = out[0]["instances"]
+    assert inst.image_size == (35, 45) and len(inst) > 0
+    assert inst.pred_classes.max() < 3
+
+
+def test_vocabulary_switch_and_seen_classes(model):
+    image = [{"image": torch.rand(3, 64, 64) * 255}]
+    with torch.no_grad():
+        model.set_vocabulary("Red Circle,yellow circle,sky,tree,car")
+        assert model([*image])[0]["sem_seg"].shape[0] == 5
+        # seen = named in the training vocabulary (any synonym, case-insensitive)
+        assert model.seen.tolist() == [True, False, False, False, False]
+        model.set_vocabulary("ball,green square")
+        assert model.seen.tolist() == [True, True]
+        assert model([*image])[0]["sem_seg"].shape[0] == 2
+        model.set_vocabulary(VOCAB)
+    with pytest.raises(ValueError, match="empty"):
+        model.set_vocabulary("")
+    with pytest.raises(ValueError, match="empty"):
+        model.set_vocabulary([])
+
+
+def test_vocabulary_from_dataset_metadata(model, dataset):
+    _, val = dataset
+    vocab = model.set_vocabulary(val)
+    assert vocab.names == MetadataCatalog.get(val).vocabulary
+    assert model.is_thing.tolist() == [False, False, True, True, True, True]
+    model.set_vocabulary(VOCAB)
+
+
+def test_image_smaller_than_patch_is_refused(model):
+    with pytest.raises(ValueError, match="smaller than the CLIP patch size 16"):
+        model([{"image": torch.rand(3, 12, 40) * 255}])
+    with pytest.raises(ValueError, match="RGB"):
+        model([{"image": torch.rand(1, 32, 32) * 255}])
+
+
+def test_unregistered_dataset_is_a_clear_error():
+    with pytest.raises(KeyError, match="DATASETS.TRAIN names dataset 'coco_2017_nope'"):
+        build_model(tiny_mask_cfg(DATASETS__TRAIN="('coco_2017_nope',)"))
+    with pytest.raises(KeyError, match="DATASETS.TEST"):
+        build_model(tiny_mask_cfg(DATASETS__TEST="('ade_missing',)", MODEL__TEXT__VOCABULARY=""))
+
+
+def test_bad_config_values_are_clear_errors():
+    with pytest.raises(ValueError, match="not backbone outputs"):
+        build_model(tiny_mask_cfg(MODEL__MASK_SEG__PIXEL_DECODER__IN_FEATURES=["res2", "res2", "res3", "res5"]))
+    with pytest.raises(ValueError, match="NUM_LEVELS=4, but the pixel decoder has only 3"):
+        build_model(tiny_mask_cfg(MODEL__MASK_SEG__DECODER__NUM_LEVELS=4))
+    with pytest.raises(ValueError, match="INPUT.DATASET_MAPPER_NAME='mask_nope'; known mappers"):
+        train_net.build_mapper(tiny_mask_cfg(INPUT__DATASET_MAPPER_NAME="mask_nope"), is_train=True)
+
+
+def test_pixel_decoder_pyramid_shapes(model):
+    feats = {"res2": torch.randn(1, 64, 5, 7), "res3": torch.randn(1, 64, 5, 7)}  # grid of an 80x112 input
+    mask_features, levels = model.pixel_decoder(feats)
+    assert mask_features.shape == (1, 32, 20, 28)
+    assert [tuple(x.shape[-2:]) for x in levels] == [(3, 4), (5, 7), (10, 14)]  # coarsest first, ceil at /2
+    assert model.pixel_decoder.strides == [4.0, 8.0, 16.0, 32.0]
+
+
+def test_decoder_with_empty_masks_stays_finite(model):
+    dec = model.transformer_decoder
+    levels = [torch.randn(1, 32, 3, 4), torch.randn(1, 32, 5, 7), torch.randn(1, 32, 10, 14)]
+    mask_features = torch.randn(1, 32, 20, 28)
+    with torch.no_grad():
+        saved = dec.mask_embed[-1].bias.clone(), dec.mask_embed[-1].weight.clone()
+        dec.mask_embed[-1].weight.zero_()
+        dec.mask_embed[-1].bias.fill_(-10.0)  # every mask logit negative -> every attention mask all-blocked
+        out = dec(levels, mask_features - mask_features.min() + 1)
+        dec.mask_embed[-1].bias.copy_(saved[0])
+        dec.mask_embed[-1].weight.copy_(saved[1])
+    assert torch.isfinite(out["pred_embeds"]).all() and torch.isfinite(out["pred_masks"]).all()
+    assert len(out["aux_outputs"]) == len(dec.layers)
+
+
+def test_panoptic_mapper_targets_match_png(dataset):
+    train, _ = dataset
+    cfg = tiny_mask_cfg(DATASETS__TRAIN=f"('{train}',)", INPUT__IMAGE_SIZE=96, INPUT__MIN_SCALE=1.0,
+                        INPUT__MAX_SCALE=1.0, INPUT__RANDOM_FLIP="none")
+    mapper = MaskPanopticLSJMapper(cfg, True)
+    record = DatasetCatalog.get(train)[0]
+    out = mapper(record)
+    pan = rgb_to_id(np.asarray(Image.open(record["pan_seg_file_name"]).convert("RGB")))
+    assert out["image"].shape == (3, 96, 96)
+    inst = out["instances"]
+    assert inst.gt_classes.tolist() == [s["category_id"] for s in record["segments_info"]]
+    for m, s in zip(inst.gt_masks.tensor, record["segments_info"]):
+        assert torch.equal(m, torch.from_numpy(pan == s["id"]))
+
+
+def test_semantic_mapper_class_balanced_crop(dataset):
+    train, _ = dataset
+    cfg = tiny_mask_cfg(DATASETS__TRAIN=f"('{train}',)", INPUT__MIN_SIZE_TRAIN=(96,), INPUT__MAX_SIZE_TRAIN=96,
+                        INPUT__CROP__ENABLED=True, INPUT__CROP__TYPE="absolute", INPUT__CROP__SIZE=(48, 48),
+                        INPUT__CROP__SINGLE_CATEGORY_MAX_AREA=0.75)
+    mapper = MaskSemanticMapper(cfg, True)
+    for record in DatasetCatalog.get(train)[:4]:
+        out = mapper(record)
+        sem = out["sem_seg"]
+        assert out["image"].shape == (3, 48, 48) and sem.shape == (48, 48)
+        inst = out["instances"]
+        assert sorted(inst.gt_classes.tolist()) == sorted(set(sem.unique().tolist()) - {255})
+        for c, m in zip(inst.gt_classes, inst.gt_masks.tensor):
+            assert torch.equal(m, sem == c)
+
+
+def test_optimizer_groups_backbone_multiplier_and_full_model_clipping():
+    cfg = tiny_mask_cfg(MODEL__TEXT__VOCABULARY="a,b", MODEL__CLIP__UNLOCK_LAST_BLOCKS=1,
+                        SOLVER__BASE_LR=1e-3, SOLVER__BACKBONE_MULTIPLIER=0.1, SOLVER__WEIGHT_DECAY=0.05,
+                        SOLVER__CLIP_GRADIENTS__ENABLED=True, SOLVER__CLIP_GRADIENTS__CLIP_TYPE="full_model",
+                        SOLVER__CLIP_GRADIENTS__CLIP_VALUE=0.5)
+    m = build_model(cfg)
+    opt = train_net.Trainer.build_optimizer(cfg, m)
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    wd = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for name, p in m.named_parameters():
+        if not p.requires_grad:
+            assert id(p) not in lr, name
+        elif name.startswith("backbone."):
+            assert lr[id(p)] == pytest.approx(1e-4), name
+        else:
+            assert lr[id(p)] == pytest.approx(1e-3), name
+    assert any(n.startswith("backbone.") for n, p in m.named_parameters() if id(p) in lr)
+    assert wd[id(m.transformer_decoder.query_feat.weight)] == 0.0
+    assert wd[id(m.transformer_decoder.norm.weight)] == 0.0
+    assert wd[id(m.transformer_decoder.class_embed.weight)] == 0.05
+
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    total = torch.sqrt(sum((p.grad ** 2).sum() for p in params))
+    opt.step()
+    after = torch.sqrt(sum((p.grad ** 2).sum() for p in params))
+    torch.testing.assert_close(after, torch.tensor(0.5), rtol=1e-4, atol=1e-5)  # one norm for the whole model
+    assert total > 0.5
+
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.0
+    opt = train_net.Trainer.build_optimizer(cfg, m)
+    kept = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not any(id(p) in kept for p in m.backbone.parameters())
+
+
+def test_evaluators_follow_evaluator_type_and_model_outputs(dataset, tmp_path):
+    _, val = dataset
+    cfg = tiny_mask_cfg(OUTPUT_DIR=str(tmp_path))
+    evs = train_net.Trainer.build_evaluator(cfg, val)._evaluators
+    assert sorted(type(e).__name__ for e in evs) == ["OVSegPanopticEvaluator", "OVSemSegEvaluator"]
+    assert all(isinstance(e, (SemSegEvaluator, COCOPanopticEvaluator)) for e in evs)
+    cfg.MODEL.MASK_SEG.TEST.PANOPTIC_ON = False
+    evs = train_net.Trainer.build_evaluator(cfg, val)._evaluators
+    assert len(evs) == 1 and isinstance(evs[0], SemSegEvaluator)
+    cfg.MODEL.META_ARCHITECTURE = "CLIPDenseSegmentor"
+    assert [type(e).__name__ for e in train_net.Trainer.build_evaluator(cfg, val)._evaluators] == ["OVSemSegEvaluator"]
+
+
+@pytest.mark.parametrize("name", ["Base-MaskSeg.yaml", "ade_clipself.yaml"])
+def test_configs_parse_and_build_with_the_tiny_clip(name):
+    from ovseg.config import get_ovseg_cfg
+
+    cfg = get_ovseg_cfg()
+    cfg.merge_from_file(f"configs/{name}")
+    assert cfg.MODEL.META_ARCHITECTURE == "OpenVocabMaskSegmentor"
+    # same model at toy size: the tiny CLIP (2 exported levels) and no datasets
+    cfg.merge_from_list(["MODEL.CLIP.MODEL_NAME", "ovseg-tiny-ViT-16", "MODEL.CLIP.PRETRAINED", "",
+                         "MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
+                         "MODEL.TEXT.VOCABULARY", "a,b", "MODEL.TEXT.TEMPLATES", "single",
+                         "MODEL.MASK_SEG.PIXEL_DECODER.IN_FEATURES", ["res2", "res2", "res3", "res3"],
+                         "MODEL.MASK_SEG.DECODER.LAYERS", 1, "MODEL.MASK_SEG.PIXEL_DECODER.TRANSFORMER_LAYERS", 1])
+    m = build_model(cfg).eval()
+    with torch.no_grad():
+        out = m([{"image": torch.rand(3, 32, 48) * 255}])[0]
+    assert set(out) == {"sem_seg", "panoptic_seg"} | ({"instances"} if cfg.MODEL.MASK_SEG.TEST.INSTANCE_ON else set())
