@@ -8,6 +8,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 
 from ..data.datasets import INSTANCE, PANOPTIC_TYPES, SEM_SEG
 from .panoptic_quality import OVSegPanopticEvaluator
+from .region_recognition import RegionRecognitionEvaluator
 from .sem_seg import OVSemSegEvaluator
 
 ALL_TASKS = ("sem_seg", "panoptic_seg", "instances")
@@ -25,6 +26,7 @@ def build_benchmark_evaluator(
         dataset_name: a registered dataset (its metadata's `evaluator_type` decides).
         output_dir: where evaluators write their predictions/results.
         tasks: subset of ("sem_seg", "panoptic_seg", "instances") the model outputs; default all three.
+            "region_recognition" (panoptic benchmarks only) is evaluated only when listed.
             A semantic-only model evaluated on a panoptic benchmark gets its semantic metrics only.
     Returns:
         DatasetEvaluators; ValueError when none applies.
@@ -41,6 +43,9 @@ def build_benchmark_evaluator(
         evaluators.append(
             COCOEvaluator(dataset_name, tasks=("segm",), distributed=distributed, output_dir=output_dir)
         )
+    if "region_recognition" in tasks and kind in PANOPTIC_TYPES:
+        # never among the defaults: only models that pool given regions (CLIPSelfDistiller) ask for it
+        evaluators.append(RegionRecognitionEvaluator(dataset_name, distributed=distributed, output_dir=output_dir))
     if not evaluators:
         raise ValueError(
             f"no evaluator for dataset {dataset_name!r} (evaluator_type={kind!r}) and model outputs {sorted(tasks)}"

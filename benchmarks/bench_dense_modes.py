@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Training-free dense modes: cost of each mode vs "value", whole image vs sliding windows, 150 vs 847 classes,
+PAMR on/off. Random weights (speed does not depend on them); each case in its own process for its peak memory.
+
+    python benchmarks/bench_dense_modes.py                     # ViT-B-16, short sides 448 and 640
+    python benchmarks/bench_dense_modes.py --model ovseg-tiny-ViT-16 --iters 1   # smoke run
+
+Prints tables and writes benchmarks/results/bench_dense_modes.json.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory import PeakMemory  # noqa: E402
+
+MODES = ("value", "attention", "sclip", "clearclip", "naclip")
+
+
+def run_case(case: dict, model_name: str, iters: int, device: str) -> dict:
+    import torch
+    from detectron2.modeling import build_model
+
+    from ovseg.config import get_ovseg_cfg
+
+    cfg = get_ovseg_cfg()
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "trainingfree", "naclip_vitb16.yaml"))
+    cfg.merge_from_list(["MODEL.CLIP.MODEL_NAME", model_name, "MODEL.CLIP.PRETRAINED", "", "MODEL.DEVICE", device,
+                         "MODEL.TEXT.TEMPLATES", "single", "MODEL.CLIP.DENSE_MODE", case["mode"],
+                         "MODEL.DENSE_SEG.INFERENCE_MODE", case["inference"],
+                         "MODEL.DENSE_SEG.PAMR_ITERS", 10 if case["pamr"] else 0])
+    model = build_model(cfg).eval()
+    cuda = device.startswith("cuda")
+    h = case["short_side"]
+    w = h * 4 // 3
+    model.set_vocabulary([f"class {i}" for i in range(case["classes"])])
+    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8).float().to(device)
+    inputs = [{"image": image, "height": h, "width": w}]
+    normed = ((image - model.pixel_mean) / model.pixel_std)[None]
+    with torch.no_grad():
+        model.text_classifier(model.vocabulary)  # cache filled: text encoding is not timed
+
+    def step():
+        if case["part"] == "encoder":
+            return model.backbone(model.backbone.pad(normed))["clip_dense"]
+        return model(inputs)[0]["sem_seg"]
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    with torch.no_grad(), PeakMemory(cuda) as mem:
+        step()  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            step()
+        sync()
+        seconds = (time.perf_counter() - t0) / iters
+    return dict(case, size=f"{h}x{w}", s_per_image=seconds, peak_extra_mib=mem.mib)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="ViT-B-16")
+    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_dense_modes.json"))
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case), args.model, args.iters, args.device)))
+        return
+
+    base = dict(part="encoder", inference="whole", short_side=448, classes=150, pamr=False)
+    cases = [dict(base, mode=m) for m in MODES]
+    seg = dict(base, part="segmentor", mode="naclip")
+    cases += [dict(seg, inference=inf, short_side=s) for s in (448, 640) for inf in ("whole", "slide")]
+    cases += [dict(seg, inference="slide", short_side=640, classes=847),
+              dict(seg, inference="slide", short_side=448, pamr=True)]
+    rows = []
+    for case in cases:
+        cmd = [sys.executable, __file__, "--model", args.model, "--iters", str(args.iters), "--device", args.device,
+               "--case", json.dumps(case)]
+        rows.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1]))
+        print(f"  done: {case}", file=sys.stderr)
+
+    print(f"\nDense modes, {args.model}, encoder alone, whole image {rows[0]['size']}, {args.device}")
+    value = rows[0]["s_per_image"]
+    print(f"| {'mode':<10} | {'s/image':>8} | {'vs value':>8} | {'peak extra MiB':>14} |")
+    print(f"|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 16}|")
+    for r in rows[:len(MODES)]:
+        print(f"| {r['mode']:<10} | {r['s_per_image']:>8.3f} | {r['s_per_image'] / value:>7.3f}x | "
+              f"{r['peak_extra_mib']:>14.1f} |")
+    print(f"\nNACLIP segmentor (whole / slide 224@112), {args.device}")
+    print(f"| {'size':<9} | {'inference':<9} | {'classes':>7} | {'PAMR':<5} | {'s/image':>8} | "
+          f"{'peak extra MiB':>14} |")
+    print(f"|{'-' * 11}|{'-' * 11}|{'-' * 9}|{'-' * 7}|{'-' * 10}|{'-' * 16}|")
+    for r in rows[len(MODES):]:
+        print(f"| {r['size']:<9} | {r['inference']:<9} | {r['classes']:>7} | {str(r['pamr']):<5} | "
+              f"{r['s_per_image']:>8.3f} | {r['peak_extra_mib']:>14.1f} |")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"model": args.model, "device": args.device, "iters": args.iters, "rows": rows}, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,473 @@
+"""CLIP ViT dense encoder: an open_clip visual tower as a detectron2 Backbone.
+
+Two tower families are supported through small adapters over the towers' own modules (no copy of CLIP):
+open_clip's `VisionTransformer` (OpenAI / LAION ViT-B-16, ViT-L-14, ViT-L-14-336, ...) and timm's `Eva` as
+wrapped by open_clip's `TimmModel` (EVA02-B-16, EVA02-L-14-336, ...).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from timm.layers import apply_rot_embed_cat
+from torch import nn
+
+from ..clip_model import load_open_clip, split_clip
+
+logger = logging.getLogger(__name__)
+
+DENSE_MODES = ("value", "attention", "sclip", "clearclip", "naclip")
+# Modes that keep the last block's residual connections and MLP. ClearCLIP and NACLIP drop both: the residual
+# stream carries the global (image-level) signal that blurs patch features (ClearCLIP, Lan et al. 2024, sec. 3).
+RESIDUAL_MODES = ("value", "attention", "sclip")
+
+
+def resize_pos_embed(pos: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int],
+                     num_prefix: int) -> torch.Tensor:
+    """Bicubically resize a (num_prefix + h0*w0, C) positional embedding to a (h, w) patch grid.
+
+    Returns the (num_prefix + h*w, C) embedding; the prefix (class token) rows are kept as they are.
+    """
+    if tuple(old_grid) == tuple(new_grid):
+        return pos
+    prefix, grid = pos[:num_prefix], pos[num_prefix:]
+    channels = grid.shape[-1]
+    grid = grid.reshape(1, old_grid[0], old_grid[1], channels).permute(0, 3, 1, 2)  # (1, C, h0, w0)
+    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos.dtype)
+    grid = grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], channels)
+    return torch.cat([prefix, grid], dim=0)
+
+
+def neighbourhood_bias(grid: Tuple[int, int], sigma: float, num_prefix: int = 1,
+                       device: Optional[torch.device] = None) -> torch.Tensor:
+    """NACLIP's additive attention bias: an unnormalised Gaussian of the distance between patches on the grid.
+
+    Returns (num_prefix + h*w, num_prefix + h*w): entry (i, j) = exp(-|p_i - p_j|^2 / (2 sigma^2)) for patches
+    i, j (distance in patches); rows and columns of prefix (class) tokens are 0, i.e. unbiased. The NACLIP code
+    builds it by convolving a (2h-1, 2w-1) Gaussian window, which reaches every pair, so no truncation.
+    """
+    h, w = grid
+    ys = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)  # (h*w,) row of each patch
+    xs = torch.arange(w, device=device, dtype=torch.float32).repeat(h)
+    d2 = (ys[:, None] - ys[None]) ** 2 + (xs[:, None] - xs[None]) ** 2  # (h*w, h*w)
+    return F.pad(torch.exp(-d2 / (2.0 * sigma ** 2)), (num_prefix, 0, num_prefix, 0))
+
+
+def mix_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, scale: float,
+               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The training-free token mixings over per-head (B, heads, N, hd) queries, keys and values.
+
+    All use the block's own attention scale (head_dim^-0.5) and let the class token take part like any token:
+      - "sclip":     (softmax(q q^T s) + softmax(k k^T s)) v  (correlative self-attention; the two maps are
+                     summed, not renormalised, as in the SCLIP code);
+      - "clearclip": softmax(q q^T s) v;
+      - "naclip":    softmax(k k^T s + bias) v, with the Gaussian `bias` added after the scaling.
+    Returns (B, heads, N, hd). SDPA computes each map without materialising it where a fused kernel exists;
+    (A + B) v is computed as A v + B v.
+    """
+    if mode == "sclip":
+        return (F.scaled_dot_product_attention(q, q, v, scale=scale)
+                + F.scaled_dot_product_attention(k, k, v, scale=scale))
+    if mode == "clearclip":
+        return F.scaled_dot_product_attention(q, q, v, scale=scale)
+    if mode == "naclip":
+        if bias is None:
+            raise ValueError("dense mode 'naclip' needs the neighbourhood bias")
+        return F.scaled_dot_product_attention(k, k, v, attn_mask=bias.to(q.dtype), scale=scale)
+    raise ValueError(f"unknown dense mode {mode!r}; valid modes: {list(DENSE_MODES)}")
+
+
+class _Tower(nn.Module):
+    """What the encoder needs from a ViT: embed, blocks, a value-path last block, norm + projection."""
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    patch_size: int
+    width: int
+
+    def embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, dict]:
+        """(B, 3, H, W) -> tokens (B, 1 + h*w, C) with the class token first, and per-forward context."""
+        raise NotImplementedError
+
+    def run_block(self, block: nn.Module, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def token_mixing(self, block: nn.Module, y: torch.Tensor, ctx: dict, mode: str) -> torch.Tensor:
+        """The attention sub-layer's output for normed tokens `y` (B, N, C) in `mode` (one of DENSE_MODES):
+        "value" skips the token mixing, "attention" is the block's own, the others go through `mix_tokens`."""
+        if mode in ("sclip", "clearclip", "naclip"):
+            q, k, v = self.qkv_heads(block, y, ctx)  # (B, heads, N, hd) each
+            bias = None
+            if mode == "naclip":
+                h, w = ctx["grid"]
+                bias = neighbourhood_bias((h, w), ctx["naclip_sigma"], y.shape[1] - h * w, device=y.device)
+            return self.attn_out(block, mix_tokens(q, k, v, mode, self.attn_scale(block), bias), y)
+        raise ValueError(f"unknown dense mode {mode!r}; valid modes: {list(DENSE_MODES)}")
+
+    def qkv_heads(self, block: nn.Module, y: torch.Tensor, ctx: dict
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values (B, heads, N, hd) exactly as the block's attention forms them."""
+        raise NotImplementedError
+
+    def attn_scale(self, block: nn.Module) -> float:
+        raise NotImplementedError
+
+    def attn_out(self, block: nn.Module, o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-head mixed values (B, heads, N, hd) -> the attention sub-layer's output (B, N, C)."""
+        raise NotImplementedError
+
+    def head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final norm + projection to CLIP space, token-wise: (B, L, C) -> (B, L, D)."""
+        raise NotImplementedError
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The image embedding open_clip computes from the final tokens: (B, L, C) -> (B, D)."""
+        raise NotImplementedError
+
+    def last_block(self, x: torch.Tensor, ctx: dict, mode: str) -> torch.Tensor:
+        """The last block with the given token mixing: residuals and MLP as in the tower for RESIDUAL_MODES,
+        the attention branch alone (layer scale included) for "clearclip" / "naclip"."""
+        raise NotImplementedError
+
+
+class OpenCLIPViTTower(_Tower):
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        blocks = visual.transformer.resblocks
+        if visual.attn_pool is not None or not hasattr(blocks[-1], "attn") or \
+                not isinstance(blocks[-1].attn, nn.MultiheadAttention):
+            raise NotImplementedError("only open_clip ViTs with standard blocks and token/avg pooling are supported")
+        if not getattr(visual.transformer, "batch_first", True):
+            raise NotImplementedError("open_clip ViT with batch_first=False is not supported")
+        self.visual = visual
+        self.patch_size = visual.patch_size[0]
+        self.width = visual.class_embedding.shape[0]
+        self.native_grid = tuple(visual.grid_size)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.visual.transformer.resblocks
+
+    def embed(self, x):
+        v = self.visual
+        x = v.conv1(x)  # (B, C, h, w)
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + h*w, C)
+        x = x + resize_pos_embed(v.positional_embedding, self.native_grid, grid, 1).to(x.dtype)
+        x = v.patch_dropout(x)
+        return v.ln_pre(x), {"grid": grid}
+
+    def run_block(self, block, x, ctx):
+        return block(x)
+
+    def token_mixing(self, block, y, ctx, mode):
+        attn = block.attn
+        if mode == "attention":
+            return attn(y, y, y, need_weights=False)[0]
+        if mode == "value":
+            c = y.shape[-1]
+            v = F.linear(y, attn.in_proj_weight[2 * c:], attn.in_proj_bias[2 * c:])
+            return attn.out_proj(v)
+        return super().token_mixing(block, y, ctx, mode)
+
+    def qkv_heads(self, block, y, ctx):
+        attn = block.attn
+        b, n, c = y.shape
+        qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias)  # (B, N, 3C)
+        qkv = qkv.view(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, hd)
+        return qkv[0], qkv[1], qkv[2]
+
+    def attn_scale(self, block):
+        return (block.attn.embed_dim // block.attn.num_heads) ** -0.5
+
+    def attn_out(self, block, o, y):
+        b, _, n, _ = o.shape
+        return block.attn.out_proj(o.transpose(1, 2).reshape(b, n, -1))
+
+    def last_block(self, x, ctx, mode):
+        blk = self.blocks[-1]
+        y = blk.ls_1(self.token_mixing(blk, blk.ln_1(x), ctx, mode))
+        if mode not in RESIDUAL_MODES:
+            return y
+        x = x + y
+        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+    def head(self, tokens):
+        return self.visual.ln_post(tokens) @ self.visual.proj
+
+    def pool(self, x):
+        pooled, _ = self.visual._pool(x)
+        return pooled @ self.visual.proj
+
+
+class EvaTower(_Tower):
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        trunk = visual.trunk
+        if getattr(trunk, "reg_token", None) is not None or trunk.attn_pool is not None or \
+                getattr(trunk, "rope_mixed", False):
+            raise NotImplementedError("EVA towers with register tokens, attention pooling or mixed RoPE")
+        self.visual = visual
+        self.patch_size = trunk.patch_embed.patch_size[0]
+        self.width = trunk.embed_dim
+        self.native_grid = tuple(trunk.patch_embed.grid_size)
+
+    # properties, not attributes: registering these modules twice would duplicate them in state dicts
+    @property
+    def trunk(self) -> nn.Module:
+        return self.visual.trunk
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.visual.trunk.blocks
+
+    def embed(self, x):
+        t = self.trunk
+        x = t.patch_embed.proj(x)  # (B, C, h, w)
+        grid = tuple(x.shape[-2:])
+        x = t.patch_embed.norm(x.flatten(2).transpose(1, 2))  # (B, h*w, C)
+        cls = t.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
+        if t.pos_embed is not None:
+            n_prefix = 0 if t.no_embed_class else t.num_prefix_tokens
+            pos = resize_pos_embed(t.pos_embed[0], self.native_grid, grid, n_prefix).to(x.dtype)
+        if t.no_embed_class:
+            x = torch.cat([cls, x + pos if t.pos_embed is not None else x], dim=1)
+        else:
+            x = torch.cat([cls, x], dim=1)
+            x = x + pos if t.pos_embed is not None else x
+        x = t.pos_drop(x)
+        rope = None
+        if t.rope is not None:
+            # timm caches RoPE for the native grid only (get_embed ignores `shape` then); other grids are
+            # built from the same frequency bands, rescaled to the reference grid as timm does for dynamic sizes
+            rope = t.rope.get_embed() if grid == self.native_grid else t.rope._build_embed_cat(list(grid), t.rope.bands)
+        return t.norm_pre(x), {"grid": grid, "rope": rope}
+
+    def run_block(self, block, x, ctx):
+        return block(x, rope=ctx["rope"])
+
+    def token_mixing(self, block, y, ctx, mode):
+        attn = block.attn
+        if mode == "attention":
+            return attn(y, rope=ctx["rope"])
+        if mode == "value":
+            if attn.qkv is not None:
+                c = attn.qkv.weight.shape[0] // 3
+                v = F.linear(y, attn.qkv.weight[2 * c:], attn.v_bias)
+            else:
+                v = attn.v_proj(y)
+            v = attn.norm(v)
+            if attn.gate is not None:
+                v = v * attn.gate(y).sigmoid()
+            return attn.proj(v)
+        return super().token_mixing(block, y, ctx, mode)
+
+    def qkv_heads(self, block, y, ctx):
+        # as timm's EvaAttention: optional q/k norms, then RoPE on the patch tokens (not the class token)
+        attn = block.attn
+        b, n, _ = y.shape
+        if attn.qkv is not None:
+            qkv = attn.qkv(y)
+            if attn.q_bias is not None:
+                qkv = qkv + torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            q, k, v = qkv.view(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (proj(y).view(b, n, attn.num_heads, -1).transpose(1, 2)
+                       for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # (B, heads, N, hd)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        rope = ctx["rope"]
+        if rope is not None:
+            npt = attn.num_prefix_tokens
+            half = getattr(attn, "rotate_half", False)
+            q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+            k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+        return q, k, v
+
+    def attn_scale(self, block):
+        return block.attn.scale
+
+    def attn_out(self, block, o, y):
+        attn = block.attn
+        b, _, n, _ = o.shape
+        o = attn.norm(o.transpose(1, 2).reshape(b, n, -1))
+        if attn.gate is not None:
+            o = o * attn.gate(y).sigmoid()
+        return attn.proj(o)
+
+    def last_block(self, x, ctx, mode):
+        blk = self.blocks[-1]
+        y = self.token_mixing(blk, blk.norm1(x), ctx, mode)
+        y = blk.gamma_1 * y if blk.gamma_1 is not None else y
+        if mode not in RESIDUAL_MODES:
+            return y
+        x = x + y
+        y = blk.mlp(blk.norm2(x))
+        return x + (blk.gamma_2 * y if blk.gamma_2 is not None else y)
+
+    def head(self, tokens):
+        t = self.trunk
+        return self.visual.head(t.head(t.fc_norm(t.norm(tokens))))
+
+    def pool(self, x):
+        return self.visual.head(self.trunk.forward_head(self.trunk.norm(x)))
+
+
+def build_tower(visual: nn.Module) -> _Tower:
+    if hasattr(visual, "transformer") and hasattr(visual, "conv1"):
+        return OpenCLIPViTTower(visual)
+    trunk = getattr(visual, "trunk", None)
+    if trunk is not None and type(trunk).__name__ == "Eva":
+        return EvaTower(visual)
+    raise NotImplementedError(
+        f"unsupported CLIP visual tower {type(visual).__name__}: ovseg needs a ViT (open_clip VisionTransformer or "
+        "timm Eva); ResNet CLIPs have no patch tokens"
+    )
+
+
+class CLIPViTDenseEncoder(Backbone):
+    """Frozen (optionally partly trainable) CLIP ViT returning multi-level features and `clip_dense`.
+
+    Outputs of `forward(images)` with normalised images (B, 3, H, W), any H, W (padded to the patch size):
+      - "res2", "res3", ...: outputs of the blocks in `feature_blocks`, (B, C, H/p, W/p), stride p;
+      - "clip_dense": (B, D, H/p, W/p), L2-normalised CLIP-space embedding of each patch, made by the last
+        block in `dense_mode` followed by the final norm and projection (applied in every mode, as MaskCLIP,
+        SCLIP, ClearCLIP and NACLIP all do).
+    """
+
+    @configurable
+    def __init__(self, *, visual: nn.Module, feature_blocks: Sequence[int] = (), dense_mode: str = "value",
+                 unlock_last_blocks: int = 0, naclip_sigma: float = 5.0):
+        """
+        Args:
+            visual: an open_clip visual tower (`model.visual`).
+            feature_blocks: 0-based indices of blocks exported as res2, res3, ...; empty = 4 evenly spaced
+                blocks ending with the second-to-last.
+            dense_mode: how the last block mixes tokens for `clip_dense`; one of DENSE_MODES.
+            unlock_last_blocks: number of final blocks left trainable (0 = all frozen).
+            naclip_sigma: standard deviation, in patches, of NACLIP's Gaussian neighbourhood bias.
+        """
+        super().__init__()
+        if dense_mode not in DENSE_MODES:
+            raise ValueError(f"MODEL.CLIP.DENSE_MODE={dense_mode!r}; valid modes: {list(DENSE_MODES)}")
+        self.tower = build_tower(visual)
+        depth = len(self.tower.blocks)
+        if not feature_blocks:
+            # ends of the four quarters of the tower; the last block is the dense block, so its neighbour
+            feature_blocks = sorted({min(max(depth * k // 4 - 1, 0), max(depth - 2, 0)) for k in range(1, 5)})
+        for i in feature_blocks:
+            if not 0 <= i < depth:
+                raise ValueError(f"MODEL.CLIP.FEATURE_BLOCKS has {i}, but the tower has blocks 0..{depth - 1}")
+        if not naclip_sigma > 0:
+            raise ValueError(f"MODEL.CLIP.NACLIP_SIGMA={naclip_sigma} must be > 0")
+        if not 0 <= unlock_last_blocks <= depth:
+            raise ValueError(f"MODEL.CLIP.UNLOCK_LAST_BLOCKS={unlock_last_blocks} not in [0, {depth}]")
+        self.feature_blocks = list(feature_blocks)
+        self.dense_mode = dense_mode
+        self.naclip_sigma = float(naclip_sigma)
+        self.unlock_last_blocks = unlock_last_blocks
+        self.patch_size = self.tower.patch_size
+        self._feature_names = {b: f"res{k + 2}" for k, b in enumerate(self.feature_blocks)}
+        self._out_features = list(self._feature_names.values()) + ["clip_dense"]
+        self._out_feature_channels = {n: self.tower.width for n in self._feature_names.values()}
+        with torch.no_grad():
+            self.embed_dim = self.tower.head(torch.zeros(1, 1, self.tower.width)).shape[-1]
+        self._out_feature_channels["clip_dense"] = self.embed_dim
+        self._out_feature_strides = {n: self.patch_size for n in self._out_features}
+
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for blk in self.unlocked_blocks():
+            for p in blk.parameters():
+                p.requires_grad_(True)
+        self.train(False)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape=None, visual: Optional[nn.Module] = None):
+        if visual is None:
+            visual, _ = split_clip(load_open_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED))
+        return {
+            "visual": visual,
+            "feature_blocks": list(cfg.MODEL.CLIP.FEATURE_BLOCKS),
+            "dense_mode": cfg.MODEL.CLIP.DENSE_MODE,
+            "unlock_last_blocks": cfg.MODEL.CLIP.UNLOCK_LAST_BLOCKS,
+            "naclip_sigma": cfg.MODEL.CLIP.NACLIP_SIGMA,
+        }
+
+    def unlocked_blocks(self) -> List[nn.Module]:
+        n = self.unlock_last_blocks
+        return list(self.tower.blocks[len(self.tower.blocks) - n:]) if n else []
+
+    def train(self, mode: bool = True):
+        # Frozen parts stay in eval mode (patch dropout, norms); only unlocked blocks follow `mode`.
+        super().train(False)
+        for blk in self.unlocked_blocks():
+            blk.train(mode)
+        self.training = mode
+        return self
+
+    @property
+    def size_divisibility(self) -> int:
+        return self.patch_size
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero-pad (bottom/right) to a multiple of the patch size; never crop."""
+        p = self.patch_size
+        ph, pw = (-x.shape[-2]) % p, (-x.shape[-1]) % p
+        return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+    def _to_map(self, tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        # (B, 1 + h*w, C) -> (B, C, h, w), dropping the class token
+        return tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+
+    def forward_tokens(self, x: torch.Tensor, dense_mode: Optional[str] = None
+                       ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, dict]:
+        """Run the tower. Returns (multi-level feature maps, last-block tokens (B, 1 + h*w, C), context)."""
+        mode = dense_mode or self.dense_mode
+        if mode not in DENSE_MODES:
+            raise ValueError(f"dense mode {mode!r}; valid modes: {list(DENSE_MODES)}")
+        x, ctx = self.tower.embed(self.pad(x))
+        ctx["naclip_sigma"] = self.naclip_sigma
+        feats = {}
+        blocks = self.tower.blocks
+        for i, blk in enumerate(blocks[:-1]):
+            x = self.tower.run_block(blk, x, ctx)
+            if i in self._feature_names:
+                feats[self._feature_names[i]] = self._to_map(x, ctx["grid"])
+        if len(blocks) - 1 in self._feature_names:
+            # the last block's own (attention) output is wanted as a feature as well
+            full = self.tower.run_block(blocks[-1], x, ctx)
+            feats[self._feature_names[len(blocks) - 1]] = self._to_map(full, ctx["grid"])
+            last = full if mode == "attention" else self.tower.last_block(x, ctx, mode)
+        else:
+            last = self.tower.last_block(x, ctx, mode)
+        return feats, last, ctx
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        feats, last, ctx = self.forward_tokens(x)
+        dense = F.normalize(self.tower.head(last[:, 1:]), dim=-1)  # (B, h*w, D)
+        feats["clip_dense"] = dense.transpose(1, 2).reshape(dense.shape[0], -1, *ctx["grid"])
+        return feats
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """The (unnormalised) image embedding exactly as open_clip computes it: (B, 3, H, W) -> (B, D)."""
+        _, last, _ = self.forward_tokens(x, dense_mode="attention")
+        return self.tower.pool(last)
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {n: ShapeSpec(channels=self._out_feature_channels[n], stride=self._out_feature_strides[n])
+                for n in self._out_features}
+
+
+@BACKBONE_REGISTRY.register()
+def build_clip_vit_backbone(cfg, input_shape=None) -> CLIPViTDenseEncoder:
+    """`MODEL.BACKBONE.NAME: "build_clip_vit_backbone"`: loads the CLIP model named in MODEL.CLIP."""
+    return CLIPViTDenseEncoder(cfg)

@@ -1,0 +1,182 @@
+"""Building an open_clip model from `MODEL.CLIP.MODEL_NAME` / `MODEL.CLIP.PRETRAINED`.
+
+The one place that turns a model name plus a weights spec (open_clip tag, local file, or "" for random
+initialisation) into an open_clip model, with clear errors for every way that can go wrong.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import os
+import socket
+from typing import Tuple
+
+import open_clip
+import torch
+from torch import nn
+
+from .checkpoint_layouts import to_open_clip_layout
+from .tiny_models import register_tiny_models
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be downloaded (offline?) or found."""
+
+
+def _is_path(spec: str) -> bool:
+    return os.sep in spec or spec.endswith(WEIGHT_SUFFIXES) or os.path.exists(spec)
+
+
+@contextlib.contextmanager
+def _hub_cache_only_when_unreachable(host: str = "huggingface.co"):
+    """Offline, huggingface_hub retries for about a minute before giving up; when the hub's name does not even
+    resolve, go straight to the local cache (a cached download still works, a missing one fails at once)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    try:
+        socket.getaddrinfo(host, 443)
+        reachable = True
+    except OSError:
+        reachable = False
+    if reachable or constants.HF_HUB_OFFLINE:
+        yield
+        return
+    logger.warning("%s is unreachable: looking for the weights in the local cache only", host)
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
+def _check_model_name(model_name: str) -> None:
+    names = open_clip.list_models()
+    if model_name not in names:
+        close = difflib.get_close_matches(model_name, names, n=5)
+        raise ValueError(
+            f"MODEL.CLIP.MODEL_NAME={model_name!r} is not an open_clip architecture. "
+            f"Closest: {close or 'none'}; see open_clip.list_models()."
+        )
+
+
+# Prefixes under which ovseg models (and DDP) keep open_clip's modules; stripping them gives open_clip keys, so a
+# detectron2 checkpoint of any ovseg model (e.g. model_final.pth) is also a CLIP checkpoint.
+_OVSEG_PREFIXES = ("module.", "backbone.tower.", "text_classifier.text_model.")
+
+
+def _open_clip_key(key: str) -> str:
+    for prefix in _OVSEG_PREFIXES:
+        key = key.removeprefix(prefix)
+    return key
+
+
+def _load_file(model: nn.Module, path: str, model_name: str) -> None:
+    """Load an open_clip (or ovseg-exported) state dict into `model`, reporting key mismatches."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any failure here means "not a readable checkpoint"
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            raise ValueError(f"MODEL.CLIP.PRETRAINED={path!r} is not a readable torch checkpoint: {e}") from e
+    if isinstance(state, torch.jit.ScriptModule):  # OpenAI's original JIT archives
+        state = state.state_dict()
+    if isinstance(state, dict):
+        state = state.get("state_dict", state.get("model", state))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"MODEL.CLIP.PRETRAINED={path!r} does not hold a state dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    try:
+        # foreign layouts first (EVA-CLIP, CLIPSelfDistiller with its teacher): strict, complete conversions
+        state, layout = to_open_clip_layout(state, own.keys())
+    except ValueError as e:
+        raise ValueError(f"MODEL.CLIP.PRETRAINED={path!r} for {model_name!r}: {e}") from e
+    if layout:
+        logger.info("Converted %s from the %s key layout to open_clip's", path, layout)
+    else:
+        state = {_open_clip_key(k): v for k, v in state.items()}
+    matched = [k for k in state if k in own]
+    if not matched:
+        raise ValueError(
+            f"MODEL.CLIP.PRETRAINED={path!r} has none of the keys of open_clip model {model_name!r} "
+            f"(e.g. file has {list(state)[:3]}, model expects {list(own)[:3]}): wrong model name or wrong file? "
+            "(EVA-CLIP / CLIPSelf and ovseg CLIPSelfDistiller layouts are converted automatically.)"
+        )
+    bad_shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in matched if state[k].shape != own[k].shape]
+    if bad_shapes:
+        raise ValueError(
+            f"MODEL.CLIP.PRETRAINED={path!r} does not fit {model_name!r}; shape mismatches: {bad_shapes[:5]}"
+        )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing:
+        logger.warning("Weights file %s lacks %d keys of %s (left random): %s", path, len(missing), model_name,
+                       missing[:10])
+    if unexpected:
+        logger.warning("Weights file %s has %d keys unknown to %s (ignored): %s", path, len(unexpected),
+                       model_name, unexpected[:10])
+    logger.info("Loaded %d/%d tensors of %s from %s", len(matched), len(own), model_name, path)
+
+
+def load_open_clip(model_name: str, pretrained: str) -> nn.Module:
+    """Build the open_clip model `model_name` with weights `pretrained`.
+
+    Args:
+        model_name: an open_clip architecture (``open_clip.list_models()``), including ovseg's tiny ones.
+        pretrained: an open_clip pretrained tag (downloaded to the open_clip/HF cache on first use), a local
+            checkpoint file, or "" for random initialisation.
+    Returns:
+        the open_clip model (CLIP or CustomTextCLIP), fp32, on CPU, in eval mode.
+    """
+    register_tiny_models()
+    _check_model_name(model_name)
+    if not pretrained:
+        logger.warning("MODEL.CLIP.PRETRAINED is empty: %s is randomly initialised (smoke tests only)", model_name)
+        model = open_clip.create_model(model_name, pretrained=None)
+    elif _is_path(pretrained):
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(
+                f"MODEL.CLIP.PRETRAINED={pretrained!r}: no such file. Give the path of a CLIP checkpoint for "
+                f"{model_name}, or an open_clip tag ({open_clip.list_pretrained_tags_by_model(model_name)})."
+            )
+        model = open_clip.create_model(model_name, pretrained=None)
+        _load_file(model, pretrained, model_name)
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if pretrained not in tags:
+            raise ValueError(
+                f"MODEL.CLIP.PRETRAINED={pretrained!r} is neither a file nor an open_clip tag of {model_name}; "
+                f"tags: {tags}"
+            )
+        try:
+            with _hub_cache_only_when_unreachable():
+                model = open_clip.create_model(model_name, pretrained=pretrained)
+        except Exception as e:  # noqa: BLE001 - network / hub failures come in many types
+            raise WeightsUnavailableError(
+                f"Could not get the {model_name!r} weights {pretrained!r} ({type(e).__name__}: {e}). Without "
+                "internet, download them elsewhere and set MODEL.CLIP.PRETRAINED to the local file "
+                "(demo: --opts MODEL.CLIP.PRETRAINED /path/to/weights.bin, or --random-init for a smoke run)."
+            ) from e
+    return model.float().eval()
+
+
+def split_clip(model: nn.Module) -> Tuple[nn.Module, nn.Module]:
+    """Split an open_clip model into (visual tower, text model without the visual tower).
+
+    The text side keeps `encode_text` working (CLIP and CustomTextCLIP alike) while the visual tower's
+    parameters live in one place only.
+    """
+    visual = model.visual
+    model.visual = None
+    return visual, model

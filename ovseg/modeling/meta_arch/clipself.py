@@ -1,0 +1,209 @@
+"""CLIPSelf: the CLIP ViT distils its own image-level recognition into its dense features.
+
+Wu et al., "CLIPSelf: Vision Transformer Distills Itself for Open-Vocabulary Dense Prediction" (ICLR 2024).
+The student's dense map pooled over a region is pulled (cosine loss) toward the frozen teacher's image
+embedding of that region cut out of the image. No text and no labels are needed for training; the text tower is
+kept for the region-recognition evaluation and for exporting a complete open_clip checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.structures import ImageList
+from torch import nn
+
+from ..backbone.clip_vit import CLIPViTDenseEncoder
+from ..clip_model import load_open_clip, split_clip
+from ..region_pooling import pool_boxes, pool_masks
+from ..text import TextClassifier, Vocabulary, parse_vocabulary
+
+logger = logging.getLogger(__name__)
+
+
+@META_ARCH_REGISTRY.register()
+class CLIPSelfDistiller(nn.Module):
+    """Student (`backbone`) = CLIP dense encoder with its last blocks unlocked; teacher = frozen copy of the original
+    tower.
+
+    Training inputs (mapper "clipself"): "image" (3, h, w) 0-255 RGB, "region_boxes" (K_i, 4) xyxy in image
+    pixels, "crops" (K_i, 3, S, S) the same regions cut from the original image. Returns
+    ``{"loss_clipself": weight * mean(1 - cos(student region feature, teacher crop embedding))}``.
+
+    Inference inputs (mapper "region_recognition"): "image", "region_boxes", "region_masks" (K, h, w). Returns per
+    image ``{"box_region_scores": (K, C), "mask_region_scores": (K, C)}``: cosine similarities between the
+    student's dense features pooled over each region's box / mask and the vocabulary's text embeddings.
+    """
+
+    @configurable
+    def __init__(self, *, backbone: CLIPViTDenseEncoder, teacher: CLIPViTDenseEncoder,
+                 text_classifier: Optional[TextClassifier], pixel_mean: Sequence[float], pixel_std: Sequence[float],
+                 loss_weight: float = 1.0, vocabulary=None):
+        """
+        Args:
+            backbone: the student, the dense encoder being refined (its `unlock_last_blocks` decide what trains);
+                named like every ovseg model's encoder, so its checkpoints read as CLIP checkpoints.
+            teacher: the original tower as a frozen dense encoder; its `encode_image` embeds the crops.
+            text_classifier: the frozen text tower (region recognition, export); None = training only.
+            pixel_mean, pixel_std: normalisation of 0-255 RGB inputs (images and crops alike).
+            loss_weight: multiplier of the cosine loss.
+            vocabulary: initial vocabulary for inference; `set_vocabulary` changes it.
+        """
+        super().__init__()
+        if backbone.patch_size != teacher.patch_size or backbone.embed_dim != teacher.embed_dim:
+            raise ValueError("student and teacher must be the same CLIP architecture")
+        if not any(p.requires_grad for p in backbone.parameters()):
+            logger.warning("CLIPSelfDistiller: the student has no unlocked block (MODEL.CLIP.UNLOCK_LAST_BLOCKS=0); "
+                           "nothing can be trained")
+        self.backbone = backbone  # the student
+        self.teacher = teacher
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.text_classifier = text_classifier
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.loss_weight = loss_weight
+        self._vocabulary: Optional[Vocabulary] = None
+        self._vocabulary_spec = vocabulary
+
+    @classmethod
+    def from_config(cls, cfg):
+        visual, text_model = split_clip(load_open_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED))
+        teacher_visual = copy.deepcopy(visual)  # taken before any training step: the original weights
+        return {
+            "backbone": CLIPViTDenseEncoder(cfg, visual=visual),
+            "teacher": CLIPViTDenseEncoder(visual=teacher_visual, feature_blocks=[0], dense_mode="value",
+                                           unlock_last_blocks=0),
+            "text_classifier": TextClassifier(cfg, text_model=text_model),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "loss_weight": cfg.MODEL.CLIPSELF.LOSS_WEIGHT,
+            "vocabulary": cfg.MODEL.TEXT.VOCABULARY or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None),
+        }
+
+    @classmethod
+    def output_tasks(cls, cfg) -> Tuple[str, ...]:
+        """Inference gives region scores: evaluated by region recognition (ovseg.evaluation)."""
+        return ("region_recognition",)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.train(False)  # never dropout / patch dropout in the teacher
+        return self
+
+    # ------------------------------------------------------------------ vocabulary (inference)
+    @property
+    def vocabulary(self) -> Vocabulary:
+        if self._vocabulary is None:
+            if self._vocabulary_spec is None:
+                raise ValueError("no vocabulary: set MODEL.TEXT.VOCABULARY, DATASETS.TEST, or call set_vocabulary()")
+            self._vocabulary = parse_vocabulary(self._vocabulary_spec)
+        return self._vocabulary
+
+    def set_vocabulary(self, vocabulary) -> Vocabulary:
+        self._vocabulary = parse_vocabulary(vocabulary)
+        return self._vocabulary
+
+    # ------------------------------------------------------------------ steps
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.to(self.device).float() - self.pixel_mean) / self.pixel_std
+
+    def preprocess(self, batched_inputs: List[Dict]) -> ImageList:
+        images = []
+        for inp in batched_inputs:
+            image = inp["image"]
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"expected a (3, H, W) image, got shape {tuple(image.shape)}")
+            images.append(self.normalize(image))
+        return ImageList.from_tensors(images, size_divisibility=self.backbone.patch_size)
+
+    def region_boxes(self, batched_inputs: List[Dict]) -> List[torch.Tensor]:
+        boxes = []
+        for inp in batched_inputs:
+            if "region_boxes" not in inp:
+                raise ValueError(
+                    "CLIPSelfDistiller needs 'region_boxes' in its inputs: train with INPUT.DATASET_MAPPER_NAME "
+                    "'clipself' and evaluate with INPUT.TEST_DATASET_MAPPER_NAME 'region_recognition'"
+                )
+            boxes.append(inp["region_boxes"].to(self.device).float().reshape(-1, 4))
+        return boxes
+
+    @torch.no_grad()
+    def teacher_embeddings(self, crops: torch.Tensor) -> torch.Tensor:
+        """(K, 3, S, S) 0-255 crops -> (K, D) L2-normalised teacher image embeddings, one forward for all."""
+        return F.normalize(self.teacher.encode_image(self.normalize(crops)).float(), dim=-1)
+
+    def student_region_features(self, images: ImageList, boxes: List[torch.Tensor]) -> torch.Tensor:
+        """Student dense map pooled over each box (RoIAlign, 1x1): (sum K_i, D), L2-normalised."""
+        dense = self.backbone(images.tensor)["clip_dense"]  # (B, D, H/p, W/p)
+        return F.normalize(pool_boxes(dense, boxes, self.backbone.patch_size).float(), dim=-1)
+
+    def distillation_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return self.loss_weight * (1.0 - (student * teacher).sum(-1)).mean()
+
+    def forward(self, batched_inputs: List[Dict]):
+        if not self.training:
+            return self.recognize_regions(batched_inputs)
+        images = self.preprocess(batched_inputs)
+        boxes = self.region_boxes(batched_inputs)
+        crops = [inp["crops"] for inp in batched_inputs]
+        for b, c in zip(boxes, crops):
+            if len(b) != len(c):
+                raise ValueError(f"{len(b)} region boxes but {len(c)} crops in one image")
+        if sum(len(b) for b in boxes) == 0:
+            # nothing to distil in this batch; keep the graph so that every process calls backward alike
+            dense = self.backbone(images.tensor)["clip_dense"]
+            return {"loss_clipself": dense.sum() * 0.0}
+        teacher = self.teacher_embeddings(torch.cat(crops).to(self.device))  # (K, D)
+        student = self.student_region_features(images, boxes)  # (K, D)
+        return {"loss_clipself": self.distillation_loss(student, teacher)}
+
+    @torch.no_grad()
+    def recognize_regions(self, batched_inputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:
+        if self.text_classifier is None:
+            raise RuntimeError("CLIPSelfDistiller was built without a text classifier: it cannot recognise regions")
+        text = self.text_classifier(self.vocabulary).to(self.device)  # (C, D)
+        images = self.preprocess(batched_inputs)
+        boxes = self.region_boxes(batched_inputs)
+        dense = self.backbone(images.tensor)["clip_dense"]  # (B, D, h, w) over the padded batch
+        box_feats = pool_boxes(dense, boxes, self.backbone.patch_size).float().split([len(b) for b in boxes])
+        results = []
+        pad_h, pad_w = images.tensor.shape[-2:]
+        for i, inp in enumerate(batched_inputs):
+            masks = inp["region_masks"].to(self.device).float()  # (K, h_i, w_i)
+            masks = F.pad(masks, (0, pad_w - masks.shape[-1], 0, pad_h - masks.shape[-2]))
+            mask_feats = pool_masks(dense[i:i + 1], masks[None])[0].float()  # (K, D)
+            results.append({
+                "box_region_scores": F.normalize(box_feats[i], dim=-1) @ text.T,
+                "mask_region_scores": F.normalize(mask_feats, dim=-1) @ text.T,
+            })
+        return results
+
+    # ------------------------------------------------------------------ export
+    def open_clip_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The full open_clip state dict: the student's (refined) visual tower + the original text tower."""
+        if self.text_classifier is None:
+            raise RuntimeError("cannot export an open_clip checkpoint without the text tower")
+        state = {f"visual.{k}": v for k, v in self.backbone.tower.visual.state_dict().items()}
+        state.update(self.text_classifier.text_model.state_dict())
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def save_open_clip_checkpoint(model: nn.Module, path: str) -> str:
+    """Write `model`'s open_clip state dict to `path`, loadable as ``MODEL.CLIP.PRETRAINED: path``."""
+    model = model.module if hasattr(model, "module") else model
+    if not hasattr(model, "open_clip_state_dict"):
+        raise TypeError(f"{type(model).__name__} cannot be exported as an open_clip checkpoint")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(model.open_clip_state_dict(), path)
+    return path

@@ -1,0 +1,96 @@
+"""Frozen CLIP text tower turning a vocabulary into class embeddings, with a per-class cache."""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from torch import nn
+
+from ..clip_model import load_open_clip, split_clip
+from .vocabulary import Vocabulary, get_templates, parse_vocabulary
+
+logger = logging.getLogger(__name__)
+
+
+class TextClassifier(nn.Module):
+    """Class embeddings (C, D), L2-normalised, from prompt-ensembled synonyms.
+
+    Each class's embedding is the normalised mean of the normalised embeddings of every
+    (synonym, template) prompt. Embeddings are cached per (templates, synonyms), so a repeated vocabulary, or
+    a new one sharing classes with an earlier one, costs no text-encoder forward for the known classes. The
+    text tower's weights are fixed for the life of the object, so they need not be part of the key.
+    """
+
+    @configurable
+    def __init__(self, *, text_model: nn.Module, tokenizer, templates: Sequence[str] = ("a photo of a {}.",),
+                 batch_size: int = 1024):
+        """
+        Args:
+            text_model: an open_clip model with `encode_text` (its visual tower may be removed).
+            tokenizer: the matching open_clip tokenizer.
+            templates: prompt templates with one "{}" each.
+            batch_size: prompts per text-encoder forward.
+        """
+        super().__init__()
+        if not templates or any("{}" not in t for t in templates):
+            raise ValueError("every prompt template needs a '{}' placeholder")
+        self.text_model = text_model.eval()
+        for p in self.text_model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.templates = tuple(templates)
+        self.batch_size = batch_size
+        self._cache: Dict[Tuple[Tuple[str, ...], Tuple[str, ...]], torch.Tensor] = {}
+        self.num_encoder_forwards = 0  # text-encoder forwards so far (cache misses cost these)
+
+    @classmethod
+    def from_config(cls, cfg, text_model: Optional[nn.Module] = None):
+        if text_model is None:
+            _, text_model = split_clip(load_open_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED))
+        return {
+            "text_model": text_model,
+            "tokenizer": open_clip.get_tokenizer(cfg.MODEL.CLIP.MODEL_NAME),
+            "templates": get_templates(cfg.MODEL.TEXT.TEMPLATES),
+            "batch_size": cfg.MODEL.TEXT.BATCH_SIZE,
+        }
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.text_model.eval()  # frozen: never dropout
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.text_model.parameters()).device
+
+    @torch.no_grad()
+    def _encode_classes(self, classes: Sequence[Tuple[str, ...]]) -> torch.Tensor:
+        prompts, owner = [], []
+        for i, synonyms in enumerate(classes):
+            for name in synonyms:
+                for t in self.templates:
+                    prompts.append(t.format(name))
+                    owner.append(i)
+        embeds = []
+        for start in range(0, len(prompts), self.batch_size):
+            tokens = self.tokenizer(prompts[start:start + self.batch_size]).to(self.device)
+            embeds.append(F.normalize(self.text_model.encode_text(tokens).float(), dim=-1))
+            self.num_encoder_forwards += 1
+        embeds = torch.cat(embeds)  # (num_prompts, D)
+        owner = torch.tensor(owner, device=embeds.device)
+        sums = torch.zeros(len(classes), embeds.shape[1], device=embeds.device).index_add_(0, owner, embeds)
+        return F.normalize(sums, dim=-1)  # normalising the sum = normalising the mean
+
+    def forward(self, vocabulary: Union[str, Sequence[str], Vocabulary]) -> torch.Tensor:
+        """Returns (C, D) normalised class embeddings for `vocabulary` (anything `parse_vocabulary` takes)."""
+        vocab = parse_vocabulary(vocabulary)
+        missing = [c for c in dict.fromkeys(vocab.classes) if (self.templates, c) not in self._cache]
+        if missing:
+            logger.debug("encoding %d new classes x %d templates", len(missing), len(self.templates))
+            for c, e in zip(missing, self._encode_classes(missing)):
+                self._cache[(self.templates, c)] = e
+        return torch.stack([self._cache[(self.templates, c)] for c in vocab.classes]).to(self.device)

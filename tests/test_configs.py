@@ -1,0 +1,24 @@
+"""Every shipped config parses, and builds its model (with the tiny CLIP swapped in)."""
+from pathlib import Path
+
+import pytest
+from detectron2.modeling import build_model
+
+from ovseg.config import get_ovseg_cfg
+
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")
+                 if not p.name.startswith("Base-"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_config_builds(path):
+    cfg = get_ovseg_cfg()
+    cfg.merge_from_file(str(path))
+    cfg.merge_from_list(["MODEL.CLIP.MODEL_NAME", "ovseg-tiny-ViT-16", "MODEL.CLIP.PRETRAINED", "", "MODEL.DEVICE",
+                         "cpu", "MODEL.CLIP.UNLOCK_LAST_BLOCKS", min(cfg.MODEL.CLIP.UNLOCK_LAST_BLOCKS, 3)])  # 3 blocks
+    model = build_model(cfg)
+    assert model.backbone.dense_mode == cfg.MODEL.CLIP.DENSE_MODE
+    for name in cfg.DATASETS.TEST:  # datasets named by configs are registered
+        from detectron2.data import DatasetCatalog
+
+        assert name in DatasetCatalog.list()

@@ -1,0 +1,83 @@
+"""Vocabulary parsing, prompt ensembling and the embedding cache."""
+from unittest import mock
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ovseg.modeling import split_clip
+from ovseg.modeling.text import TextClassifier, get_templates, make_vocabulary, parse_vocabulary
+
+
+def test_parse_string_file_and_synonyms(tmp_path):
+    v = parse_vocabulary(" cat, sofa|couch ,tv monitor")
+    assert v.classes == (("cat",), ("sofa", "couch"), ("tv monitor",))
+    assert v.names == ["cat", "sofa", "tv monitor"]
+    f = tmp_path / "classes.txt"
+    f.write_text("# comment\ncat\n\nsofa | couch\n")
+    assert parse_vocabulary(str(f)).classes == (("cat",), ("sofa", "couch"))
+
+
+def test_parse_registered_dataset():
+    from detectron2.data import MetadataCatalog
+
+    MetadataCatalog.get("_ovseg_test_vocab_ds").set(stuff_classes=["road", "sky"], vocabulary=["road|route", "sky"])
+    assert parse_vocabulary("_ovseg_test_vocab_ds").classes == (("road", "route"), ("sky",))
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("", "empty"), ("   ", "empty"), ([], "empty"), ("cat,,dog", "blank"), ("cat|", "blank"),
+    ("cat,Cat", "duplicate"),
+])
+def test_bad_vocabularies(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_vocabulary(spec)
+
+
+def _classifier(tiny_clip, templates=("a photo of a {}.", "a {}.")):
+    model = tiny_clip()
+    _, text_model = split_clip(model)
+    return TextClassifier(text_model=text_model, tokenizer=open_clip.get_tokenizer("ovseg-tiny-ViT-16"),
+                          templates=templates, batch_size=3), text_model
+
+
+def test_embeddings_are_prompt_and_synonym_averages(tiny_clip):
+    clf, text_model = _classifier(tiny_clip)
+    emb = clf("cat,sofa|couch")
+    tok = open_clip.get_tokenizer("ovseg-tiny-ViT-16")
+
+    def manual(names):
+        prompts = [t.format(n) for n in names for t in ("a photo of a {}.", "a {}.")]
+        with torch.no_grad():
+            e = F.normalize(text_model.encode_text(tok(prompts)), dim=-1)
+        return F.normalize(e.mean(0), dim=0)
+
+    torch.testing.assert_close(emb[0], manual(["cat"]), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(emb[1], manual(["sofa", "couch"]), atol=1e-6, rtol=1e-5)
+    assert emb.shape == (2, 32) and not emb.requires_grad
+
+
+def test_cache_avoids_text_forwards(tiny_clip):
+    clf, text_model = _classifier(tiny_clip)
+    with mock.patch.object(text_model, "encode_text", wraps=text_model.encode_text) as spy:
+        first = clf("cat,dog,sofa|couch")
+        calls = spy.call_count
+        assert calls == 3  # 4 names x 2 templates = 8 prompts, batches of 3
+        again = clf("cat,dog,sofa|couch")
+        assert spy.call_count == calls  # repeated vocabulary: no forward
+        torch.testing.assert_close(again, first)
+        subset = clf("sofa|couch,cat")  # known classes in another order: no forward either
+        assert spy.call_count == calls
+        torch.testing.assert_close(subset, first[[2, 0]])
+        clf("cat,bird")  # only "bird" is new: 2 prompts, one batch
+        assert spy.call_count == calls + 1
+    assert clf.num_encoder_forwards == calls + 1
+
+
+def test_template_sets():
+    assert len(get_templates("imagenet")) == 80 and len(get_templates("single")) == 1
+    assert all("{}" in t for t in get_templates("simple"))
+    with pytest.raises(ValueError, match="TEMPLATES"):
+        get_templates("nope")
+    assert len(make_vocabulary(["a", "b"])) == 2
