@@ -147,7 +147,8 @@ def make_pascal_context(root: Path, ids=("2008_000002", "2008_000003")):
     for i, image_id in enumerate(ids):
         save_jpg(voc / "JPEGImages" / f"{image_id}.jpg")
         (voc / "trainval").mkdir(parents=True, exist_ok=True)
-        scipy.io.savemat(voc / "trainval" / f"{image_id}.mat", {"LabelMap": blocks(np.roll(labels, i)).astype(np.uint16)})
+        label_map = blocks(np.roll(labels, i)).astype(np.uint16)
+        scipy.io.savemat(voc / "trainval" / f"{image_id}.mat", {"LabelMap": label_map})
     ids_file = root / "val_ids.txt"
     ids_file.write_text("\n".join(ids) + "\n")
     return voc, ids_file, labels
@@ -315,7 +316,8 @@ def test_coco_stuff(root):
         stem = f"{285 + i:012d}"
         save_jpg(coco / "val2017" / f"{stem}.jpg")
         values = [cats[0].dataset_id - 1, cats[100].dataset_id - 1, 11, 255]  # 11 = id 12, unused by COCO
-        save_png(blocks(np.roll(values, i)).astype(np.uint8), coco / "stuffthingmaps_trainval2017/val2017" / f"{stem}.png")
+        label = blocks(np.roll(values, i)).astype(np.uint8)
+        save_png(label, coco / "stuffthingmaps_trainval2017/val2017" / f"{stem}.png")
     prepare_coco_stuff.main(["--root", str(root), "--splits", "val", "--workers", "1"])
     register_all_ovseg_datasets(str(root))
     out = np.array(Image.open(coco / "stuffthingmaps_detectron2/val2017/000000000285.png"))
