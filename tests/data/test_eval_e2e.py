@@ -42,3 +42,30 @@ def test_train_net_eval_only_on_prepared_voc21(tmp_path):
         pairs.append((pred, gt))
     assert len(pairs) == 3
     assert res["mIoU"] == pytest.approx(reference_miou(pairs, 21, 255))
+
+
+def test_eval_all_writes_one_table(tmp_path):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import eval_all
+
+    from ovseg.data import register_all_ovseg_datasets
+
+    make_voc(tmp_path / "data")
+    prepare_pascal_voc.main(["--root", str(tmp_path / "data"), "--workers", "1"])
+    register_all_ovseg_datasets(str(tmp_path / "data"))  # A-847 stays missing: reported, not fatal
+    try:
+        scores = eval_all.main([
+            "--columns", "A-847", "VOC", "--config-file", str(ROOT / "configs/clip_dense_vitb16.yaml"),
+            "--output", str(tmp_path / "res"),
+            "MODEL.CLIP.MODEL_NAME", "ovseg-tiny-ViT-16", "MODEL.CLIP.PRETRAINED", "",
+            "MODEL.DEVICE", "cpu", "MODEL.TEXT.TEMPLATES", "single", "INPUT.MIN_SIZE_TEST", "24",
+            "DATALOADER.NUM_WORKERS", "0",
+        ])
+    finally:
+        register_all_ovseg_datasets()
+    report = json.load(open(tmp_path / "res/results.json"))
+    assert list(scores) == ["VOC"] and np.isfinite(scores["VOC"])
+    assert "prepare_ade20k_847.py" in report["details"]["A-847"]["error"]
+    table = (tmp_path / "res/results.md").read_text().splitlines()
+    assert table[0].startswith("| model | A-847 | PC-459 | A-150 | PC-59 | VOC | ADE PQ | COCO PQ |")
+    assert "n/a" in table[2] and f"{scores['VOC']:.1f}" in table[2]

@@ -333,3 +333,13 @@ def test_cli_reports_missing_input(tmp_path):
     assert proc.returncode == 1
     assert "missing VOC2012 folder" in proc.stderr and str(tmp_path / "VOCdevkit/VOC2012") in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs/eval").glob("*.yaml")), ids=lambda p: p.stem)
+def test_eval_configs_name_registered_benchmarks(config):
+    from ovseg.config import get_ovseg_cfg
+
+    cfg = get_ovseg_cfg()
+    cfg.merge_from_file(str(config))
+    assert len(cfg.DATASETS.TEST) == 1 and cfg.DATASETS.TEST[0] in DatasetCatalog.list()
+    assert cfg.MODEL.META_ARCHITECTURE  # the model comes from the base config
