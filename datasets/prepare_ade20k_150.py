@@ -32,6 +32,7 @@ from ovseg.data.prepare_utils import (
     save_image_atomic,
     save_json_atomic,
 )
+from ovseg.evaluation.panoptic_quality import id2rgb
 
 SPLITS = {"training": "train", "validation": "val"}
 HINT = ("download ADEChallengeData2016.zip (http://sceneparsing.csail.mit.edu) and, for panoptic/instance, the "
@@ -115,8 +116,6 @@ def panoptic_job(job, ade: str, mapping: Dict[int, int], isthing: Sequence[bool]
     segments = [dict(s, area=visible[s["id"]], bbox=_bbox(pan == s["id"])) for s in segments if visible[s["id"]]]
     out = os.path.join(ade, f"ade20k_panoptic_{SPLITS[split]}", name)
     if not os.path.exists(out):
-        from ovseg.evaluation.panoptic_quality import id2rgb
-
         save_image_atomic(id2rgb(pan), out)
     image = {"id": image_id, "file_name": os.path.splitext(name)[0] + ".jpg", "height": int(sem.shape[0]),
              "width": int(sem.shape[1])}

@@ -5,6 +5,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 from typing import Callable, Iterable, List, Optional, Sequence
 
@@ -69,9 +70,7 @@ def copy_file_atomic(src: str, dst: str) -> None:
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     tmp = _temp_name(dst)
     try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            while chunk := fi.read(1 << 20):
-                fo.write(chunk)
+        shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):

@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+r"""Evaluate one model/checkpoint on every benchmark and write one results table (markdown + JSON).
+
+    python tools/eval_all.py [--columns A-150 VOC] --config-file configs/clip_dense_vitb16.yaml --output results/ \
+        [MODEL.WEIGHTS ...]
+
+Columns follow the FC-CLIP / CAT-Seg papers: A-847, PC-459, A-150, PC-59, VOC (mIoU), then ADE and COCO PQ.
+Benchmarks whose data is missing are reported as "n/a" with the reason in the JSON, and the others still run.
+"""
+import argparse
+import json
+import os
+import sys
+
+# column -> (config in configs/eval, evaluator task, metric)
+COLUMNS = {
+    "A-847": ("a847.yaml", "sem_seg", "mIoU"),
+    "PC-459": ("pc459.yaml", "sem_seg", "mIoU"),
+    "A-150": ("a150.yaml", "sem_seg", "mIoU"),
+    "PC-59": ("pc59.yaml", "sem_seg", "mIoU"),
+    "VOC": ("voc20.yaml", "sem_seg", "mIoU"),
+    "ADE PQ": ("ade150_panoptic.yaml", "panoptic_seg", "PQ"),
+    "COCO PQ": ("coco_panoptic.yaml", "panoptic_seg", "PQ"),
+}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def markdown_table(scores: dict, label: str) -> str:
+    cells = [f"{scores[c]:.1f}" if isinstance(scores.get(c), float) else "n/a" for c in COLUMNS]
+    return "\n".join([
+        "| model | " + " | ".join(COLUMNS) + " |",
+        "| --- |" + " --- |" * len(COLUMNS),
+        f"| {label} | " + " | ".join(cells) + " |",
+    ]) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, help="model config (the eval configs only set the dataset)")
+    parser.add_argument("--output", default="results", help="folder for results.md / results.json")
+    parser.add_argument("--columns", nargs="+", default=list(COLUMNS), choices=list(COLUMNS))
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS model.pth")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, ROOT)  # train_net.py lives at the repository root
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import MetadataCatalog
+    from detectron2.modeling import build_model
+
+    import train_net
+    from ovseg.config import get_ovseg_cfg
+
+    scores, details = {}, {}
+    model, model_key = None, None
+    for column in args.columns:
+        eval_config, task, metric = COLUMNS[column]
+        eval_cfg = get_ovseg_cfg()
+        eval_cfg.merge_from_file(os.path.join(ROOT, "configs", "eval", eval_config))
+        cfg = get_ovseg_cfg()
+        cfg.merge_from_file(args.config_file)
+        cfg.DATASETS.TEST = tuple(eval_cfg.DATASETS.TEST)  # the eval config only chooses the benchmark
+        cfg.merge_from_list(args.opts)
+        cfg.OUTPUT_DIR = os.path.join(args.output, column.replace(" ", "_"))
+        dataset = cfg.DATASETS.TEST[0]
+        try:
+            if model is None or model_key != cfg.MODEL.dump():
+                model, model_key = build_model(cfg).eval(), cfg.MODEL.dump()
+                if cfg.MODEL.WEIGHTS:
+                    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+            result = train_net.Trainer.test(cfg, model)[dataset]
+            details[column] = {"dataset": dataset, "results": result}
+            scores[column] = float(result[task][metric])
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            details[column] = {"dataset": dataset, "error": f"{type(e).__name__}: {e}"}
+        details[column]["evaluator_type"] = MetadataCatalog.get(dataset).get("evaluator_type", None)
+
+    os.makedirs(args.output, exist_ok=True)
+    label = os.path.basename(args.config_file) + (f" {' '.join(args.opts)}" if args.opts else "")
+    table = markdown_table(scores, label)
+    with open(os.path.join(args.output, "results.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(args.output, "results.json"), "w") as f:
+        json.dump({"model": label, "scores": scores, "details": details}, f, indent=1, default=float)
+    print(table)
+    return scores
+
+
+if __name__ == "__main__":
+    main()
