@@ -8,7 +8,7 @@ from detectron2.engine import HookBase, default_argument_parser
 
 import train_net
 from tests.synthetic_panoptic import make_dataset
-from tests.tiny_mask import install_panopticapi_shim, tiny_mask_cfg
+from tests.tiny_mask import tiny_mask_cfg
 
 
 def _cfg(tmp_path, train, val, iters, **overrides):
@@ -36,7 +36,6 @@ def _args(config_path, *extra):
 
 @pytest.fixture
 def dataset(tmp_path):
-    install_panopticapi_shim()
     return make_dataset(tmp_path / "data", n_train=32, n_val=8)
 
 

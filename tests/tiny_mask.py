@@ -1,8 +1,5 @@
-"""Tiny OpenVocabMaskSegmentor configs and a panopticapi stand-in for the tests."""
-import sys
-import types
+"""Tiny OpenVocabMaskSegmentor configs for the tests."""
 
-import numpy as np
 
 from tests.helpers import tiny_cfg
 
@@ -21,28 +18,3 @@ def tiny_mask_cfg(**overrides):
         opts += [k.replace("__", "."), v]
     cfg.merge_from_list(opts)
     return cfg
-
-
-def install_panopticapi_shim():
-    """detectron2's COCOPanopticEvaluator imports panopticapi (not installed here); hotcoco's pq_compute has
-    its signature and results. Stand-in until ovseg.evaluation's backend choice lands."""
-    if "panopticapi" in sys.modules:
-        return
-    try:
-        import panopticapi.evaluation  # noqa: F401
-        return
-    except ImportError:
-        pass
-    from hotcoco.panoptic import pq_compute
-
-    def id2rgb(ids):
-        ids = np.asarray(ids).astype(np.int64)
-        return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
-
-    pkg = types.ModuleType("panopticapi")
-    ev = types.ModuleType("panopticapi.evaluation")
-    ev.pq_compute = pq_compute
-    ut = types.ModuleType("panopticapi.utils")
-    ut.id2rgb = id2rgb
-    pkg.evaluation, pkg.utils = ev, ut
-    sys.modules.update({"panopticapi": pkg, "panopticapi.evaluation": ev, "panopticapi.utils": ut})
