@@ -27,8 +27,8 @@ def test_sem_seg_equals_manual_computation(model):
         dense = model.backbone(x[None])["clip_dense"][0]  # (D, 3, 5)
         text = model.text_classifier("red,green,blue")
         logits = 100.0 * torch.einsum("dhw,cd->chw", dense, text)
-        up = F.interpolate(logits[None], size=(48, 80), mode="bilinear", align_corners=False)
-        ref = F.interpolate(up.softmax(1), size=(96, 160), mode="bilinear", align_corners=False)[0]
+        # upsampled once, straight from the patch grid to the output size, then softmax (as SCLIP/NACLIP do)
+        ref = F.interpolate(logits[None], size=(96, 160), mode="bilinear", align_corners=False)[0].softmax(0)
     assert out.shape == (3, 96, 160)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out.sum(0), torch.ones(96, 160), atol=1e-5, rtol=0)
