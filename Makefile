@@ -21,7 +21,7 @@ demo: $(STAMP)
 	else exit $$rc; fi
 
 lint: $(STAMP)
-	$(PY) -m ruff check ovseg tests demo benchmarks datasets train_net.py setup.py
+	$(PY) -m ruff check $(wildcard ovseg tests demo benchmarks datasets scripts) train_net.py setup.py
 
 test: lint
 	$(PY) -m pytest -q

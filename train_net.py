@@ -13,14 +13,16 @@ from collections import OrderedDict
 import detectron2.utils.comm as comm
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator, verify_results
+from detectron2.evaluation import verify_results
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.logger import setup_logger
 
 import ovseg  # noqa: F401  (registers ovseg's models and datasets)
 from ovseg.config import get_ovseg_cfg
+from ovseg.evaluation import build_benchmark_evaluator
 
 
 def _unwrap(model):
@@ -37,17 +39,11 @@ def set_test_vocabulary(model, cfg, dataset_name: str) -> None:
 class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """detectron2's evaluators for the dataset's `evaluator_type`, limited to what the model outputs."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
-        evaluators = []
-        if evaluator_type in ("sem_seg", "ade20k_panoptic_seg", "coco_panoptic_seg"):
-            evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
-        if not evaluators:
-            raise NotImplementedError(
-                f"no evaluator for dataset {dataset_name!r} (evaluator_type={evaluator_type!r}); "
-                "ovseg evaluates 'sem_seg' datasets with this model"
-            )
-        return DatasetEvaluators(evaluators)
+        meta_arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+        tasks = meta_arch.output_tasks(cfg) if hasattr(meta_arch, "output_tasks") else None
+        return build_benchmark_evaluator(dataset_name, output_dir=output_folder, tasks=tasks)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -4,10 +4,6 @@
     python demo/demo.py --vocab "cat,sofa|couch" --input img.jpg --output output/
     python demo/demo.py --vocab classes.txt --input 'photos/*.jpg' --output out_dir/
     python demo/demo.py --vocab "sky,grass,house" --input demo/examples/scene.jpg --random-init   # no weights
-    python demo/demo.py --vocab "cat,sofa" --input img.jpg --dense-mode sclip   # another dense mode
-
-The default config runs NACLIP (training-free, sliding windows + PAMR); --dense-mode only swaps the last block's
-token mixing, the configs under configs/trainingfree/ carry each method's full published settings.
 """
 import argparse
 import glob
@@ -27,9 +23,11 @@ from predictor import OVSegPredictor  # noqa: E402
 
 from ovseg.config import get_ovseg_cfg  # noqa: E402
 from ovseg.modeling import WeightsUnavailableError  # noqa: E402
-from ovseg.modeling.backbone.clip_vit import DENSE_MODES  # noqa: E402
+from ovseg.modeling.backbone import DENSE_MODES  # noqa: E402
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "clip_dense_vitb16.yaml")
+# NACLIP: the best training-free mode (see README); --dense-mode switches to another one
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "trainingfree",
+                              "naclip_vitb16.yaml")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 EXIT_NO_WEIGHTS = 3
 
@@ -42,9 +40,9 @@ def get_parser():
     p.add_argument("--video-input", help="a video file")
     p.add_argument("--webcam", action="store_true", help="read frames from the first webcam")
     p.add_argument("--output", help="output file (one input) or folder; visualisations are written there")
+    p.add_argument("--dense-mode", choices=DENSE_MODES, help="MODEL.CLIP.DENSE_MODE (default: the config's)")
     p.add_argument("--random-init", action="store_true",
                    help="random CLIP weights (MODEL.CLIP.PRETRAINED ''): runs the pipeline without any download")
-    p.add_argument("--dense-mode", choices=DENSE_MODES, help="MODEL.CLIP.DENSE_MODE (default: the config's)")
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return p
 
@@ -53,10 +51,10 @@ def setup_cfg(args):
     cfg = get_ovseg_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    if args.dense_mode:
-        cfg.MODEL.CLIP.DENSE_MODE = args.dense_mode
     if args.random_init:
         cfg.MODEL.CLIP.PRETRAINED = ""
+    if args.dense_mode:
+        cfg.MODEL.CLIP.DENSE_MODE = args.dense_mode
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()

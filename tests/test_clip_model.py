@@ -29,6 +29,22 @@ def test_nested_and_prefixed_state_dicts_load(tiny_clip, tmp_path, caplog):
     assert "lacks 1 keys" in caplog.text and "text_projection" in caplog.text
 
 
+def test_ovseg_model_checkpoint_is_a_clip_checkpoint(tmp_path):
+    """model_final.pth of an ovseg model (detectron2 format: {"model": state}) loads as CLIP weights."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from tests.helpers import tiny_cfg
+
+    torch.manual_seed(5)
+    model = build_model(tiny_cfg(MODEL__TEXT__VOCABULARY="a,b"))
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
+    torch.manual_seed(6)
+    clip = load_open_clip(TINY_VIT, str(tmp_path / "model_final.pth"))
+    assert torch.equal(clip.visual.conv1.weight, model.backbone.tower.visual.conv1.weight)
+    assert torch.equal(clip.text_projection, model.text_classifier.text_model.text_projection)
+
+
 def test_wrong_files_are_clear_errors(tiny_clip, tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")

@@ -19,19 +19,24 @@ def model():
     return m.eval()
 
 
-def test_sem_seg_equals_manual_computation(model):
-    image = torch.randint(0, 256, (3, 48, 80)).float()
+@pytest.mark.parametrize("in_hw,out_hw", [((48, 80), (96, 160)), ((40, 70), (80, 140))])
+def test_sem_seg_equals_manual_computation(model, in_hw, out_hw):
+    """Logits at patch resolution, one bilinear upsampling of the padded map to the output scale, crop, softmax."""
+    image = torch.randint(0, 256, (3, *in_hw)).float()
     with torch.no_grad():
-        out = model([{"image": image, "height": 96, "width": 160}])[0]["sem_seg"]
+        out = model([{"image": image, "height": out_hw[0], "width": out_hw[1]}])[0]["sem_seg"]
         x = (image - model.pixel_mean) / model.pixel_std
-        dense = model.backbone(x[None])["clip_dense"][0]  # (D, 3, 5)
+        padded = F.pad(x, (0, 80 - in_hw[1], 0, 48 - in_hw[0]))  # both cases pad to 48x80 (3x5 patches)
+        dense = model.backbone(padded[None])["clip_dense"][0]  # (D, 3, 5)
         text = model.text_classifier("red,green,blue")
         logits = 100.0 * torch.einsum("dhw,cd->chw", dense, text)
-        # upsampled once, straight from the patch grid to the output size, then softmax (as SCLIP/NACLIP do)
-        ref = F.interpolate(logits[None], size=(96, 160), mode="bilinear", align_corners=False)[0].softmax(0)
-    assert out.shape == (3, 96, 160)
+        scale = out_hw[0] / in_hw[0]
+        up = F.interpolate(logits[None], size=(round(48 * scale), round(80 * scale)), mode="bilinear",
+                           align_corners=False)[0, :, :out_hw[0], :out_hw[1]]
+        ref = up.softmax(0)
+    assert out.shape == (3, *out_hw)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(out.sum(0), torch.ones(96, 160), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.sum(0), torch.ones(out_hw), atol=1e-5, rtol=0)
 
 
 def test_vocabulary_switch_without_rebuild(model):

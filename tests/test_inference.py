@@ -3,7 +3,6 @@ import glob
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +10,7 @@ from detectron2.modeling import build_model
 
 from ovseg.config import get_ovseg_cfg
 from ovseg.modeling.meta_arch import dense_segmentor
-from ovseg.modeling.meta_arch.dense_segmentor import apply_background_threshold, bilinear_matrix
+from ovseg.modeling.meta_arch.dense_segmentor import bilinear_matrix
 from ovseg.modeling.pamr import PAMR
 from tests.helpers import TINY_VIT, tiny_cfg
 
@@ -48,7 +47,7 @@ def test_non_multiple_size_resamples_the_image_part_of_the_padded_grid(model):
     x = (image - model.pixel_mean) / model.pixel_std
     with torch.no_grad():
         text = model.text_classifier(model.vocabulary)
-        low = model.patch_logits(x, text)  # (4, 3, 4)
+        low = model.low_res_logits(model.backbone.pad(x[None]), text)[0] / model.logit_scale  # (4, 3, 4)
         probs = model.segment(x, text, (20, 31))
     assert low.shape == (4, 3, 4) and probs.shape == (4, 20, 31)
     ref = torch.empty(4, 20, 31)
@@ -83,8 +82,8 @@ def test_slide_averages_windows_on_the_patch_grid(model):
     x = (image - model.pixel_mean) / model.pixel_std
     with torch.no_grad():
         text = model.text_classifier(model.vocabulary)
-        got = model.patch_logits(x, text)
         xp = F.pad(x, (0, 80 - 75, 0, 64 - 61))
+        got = model._window_logits(xp, text) / model.logit_scale
         total, count = torch.zeros(4, 4, 5), torch.zeros(4, 5)
         for y0 in (0, 16, 32):  # 64 - 32 = 32: flush with the padded border
             for x0 in (0, 16, 32, 48):
@@ -96,65 +95,38 @@ def test_slide_averages_windows_on_the_patch_grid(model):
     torch.testing.assert_close(got, total / count, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("size", [(37, 53), (20, 12), (16, 100), (1, 1)])
-def test_constant_features_give_a_constant_map(model, size):
-    """No seams, no padding leak: a backbone whose every patch has the same embedding gives the same
-    probabilities everywhere, for odd sizes, images smaller than a window and windows that overlap unevenly."""
-    model.inference_mode, model.window_size, model.window_stride = "slide", 32, 16
-    d = model.backbone.embed_dim
-    emb = F.normalize(torch.randn(d), dim=0)
-
-    def const_backbone(x):
-        h, w = x.shape[-2] // 16, x.shape[-1] // 16
-        assert x.shape[-2] % 16 == 0 and x.shape[-1] % 16 == 0
-        return {"clip_dense": emb.view(1, d, 1, 1).expand(x.shape[0], d, h, w)}
-
-    model.backbone.forward = const_backbone
-    with torch.no_grad():
-        probs = model([{"image": _image(*size)}])[0]["sem_seg"]
-        expected = (model.logit_scale * (model.text_classifier(model.vocabulary) @ emb)).softmax(0)
-    assert probs.shape == (4, *size)
-    torch.testing.assert_close(probs, expected.view(4, 1, 1).expand_as(probs), atol=1e-6, rtol=1e-5)
-
-
 def test_window_larger_than_image_and_bad_geometry():
     cfg = tiny_cfg(MODEL__TEXT__VOCABULARY="a,b", MODEL__DENSE_SEG__INFERENCE_MODE="slide",
                    MODEL__DENSE_SEG__WINDOW_SIZE=448, MODEL__DENSE_SEG__WINDOW_STRIDE=224)
     m = build_model(cfg).eval()
     with torch.no_grad():
         assert m([{"image": _image(30, 20)}])[0]["sem_seg"].shape == (2, 30, 20)
-    for size, stride, match in ((100, 48, "multiples of the patch size"), (64, 96, "uncovered"),
-                                (0, 16, "multiples")):
+    for size, stride, match in ((64, 96, "uncovered"), (0, 16, "positive")):
         with pytest.raises(ValueError, match=match):
             build_model(tiny_cfg(MODEL__DENSE_SEG__WINDOW_SIZE=size, MODEL__DENSE_SEG__WINDOW_STRIDE=stride))
+    # sizes off the patch grid are rounded down to it: 100/40 -> 96/32 on the 16-px grid
+    m.window_size, m.window_stride = 100, 40
+    image = _image(80, 130)
+    with torch.no_grad():
+        got = m([{"image": image}])[0]["sem_seg"]
+        m.window_size, m.window_stride = 96, 32
+        assert torch.equal(got, m([{"image": image}])[0]["sem_seg"])
 
 
-def test_class_chunks_do_not_change_the_result(model, monkeypatch):
-    model.pamr_iterations = 0
+@pytest.mark.parametrize("pamr", [None, PAMR(2, (1, 3))])
+def test_class_chunks_and_window_batches_do_not_change_the_result(model, monkeypatch, pamr):
+    model.pamr = pamr
+    model.inference_mode, model.window_size, model.window_stride = "slide", 32, 16
     image = _image(40, 56)
     with torch.no_grad():
         ref = model([{"image": image, "height": 50, "width": 70}])[0]["sem_seg"]
         monkeypatch.setattr(dense_segmentor, "_CHUNK_ELEMENTS", 50 * 70)  # one class per chunk
+        model.window_batch_size = 1
         got = model([{"image": image, "height": 50, "width": 70}])[0]["sem_seg"]
-    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- background threshold
-
-
-def test_background_threshold_hand_built():
-    # bg = 0; columns: fg best 0.5 < 0.6 -> bg; fg best 0.7 stays; bg argmax with fg 0.3 -> bg; tie-free
-    probs = torch.tensor([[0.2, 0.1, 0.6, 0.05],
-                          [0.5, 0.7, 0.3, 0.90],
-                          [0.3, 0.2, 0.1, 0.05]]).view(3, 1, 4)
-    out = apply_background_threshold(probs.clone(), 0, 0.6)
-    expected = torch.tensor([[1.0, 0.1, 1.0, 0.05],
-                             [0.0, 0.7, 0.0, 0.90],
-                             [0.0, 0.2, 0.0, 0.05]]).view(3, 1, 4)
-    assert torch.equal(out, expected)
-    # background not first
-    out = apply_background_threshold(probs.clone(), 2, 0.6)
-    assert out[:, 0, 0].tolist() == [0.0, 0.0, 1.0] and out[:, 0, 3].tolist() == probs[:, 0, 3].tolist()
 
 
 def test_background_threshold_matches_the_papers_rule(model):
@@ -173,7 +145,7 @@ def test_background_threshold_matches_the_papers_rule(model):
 def test_background_threshold_needs_a_background_class(model):
     model.bg_threshold = 0.1
     model.set_vocabulary("cat,dog")
-    with pytest.raises(ValueError, match="BG_CLASS.*background"):
+    with pytest.raises(ValueError, match="BACKGROUND_CLASS.*cat"):
         model([{"image": _image(32, 32)}])
     with pytest.raises(ValueError, match="BG_THRESHOLD"):
         build_model(tiny_cfg(MODEL__DENSE_SEG__BG_THRESHOLD=1.5))
@@ -182,45 +154,11 @@ def test_background_threshold_needs_a_background_class(model):
 # ---------------------------------------------------------------- PAMR
 
 
-def _pamr_loops(image, mask, iterations, dilations):
-    """PAMR pixel by pixel (numpy, float64): neighbours clamped to the image (replicate border)."""
-    k, h, w = image.shape
-    img = image.double().numpy()
-    m = mask.double().numpy()
-    clamp = lambda v, n: min(max(v, 0), n - 1)  # noqa: E731
-    offs = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
-    aff = np.zeros((len(offs), h, w))
-    for i in range(h):
-        for j in range(w):
-            win = np.stack([img[:, clamp(i + dy * d, h), clamp(j + dx * d, w)]
-                            for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)], 1)  # (K, 9*nd)
-            std = win.std(1, ddof=1)
-            a = [-np.mean(np.abs(img[:, clamp(i + dy, h), clamp(j + dx, w)] - img[:, i, j]) / (1e-8 + 0.1 * std))
-                 for dy, dx in offs]
-            e = np.exp(np.array(a) - max(a))
-            aff[:, i, j] = e / e.sum()
-    for _ in range(iterations):
-        new = np.zeros_like(m)
-        for i in range(h):
-            for j in range(w):
-                for p, (dy, dx) in enumerate(offs):
-                    new[:, i, j] += aff[p, i, j] * m[:, clamp(i + dy, h), clamp(j + dx, w)]
-        m = new
-    return torch.from_numpy(m).float()
-
-
-def test_pamr_matches_pixel_loops():
-    g = torch.Generator().manual_seed(0)
-    image, mask = torch.randn(3, 6, 7, generator=g), torch.randn(4, 6, 7, generator=g)
-    got = PAMR(3, (1, 2))(image, mask)
-    torch.testing.assert_close(got, _pamr_loops(image, mask, 3, (1, 2)), atol=1e-5, rtol=1e-4)
-
-
 def test_pamr_hand_built_cases():
     # constant image: every neighbour weighs 1/8; a delta spreads evenly to its 8 neighbours
     mask = torch.zeros(1, 5, 5)
     mask[0, 2, 2] = 1.0
-    out = PAMR(1, (1,))(torch.ones(3, 5, 5), mask)
+    out = PAMR(1, (1,))(torch.ones(1, 3, 5, 5), mask[None])[0]
     expected = torch.zeros(1, 5, 5)
     expected[0, 1:4, 1:4] = 1 / 8
     expected[0, 2, 2] = 0
@@ -229,7 +167,7 @@ def test_pamr_hand_built_cases():
     image = torch.zeros(3, 6, 8)
     image[:, :, 4:] = 10.0
     mask = torch.stack([(image[0] == 0).float(), (image[0] != 0).float()])
-    torch.testing.assert_close(PAMR(10, (1,))(image, mask), mask, atol=1e-6, rtol=0)
+    torch.testing.assert_close(PAMR(10, (1,))(image[None], mask[None])[0], mask, atol=1e-6, rtol=0)
 
 
 def test_pamr_in_the_segmentor_refines_logits(model):
@@ -238,25 +176,27 @@ def test_pamr_in_the_segmentor_refines_logits(model):
     x = (image - model.pixel_mean) / model.pixel_std
     with torch.no_grad():
         text = model.text_classifier(model.vocabulary)
-        low = model.patch_logits(x, text)
-        up = F.interpolate(low[None], size=(48, 64), mode="bilinear", align_corners=False)[0, :, :40, :56]
+        low = model.low_res_logits(model.backbone.pad(x[None]), text)
+        up = F.interpolate(low, size=(48, 64), mode="bilinear", align_corners=False)[:, :, :40, :56]
         model.pamr = PAMR(2, (1, 2))
         got = model.segment(x, text)
-    ref = (model.logit_scale * PAMR(2, (1, 2))(x, up)).softmax(0)
+    ref = PAMR(2, (1, 2))(x[None], up)[0].softmax(0)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
 
 
 def test_pamr_bad_arguments():
     with pytest.raises(ValueError, match="dilations"):
         PAMR(1, (0,))
-    with pytest.raises(ValueError, match="iterations"):
-        PAMR(-1)
+    with pytest.raises(ValueError, match="num_iter"):
+        PAMR(0)
 
 
 # ---------------------------------------------------------------- presets
 
 
-PRESETS = sorted(glob.glob(os.path.join(ROOT, "configs", "trainingfree", "**", "*.yaml"), recursive=True))
+PRESETS = sorted(p for m in ("sclip", "clearclip", "naclip")
+                 for p in [os.path.join(ROOT, "configs", "trainingfree", f"{m}_vitb16.yaml")]
+                 + glob.glob(os.path.join(ROOT, "configs", "trainingfree", m, "*.yaml")))
 
 
 def test_presets_load_and_say_what_they_are():
@@ -275,8 +215,8 @@ def test_presets_load_and_say_what_they_are():
             assert (cfg.MODEL.DENSE_SEG.BG_THRESHOLD > 0) == has_bg, path
     assert set(modes) == {"sclip", "clearclip", "naclip"}
     demo = get_ovseg_cfg()
-    demo.merge_from_file(os.path.join(ROOT, "configs", "clip_dense_vitb16.yaml"))
-    assert demo.MODEL.CLIP.DENSE_MODE == "naclip" and demo.MODEL.DENSE_SEG.PAMR_ITERATIONS == 10
+    demo.merge_from_file(os.path.join(ROOT, "configs", "trainingfree", "naclip_vitb16.yaml"))  # demo default
+    assert demo.MODEL.CLIP.DENSE_MODE == "naclip" and demo.MODEL.DENSE_SEG.PAMR_ITERS == 10
 
 
 @pytest.mark.parametrize("method", ["sclip", "clearclip", "naclip"])

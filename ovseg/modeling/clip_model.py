@@ -66,6 +66,17 @@ def _check_model_name(model_name: str) -> None:
         )
 
 
+# Prefixes under which ovseg models (and DDP) keep open_clip's modules; stripping them gives open_clip keys, so a
+# detectron2 checkpoint of any ovseg model (e.g. model_final.pth) is also a CLIP checkpoint.
+_OVSEG_PREFIXES = ("module.", "backbone.tower.", "text_classifier.text_model.")
+
+
+def _open_clip_key(key: str) -> str:
+    for prefix in _OVSEG_PREFIXES:
+        key = key.removeprefix(prefix)
+    return key
+
+
 def _load_file(model: nn.Module, path: str, model_name: str) -> None:
     """Load an open_clip (or ovseg-exported) state dict into `model`, reporting key mismatches."""
     try:
@@ -83,7 +94,7 @@ def _load_file(model: nn.Module, path: str, model_name: str) -> None:
         state = state.get("state_dict", state.get("model", state))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"MODEL.CLIP.PRETRAINED={path!r} does not hold a state dict of tensors")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {_open_clip_key(k): v for k, v in state.items()}
     own = model.state_dict()
     matched = [k for k in state if k in own]
     if not matched:

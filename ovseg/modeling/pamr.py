@@ -1,10 +1,11 @@
-"""Pixel-adaptive mask refinement (PAMR; Araslanov & Roth, "Single-Stage Semantic Segmentation from Image
-Labels", CVPR 2020), in plain PyTorch.
+"""PAMR: pixel-adaptive mask refinement (Araslanov & Roth, "Single-Stage Semantic Segmentation from Image Labels",
+CVPR 2020), in plain PyTorch.
 
-Each iteration replaces every pixel's class scores by an average of its 8 neighbours at each dilation, weighted
-by how similar their colours are to its own. The weights depend on the image only, so they are computed once
-(`affinity`) and applied to as many classes at a time as memory allows (`propagate`): the segmentor refines
-847 classes in chunks without holding 8 * len(dilations) shifted copies of the logits.
+Each iteration replaces every pixel's scores by an affinity-weighted average of its neighbours' scores (8 neighbours
+at each dilation). The affinities come from the image: neighbours whose colour is close, relative to the local
+colour spread, get more weight (softmax over all neighbours of all dilations). They depend on the image only, so
+`affinities` is computed once and `propagate` can refine the classes chunk by chunk (847 classes at full
+resolution never need 8 x len(dilations) shifted copies, nor more than a chunk's worth of temporaries).
 """
 from __future__ import annotations
 
@@ -12,68 +13,63 @@ from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+_RING = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
 
 
 def neighbour_offsets(dilations: Sequence[int]) -> List[Tuple[int, int]]:
-    """The 8 (dy, dx) neighbours of a pixel at each dilation (the pixel itself excluded)."""
-    return [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    """(dy, dx) of the 8 neighbours at each dilation, in a fixed order."""
+    return [(dy * d, dx * d) for d in dilations for dy, dx in _RING]
 
 
-def _shifted(padded: torch.Tensor, pad: int, dy: int, dx: int, size: Tuple[int, int]) -> torch.Tensor:
-    """View of x(i + dy, j + dx) from x replicate-padded by `pad`: out-of-image neighbours are the nearest
-    border pixel (replicate padding = clamped indices, whatever the pad width)."""
-    h, w = size
-    return padded[..., pad + dy:pad + dy + h, pad + dx:pad + dx + w]
-
-
-class PAMR:
-    """PAMR with `iterations` refinement steps over neighbours at `dilations` (pixels)."""
-
-    def __init__(self, iterations: int = 10, dilations: Sequence[int] = (8, 16)):
-        if iterations < 0:
-            raise ValueError(f"PAMR iterations must be >= 0, got {iterations}")
-        if not dilations or any(int(d) < 1 for d in dilations):
-            raise ValueError(f"PAMR dilations must be positive integers, got {list(dilations)}")
-        self.iterations = int(iterations)
+class PAMR(nn.Module):
+    def __init__(self, num_iter: int = 10, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24)):
+        super().__init__()
+        if num_iter < 1 or not dilations or min(dilations) < 1:
+            raise ValueError(f"PAMR needs num_iter >= 1 and positive dilations, got {num_iter}, {list(dilations)}")
+        self.num_iter = num_iter
         self.dilations = tuple(int(d) for d in dilations)
         self.offsets = neighbour_offsets(self.dilations)
+        self.pad = max(self.dilations)
+
+    def _views(self, x: torch.Tensor, offsets: Sequence[Tuple[int, int]]) -> List[torch.Tensor]:
+        # views of a replicate-padded tensor (= indices clamped to the image, whatever the pad): slices, no copies
+        h, w = x.shape[-2:]
+        xp = F.pad(x, (self.pad,) * 4, mode="replicate")
+        return [xp[..., self.pad + dy:self.pad + dy + h, self.pad + dx:self.pad + dx + w] for dy, dx in offsets]
 
     @torch.no_grad()
-    def affinity(self, image: torch.Tensor) -> torch.Tensor:
-        """Neighbour weights of every pixel: (K, H, W) image -> (P, H, W), summing to 1 over the P neighbours.
+    def affinities(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) image -> (B, K, H, W) neighbour weights summing to 1 over the K = 8 x len(dilations).
 
-        weight_p ∝ exp(-mean_k |I_k(n_p) - I_k(x)| / (0.1 * std_k(x))), std_k over the pixel's 3x3
-        neighbourhoods at all dilations (centre included once per dilation, unbiased), as in the PAMR paper.
+        The colour spread is the unbiased std over each dilation's 3x3 neighbourhood, pooled over dilations (the
+        centre counted once per dilation), as in the PAMR authors' code that SCLIP and NACLIP reuse.
         """
-        if image.dim() != 3:
-            raise ValueError(f"PAMR expects a (K, H, W) image, got shape {tuple(image.shape)}")
         image = image.float()
-        size = tuple(image.shape[-2:])
-        pad = max(self.dilations)
-        padded = F.pad(image[None], (pad,) * 4, mode="replicate")[0]
-        window = [_shifted(padded, pad, dy * d, dx * d, size)
-                  for d in self.dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-        std = torch.stack(window, 0).std(0)  # (K, H, W)
-        scale = 1e-8 + 0.1 * std
-        logits = torch.stack([(_shifted(padded, pad, dy, dx, size) - image).abs().div_(scale).mean(0)
-                              for dy, dx in self.offsets])  # (P, H, W)
-        return (-logits).softmax(0)
+        views = self._views(image, self.offsets)
+        n = len(views) + len(self.dilations)
+        total = image * len(self.dilations) + sum(views)
+        total_sq = image ** 2 * len(self.dilations) + sum(v ** 2 for v in views)
+        std = ((total_sq - total ** 2 / n) / (n - 1)).clamp(min=0).sqrt()  # (B, 3, H, W)
+        logits = torch.stack([(-(v - image).abs() / (1e-8 + 0.1 * std)).mean(1) for v in views], dim=1)
+        return logits.softmax(dim=1)
 
     @torch.no_grad()
-    def propagate(self, mask: torch.Tensor, affinity: torch.Tensor) -> torch.Tensor:
-        """`iterations` steps of mask(x) <- sum_p affinity_p(x) * mask(n_p(x)): (C, H, W) -> (C, H, W)."""
-        if mask.shape[-2:] != affinity.shape[-2:]:
-            raise ValueError(f"PAMR mask {tuple(mask.shape)} and affinity {tuple(affinity.shape)} sizes differ")
-        size = tuple(mask.shape[-2:])
-        pad = max(self.dilations)
-        for _ in range(self.iterations):
-            padded = F.pad(mask[None], (pad,) * 4, mode="replicate")[0]
-            out = torch.zeros_like(mask)
-            for (dy, dx), weight in zip(self.offsets, affinity):
-                out.addcmul_(_shifted(padded, pad, dy, dx, size), weight)
-            mask = out
-        return mask
+    def propagate(self, scores: torch.Tensor, affinities: torch.Tensor) -> torch.Tensor:
+        """`num_iter` steps of s(x) <- sum_k a_k(x) s(n_k(x)): (B, C, H, W) scores, (B, K, H, W) affinities."""
+        if affinities.shape[-2:] != scores.shape[-2:]:
+            raise ValueError(f"PAMR: image {tuple(affinities.shape[-2:])} and scores {tuple(scores.shape[-2:])} "
+                             "sizes differ")
+        for _ in range(self.num_iter):
+            out = torch.zeros_like(scores)
+            for k, view in enumerate(self._views(scores, self.offsets)):
+                out.addcmul_(view, affinities[:, k:k + 1])
+            scores = out
+        return scores
 
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Refine (C, H, W) scores with a (K, H, W) image of the same size."""
-        return self.propagate(mask, self.affinity(image))
+    def forward(self, image: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Refine (B, C, H, W) scores with the (B, 3, H, W) image at the same resolution."""
+        if image.shape[-2:] != scores.shape[-2:]:
+            raise ValueError(f"PAMR: image {tuple(image.shape[-2:])} and scores {tuple(scores.shape[-2:])} differ")
+        return self.propagate(scores, self.affinities(image).to(scores.dtype))

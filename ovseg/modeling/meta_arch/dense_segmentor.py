@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -64,19 +64,6 @@ def softmax_(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return x.div_(x.sum(dim, keepdim=True))
 
 
-def apply_background_threshold(probs: torch.Tensor, background: int, threshold: float) -> torch.Tensor:
-    """In place on (C, H, W) probabilities: where the best foreground class has probability < `threshold`,
-    the pixel becomes background (probability 1), as SCLIP / ClearCLIP / NACLIP do on benchmarks with a
-    background class. Their rule (argmax, then max prob < thd -> background) gives the same labels."""
-    keep = probs[background].clone()
-    probs[background] = 0
-    low = probs.amax(0) < threshold  # (H, W): best foreground probability
-    probs[background] = keep
-    probs.masked_fill_(low[None], 0.0)
-    probs[background].masked_fill_(low, 1.0)
-    return probs
-
-
 @META_ARCH_REGISTRY.register()
 class CLIPDenseSegmentor(nn.Module):
     """Per-pixel logits = scale * <clip_dense, class text embedding>, upsampled to the output size.
@@ -85,8 +72,8 @@ class CLIPDenseSegmentor(nn.Module):
     (SCLIP / ClearCLIP / NACLIP presets: configs/trainingfree/). Output per image: ``{"sem_seg": (C, height,
     width)}`` class probabilities, the format `SemSegEvaluator` reads.
 
-    Inference: patch-level logits (whole image, or sliding windows averaged on the patch grid) are upsampled
-    once, straight to the output size, in chunks of classes (each optionally refined by PAMR); the only
+    Inference: patch-resolution logits (whole image, or sliding windows averaged on the patch grid) are upsampled
+    once, straight to the output size, a chunk of classes at a time (each chunk PAMR-refined if asked); the only
     full-resolution (C, H, W) tensor is the output, made into probabilities in place.
     """
 
@@ -95,7 +82,7 @@ class CLIPDenseSegmentor(nn.Module):
                  pixel_mean: Tuple[float, ...], pixel_std: Tuple[float, ...], vocabulary=None,
                  logit_scale: float = 100.0, inference_mode: str = "whole", window_size: int = 448,
                  window_stride: int = 224, window_batch_size: int = 4, bg_threshold: float = 0.0,
-                 bg_class: str = "background", pamr_iterations: int = 0, pamr_dilations: Sequence[int] = (8, 16)):
+                 background_class: str = "background", pamr: Optional[PAMR] = None):
         """
         Args:
             backbone: the CLIP dense encoder.
@@ -104,19 +91,19 @@ class CLIPDenseSegmentor(nn.Module):
             vocabulary: initial vocabulary (anything `parse_vocabulary` accepts); `set_vocabulary` changes it.
             logit_scale: multiplier of the cosine similarities before the softmax.
             inference_mode: "whole" or "slide".
-            window_size, window_stride: sliding-window geometry in input pixels (multiples of the patch size).
+            window_size, window_stride: sliding-window geometry in input pixels (rounded down to multiples of the
+                patch size, so that windows share one patch grid and their logits add up at feature resolution).
             window_batch_size: windows encoded per backbone forward.
-            bg_threshold: pixels whose best foreground probability is below it become `bg_class`; 0 = off.
-            bg_class: name of the vocabulary's background class (needed when bg_threshold > 0).
-            pamr_iterations, pamr_dilations: PAMR refinement of the logits; 0 iterations = off.
+            bg_threshold: pixels whose highest class probability is below it go to `background_class`; 0 = off.
+            background_class: display name of the vocabulary's background class (needed when bg_threshold > 0).
+            pamr: optional PAMR refinement of the logits with the image.
         """
         super().__init__()
         if inference_mode not in ("whole", "slide"):
             raise ValueError(f"MODEL.DENSE_SEG.INFERENCE_MODE={inference_mode!r}; use 'whole' or 'slide'")
-        p = backbone.patch_size
-        if window_size <= 0 or window_stride <= 0 or window_size % p or window_stride % p:
+        if window_size <= 0 or window_stride <= 0:
             raise ValueError(f"MODEL.DENSE_SEG.WINDOW_SIZE={window_size} and WINDOW_STRIDE={window_stride} must be "
-                             f"positive multiples of the patch size {p} (windows are placed on the patch grid)")
+                             "positive")
         if window_stride > window_size:
             raise ValueError(f"MODEL.DENSE_SEG.WINDOW_STRIDE={window_stride} > WINDOW_SIZE={window_size} would "
                              "leave pixels uncovered")
@@ -134,8 +121,8 @@ class CLIPDenseSegmentor(nn.Module):
         self.window_stride = window_stride
         self.window_batch_size = window_batch_size
         self.bg_threshold = bg_threshold
-        self.bg_class = bg_class
-        self.pamr = PAMR(pamr_iterations, pamr_dilations) if pamr_iterations > 0 else None
+        self.background_class = background_class
+        self.pamr = pamr
         self._vocabulary: Optional[Vocabulary] = None
         self._vocabulary_spec = vocabulary
 
@@ -156,9 +143,8 @@ class CLIPDenseSegmentor(nn.Module):
             "window_stride": d.WINDOW_STRIDE,
             "window_batch_size": d.WINDOW_BATCH_SIZE,
             "bg_threshold": d.BG_THRESHOLD,
-            "bg_class": d.BG_CLASS,
-            "pamr_iterations": d.PAMR_ITERATIONS,
-            "pamr_dilations": list(d.PAMR_DILATIONS),
+            "background_class": d.BACKGROUND_CLASS,
+            "pamr": PAMR(d.PAMR_ITERS, d.PAMR_DILATIONS) if d.PAMR_ITERS > 0 else None,
         }
 
     @property
@@ -178,77 +164,87 @@ class CLIPDenseSegmentor(nn.Module):
         self._vocabulary = parse_vocabulary(vocabulary)
         return self._vocabulary
 
-    def background_index(self) -> int:
-        names = [n.lower() for n in self.vocabulary.names]
-        if self.bg_class.lower() not in names:
-            raise ValueError(f"MODEL.DENSE_SEG.BG_THRESHOLD={self.bg_threshold} needs a class named "
-                             f"{self.bg_class!r} (MODEL.DENSE_SEG.BG_CLASS) in the vocabulary; it has "
-                             f"{self.vocabulary.names[:8]}{' ...' if len(names) > 8 else ''}. Set BG_THRESHOLD 0 "
-                             "for benchmarks without a background class")
-        return names.index(self.bg_class.lower())
+    def low_res_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images, H and W multiples of the patch size -> (B, C, H/p, W/p) logits."""
+        dense = self.backbone(images)["clip_dense"]  # (B, D, H/p, W/p)
+        return self.logit_scale * torch.einsum("bdhw,cd->bchw", dense, text.to(dense.dtype)).float()
 
-    def patch_logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) normalised image -> (C, ceil(H/p), ceil(W/p)) cosine similarities on the patch grid of the
-        image zero-padded (bottom/right) to a multiple of the patch size p.
+    def _window_logits(self, padded: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Sliding windows over a padded (3, Hp, Wp) image, averaged at feature resolution: (C, Hp/p, Wp/p).
 
-        "slide": windows lie on the patch grid (offsets are multiples of p, the last row/column flush with the
-        padded border, a window larger than the image shrinks to it), so each window's patch logits add onto
-        grid cells exactly; overlaps are averaged. One window covering the image is the whole-image result.
+        Windows lie on the patch grid (offsets are multiples of p, the last row/column flush with the padded
+        border, a window larger than the image shrinks to it), so each window's patch logits add onto grid
+        cells exactly. One window covering the image gives the whole-image result.
         """
-        x = self.backbone.pad(image[None])[0]  # (3, Hp, Wp)
-        if self.inference_mode == "whole":
-            dense = self.backbone(x[None])["clip_dense"][0]  # (D, Hp/p, Wp/p)
-            return torch.einsum("dhw,cd->chw", dense, text.to(dense.dtype)).float()
         p = self.backbone.patch_size
-        hp, wp = x.shape[-2:]
-        acc = x.new_zeros((text.shape[0], hp // p, wp // p), dtype=torch.float32)
-        count = x.new_zeros((1, hp // p, wp // p), dtype=torch.float32)
-        windows = sliding_windows((hp, wp), self.window_size, self.window_stride)
+        window = max(p, self.window_size // p * p)
+        stride = max(p, self.window_stride // p * p)
+        hp, wp = padded.shape[-2:]
+        logits = padded.new_zeros((text.shape[0], hp // p, wp // p), dtype=torch.float32)
+        count = padded.new_zeros((1, hp // p, wp // p), dtype=torch.float32)
+        windows = sliding_windows((hp, wp), window, stride)  # all multiples of p, all of one size
         for i in range(0, len(windows), self.window_batch_size):
             batch = windows[i:i + self.window_batch_size]
-            crops = torch.stack([x[:, y0:y1, x0:x1] for y0, x0, y1, x1 in batch])  # (b, 3, wh, ww), equal sizes
-            dense = self.backbone(crops)["clip_dense"]  # (b, D, wh/p, ww/p)
-            logits = torch.einsum("bdhw,cd->bchw", dense, text.to(dense.dtype)).float()
-            for (y0, x0, y1, x1), lg in zip(batch, logits):
-                acc[:, y0 // p:y1 // p, x0 // p:x1 // p] += lg
+            crops = torch.stack([padded[:, y0:y1, x0:x1] for y0, x0, y1, x1 in batch])  # (b, 3, wh, ww)
+            for (y0, x0, y1, x1), lg in zip(batch, self.low_res_logits(crops, text)):
+                logits[:, y0 // p:y1 // p, x0 // p:x1 // p] += lg
                 count[:, y0 // p:y1 // p, x0 // p:x1 // p] += 1
-        return acc.div_(count)
+        return logits.div_(count)
 
-    def segment(self, image: torch.Tensor, text: torch.Tensor,
-                out_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    def segment(self, image: torch.Tensor, text: torch.Tensor, out_size: Optional[Tuple[int, int]] = None
+                ) -> torch.Tensor:
         """(3, H, W) normalised image -> (C, out_h, out_w) class probabilities (default out size: H, W).
 
-        The patch logits are bilinearly resampled once, from the patch grid straight to the output pixels (the
-        padding cut off on the way), then optionally PAMR-refined against the image at the output size, scaled,
-        softmaxed in place and background-thresholded.
+        The patch-resolution logits are bilinearly resampled once, from the padded patch grid straight to the
+        output pixels (the padding cut off on the way), a chunk of classes at a time, each chunk PAMR-refined
+        against the image at the output size; then softmax in place and the background rule.
         """
         h, w = image.shape[-2:]
         out_h, out_w = out_size or (h, w)
-        low = self.patch_logits(image, text)  # (C, gh, gw)
+        padded = self.backbone.pad(image[None])[0]  # (3, Hp, Wp)
+        if self.inference_mode == "whole":
+            low = self.low_res_logits(padded[None], text)[0]
+        else:
+            low = self._window_logits(padded, text)  # (C, Hp/p, Wp/p)
         p = self.backbone.patch_size
-        # output pixel i reads image position (i + 0.5) * h / out_h - 0.5, i.e. that position's patch coordinate
-        ry = bilinear_matrix(out_h, low.shape[1], h / (out_h * p), device=low.device)  # (out_h, gh)
-        rx = bilinear_matrix(out_w, low.shape[2], w / (out_w * p), device=low.device)  # (out_w, gw)
-        affinity = None
+        # output pixel i samples image position (i + 0.5) * h / out_h - 0.5, i.e. that position's patch coordinate
+        ry = bilinear_matrix(out_h, low.shape[1], h / (out_h * p), device=low.device)  # (out_h, Hp/p)
+        rx = bilinear_matrix(out_w, low.shape[2], w / (out_w * p), device=low.device)  # (out_w, Wp/p)
+        affinities = None
         if self.pamr is not None:
-            guide = F.interpolate(image[None].float(), size=(out_h, out_w), mode="bilinear", align_corners=False)
-            affinity = self.pamr.affinity(guide[0])  # (P, out_h, out_w)
+            rgb = F.interpolate(image[None].float(), size=(out_h, out_w), mode="bilinear", align_corners=False)
+            affinities = self.pamr.affinities(rgb)  # (1, K, out_h, out_w)
         out = low.new_empty((low.shape[0], out_h, out_w))
         step = max(1, _CHUNK_ELEMENTS // (out_h * out_w))
         for c in range(0, low.shape[0], step):
             chunk = torch.matmul(ry, low[c:c + step] @ rx.T)  # (c, out_h, out_w)
-            out[c:c + step] = chunk if affinity is None else self.pamr.propagate(chunk, affinity)
-        probs = softmax_(out.mul_(self.logit_scale), 0)
+            out[c:c + step] = chunk if affinities is None else self.pamr.propagate(chunk[None], affinities)[0]
+        probs = softmax_(out, 0)
         if self.bg_threshold > 0:
-            apply_background_threshold(probs, self.background_index(), self.bg_threshold)
+            bg = self._background_index()
+            # SCLIP / ClearCLIP / NACLIP: argmax, then background where the top probability is below the threshold
+            uncertain = probs.amax(0) < self.bg_threshold  # (out_h, out_w)
+            probs.masked_fill_(uncertain[None], 0.0)
+            probs[bg].masked_fill_(uncertain, 1.0)
         return probs
+
+    def _background_index(self) -> int:
+        names = [n.lower() for n in self.vocabulary.names]
+        if self.background_class.lower() not in names:
+            raise ValueError(
+                f"MODEL.DENSE_SEG.BG_THRESHOLD={self.bg_threshold} needs a class named "
+                f"{self.background_class!r} (MODEL.DENSE_SEG.BACKGROUND_CLASS) in the vocabulary: "
+                f"{self.vocabulary.names[:8]}{' ...' if len(names) > 8 else ''}; set BG_THRESHOLD 0 for benchmarks "
+                "without a background class"
+            )
+        return names.index(self.background_class.lower())
 
     def forward(self, batched_inputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:
         if self.training:
             raise RuntimeError("CLIPDenseSegmentor is training-free: use it with --eval-only or the demo")
         text = self.text_classifier(self.vocabulary)  # (C, D)
         if self.bg_threshold > 0:
-            self.background_index()  # fail before any image work
+            self._background_index()  # fail before any image work
         results = []
         for inp in batched_inputs:
             image = inp["image"].to(self.device)
@@ -257,7 +253,6 @@ class CLIPDenseSegmentor(nn.Module):
             h, w = image.shape[-2:]
             if min(h, w) < 1:
                 raise ValueError(f"empty image of shape {tuple(image.shape)}")
-            out_size = (inp.get("height", h), inp.get("width", w))
-            probs = self.segment((image.float() - self.pixel_mean) / self.pixel_std, text, out_size)
-            results.append({"sem_seg": probs})
+            normed = (image.float() - self.pixel_mean) / self.pixel_std
+            results.append({"sem_seg": self.segment(normed, text, (inp.get("height", h), inp.get("width", w)))})
         return results

@@ -1,0 +1,266 @@
+"""The benchmarks ovseg registers in detectron2's catalogs: one table, one registration function.
+
+Every dataset lives under `$DETECTRON2_DATASETS` (default `datasets/`) in the layout that detectron2, Mask2Former
+and FC-CLIP users already have (see `datasets/README.md`). Registration reads only the packaged class lists; the
+dataset folders are looked at when a dataset is loaded (`DatasetCatalog.get`), and a missing one is reported with
+its expected path and the `datasets/prepare_*.py` command that creates it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets.coco import load_coco_json
+
+from .class_table import ClassEntry, class_list_path, load_class_table, seen_class_mask
+
+logger = logging.getLogger(__name__)
+
+SEM_SEG = "sem_seg"
+COCO_PANOPTIC = "coco_panoptic_seg"
+ADE20K_PANOPTIC = "ade20k_panoptic_seg"  # panoptic + semantic + instance, as in Mask2Former
+INSTANCE = "coco"
+PANOPTIC_TYPES = (COCO_PANOPTIC, ADE20K_PANOPTIC)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One registered split. Paths are relative to the datasets root."""
+
+    name: str
+    table: str  # class list in ovseg/data/class_lists/ (`<table>.json` facts + `<table>.txt` vocabulary)
+    image_dir: str
+    prepare: str  # the command that creates this split's prepared files from the official download
+    sem_seg_dir: str = ""  # label maps holding contiguous class ids and `ignore_label`
+    label_ext: str = "png"
+    image_ext: str = "jpg"
+    panoptic_json: str = ""  # COCO panoptic format, category ids = the table's `id`
+    panoptic_dir: str = ""
+    instance_json: str = ""  # COCO instance format (things only), category ids = the table's `id`
+    ignore_label: int = 255
+    evaluator_type: str = SEM_SEG
+    first_class: int = 0  # classes of the table before this index are not part of the benchmark (VOC-20)
+
+
+_ADE = "ADEChallengeData2016"
+_ADE_PREP = "python datasets/prepare_ade20k_150.py"
+_PC_PREP = "python datasets/prepare_pascal_context.py"
+_VOC_PREP = "python datasets/prepare_pascal_voc.py"
+
+BENCHMARKS: Tuple[Benchmark, ...] = (
+    Benchmark("ade20k_150_sem_seg_train", "ade20k_150", f"{_ADE}/images/training", _ADE_PREP,
+              sem_seg_dir=f"{_ADE}/annotations_detectron2/training"),
+    Benchmark("ade20k_150_sem_seg_val", "ade20k_150", f"{_ADE}/images/validation", _ADE_PREP,
+              sem_seg_dir=f"{_ADE}/annotations_detectron2/validation"),
+    Benchmark("ade20k_150_panoptic_val", "ade20k_150", f"{_ADE}/images/validation", _ADE_PREP,
+              sem_seg_dir=f"{_ADE}/annotations_detectron2/validation",
+              panoptic_json=f"{_ADE}/ade20k_panoptic_val.json", panoptic_dir=f"{_ADE}/ade20k_panoptic_val",
+              instance_json=f"{_ADE}/ade20k_instance_val.json", evaluator_type=ADE20K_PANOPTIC),
+    Benchmark("ade20k_150_instance_val", "ade20k_150", f"{_ADE}/images/validation", _ADE_PREP,
+              instance_json=f"{_ADE}/ade20k_instance_val.json", evaluator_type=INSTANCE),
+    Benchmark("ade20k_847_sem_seg_val", "ade20k_847", "ADE20K_2021_17_01/images_detectron2/validation",
+              "python datasets/prepare_ade20k_847.py",
+              sem_seg_dir="ADE20K_2021_17_01/annotations_detectron2/validation", label_ext="tif",
+              ignore_label=65535),
+    Benchmark("pascal_context_59_sem_seg_val", "pascal_context_59", "VOCdevkit/VOC2010/JPEGImages", _PC_PREP,
+              sem_seg_dir="VOCdevkit/VOC2010/annotations_detectron2/pc59_val"),
+    Benchmark("pascal_context_459_sem_seg_val", "pascal_context_459", "VOCdevkit/VOC2010/JPEGImages", _PC_PREP,
+              sem_seg_dir="VOCdevkit/VOC2010/annotations_detectron2/pc459_val", label_ext="tif",
+              ignore_label=65535),
+    Benchmark("pascal_voc_20_sem_seg_val", "pascal_voc_21", "VOCdevkit/VOC2012/JPEGImages", _VOC_PREP,
+              sem_seg_dir="VOCdevkit/VOC2012/annotations_detectron2/voc20_val", first_class=1),
+    Benchmark("pascal_voc_21_sem_seg_val", "pascal_voc_21", "VOCdevkit/VOC2012/JPEGImages", _VOC_PREP,
+              sem_seg_dir="VOCdevkit/VOC2012/annotations_detectron2/voc21_val"),
+    *(
+        Benchmark(f"coco_2017_{split}_panoptic_with_sem_seg", "coco_panoptic_133", f"coco/{split}2017",
+                  "python datasets/prepare_coco_panoptic.py",
+                  sem_seg_dir=f"coco/panoptic_semseg_{split}2017",
+                  panoptic_json=f"coco/annotations/panoptic_{split}2017.json",
+                  panoptic_dir=f"coco/panoptic_{split}2017",
+                  instance_json=f"coco/annotations/instances_{split}2017.json", evaluator_type=COCO_PANOPTIC)
+        for split in ("train", "val")
+    ),
+    *(
+        Benchmark(f"coco_stuff_164k_sem_seg_{split}", "coco_stuff_171", f"coco/{split}2017",
+                  "python datasets/prepare_coco_stuff.py",
+                  sem_seg_dir=f"coco/stuffthingmaps_detectron2/{split}2017")
+        for split in ("train", "val")
+    ),
+)
+
+BENCHMARKS_BY_NAME: Dict[str, Benchmark] = {b.name: b for b in BENCHMARKS}
+
+
+def default_root() -> str:
+    return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+
+
+def _require(path: str, bench: Benchmark, what: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"dataset {bench.name!r}: {what} not found at {path!r}. Download the benchmark and run "
+            f"`{bench.prepare}` (with DETECTRON2_DATASETS pointing at the datasets root); layouts: datasets/README.md"
+        )
+
+
+def _classes(bench: Benchmark) -> Tuple[ClassEntry, ...]:
+    return load_class_table(bench.table)[bench.first_class:]
+
+
+def load_semantic(bench: Benchmark, root: str) -> List[dict]:
+    """Pair every label map of `sem_seg_dir` with the image of the same stem in `image_dir`."""
+    image_dir = os.path.join(root, bench.image_dir)
+    gt_dir = os.path.join(root, bench.sem_seg_dir)
+    _require(gt_dir, bench, "label folder")
+    _require(image_dir, bench, "image folder")
+    gt_files = sorted(f for f in os.listdir(gt_dir) if f.endswith("." + bench.label_ext))
+    if not gt_files:
+        raise FileNotFoundError(f"dataset {bench.name!r}: no *.{bench.label_ext} label maps in {gt_dir!r}; "
+                                f"run `{bench.prepare}`")
+    records = []
+    for gt in gt_files:
+        stem = os.path.splitext(gt)[0]
+        image = os.path.join(image_dir, f"{stem}.{bench.image_ext}")
+        records.append({"file_name": image, "sem_seg_file_name": os.path.join(gt_dir, gt), "image_id": stem})
+    _require(records[0]["file_name"], bench, f"image for label map {gt_files[0]!r}")
+    logger.info("Loaded %d images with semantic labels from %s", len(records), gt_dir)
+    return records
+
+
+def load_panoptic(bench: Benchmark, root: str) -> List[dict]:
+    """COCO-panoptic JSON + PNGs (+ semantic label maps when the row has them) in detectron2's format."""
+    json_file = os.path.join(root, bench.panoptic_json)
+    pan_dir = os.path.join(root, bench.panoptic_dir)
+    image_dir = os.path.join(root, bench.image_dir)
+    _require(json_file, bench, "panoptic JSON")
+    _require(pan_dir, bench, "panoptic PNG folder")
+    _require(image_dir, bench, "image folder")
+    sem_dir = os.path.join(root, bench.sem_seg_dir) if bench.sem_seg_dir else ""
+    if sem_dir:
+        _require(sem_dir, bench, "semantic label folder")
+    meta = MetadataCatalog.get(bench.name)
+    things, stuff = meta.thing_dataset_id_to_contiguous_id, meta.stuff_dataset_id_to_contiguous_id
+    with open(json_file, encoding="utf-8") as f:
+        data = json.load(f)
+    image_files = {img["id"]: img["file_name"] for img in data.get("images", [])}
+    records = []
+    for ann in data["annotations"]:
+        segments = []
+        for seg in ann["segments_info"]:
+            seg = dict(seg)
+            isthing = seg["category_id"] in things
+            seg["category_id"] = (things if isthing else stuff)[seg["category_id"]]
+            seg["isthing"] = isthing
+            segments.append(seg)
+        stem = os.path.splitext(ann["file_name"])[0]
+        image = image_files.get(ann["image_id"], f"{stem}.{bench.image_ext}")
+        record = {
+            "file_name": os.path.join(image_dir, image),
+            "image_id": ann["image_id"],
+            "pan_seg_file_name": os.path.join(pan_dir, ann["file_name"]),
+            "segments_info": segments,
+        }
+        if sem_dir:
+            record["sem_seg_file_name"] = os.path.join(sem_dir, stem + ".png")
+        records.append(record)
+    if not records:
+        raise ValueError(f"dataset {bench.name!r}: {json_file!r} has no annotations")
+    _require(records[0]["file_name"], bench, "first image")
+    _require(records[0]["pan_seg_file_name"], bench, "first panoptic PNG")
+    if sem_dir:
+        _require(records[0]["sem_seg_file_name"], bench, "first semantic label map")
+    return records
+
+
+def load_instances(bench: Benchmark, root: str) -> List[dict]:
+    """COCO instance JSON with category ids mapped to the row's contiguous thing ids."""
+    json_file = os.path.join(root, bench.instance_json)
+    image_dir = os.path.join(root, bench.image_dir)
+    _require(json_file, bench, "instance JSON")
+    _require(image_dir, bench, "image folder")
+    id_map = MetadataCatalog.get(bench.name).thing_dataset_id_to_contiguous_id
+    records = load_coco_json(json_file, image_dir)  # no dataset name: leaves the metadata to us
+    for record in records:
+        for obj in record.get("annotations", []):
+            obj["category_id"] = id_map[obj["category_id"]]
+    return records
+
+
+def _loader(bench: Benchmark, root: str):
+    if bench.evaluator_type in PANOPTIC_TYPES:
+        return lambda: load_panoptic(bench, root)
+    if bench.evaluator_type == INSTANCE:
+        return lambda: load_instances(bench, root)
+    return lambda: load_semantic(bench, root)
+
+
+def benchmark_metadata(bench: Benchmark, root: str) -> dict:
+    """Everything `MetadataCatalog.get(bench.name)` holds for a row (paths joined to `root`, nothing read)."""
+    classes = _classes(bench)
+    vocabulary = [c.vocabulary_entry for c in classes]
+    seen = seen_class_mask(vocabulary)
+    meta = {
+        "evaluator_type": bench.evaluator_type,
+        "ignore_label": bench.ignore_label,
+        "image_root": os.path.join(root, bench.image_dir),
+        "class_list": class_list_path(bench.table),
+        "prepare_command": bench.prepare,
+        "vocabulary": vocabulary,
+        "seen_classes": [c.name for c, s in zip(classes, seen) if s],
+        "unseen_classes": [c.name for c, s in zip(classes, seen) if not s],
+    }
+    if bench.sem_seg_dir:
+        meta["sem_seg_root"] = os.path.join(root, bench.sem_seg_dir)
+    things = [(i, c) for i, c in enumerate(classes) if c.isthing]
+    if bench.evaluator_type == INSTANCE:
+        meta.update(
+            thing_classes=[c.name for _, c in things],
+            thing_colors=[list(c.color) for _, c in things],
+            thing_dataset_id_to_contiguous_id={c.dataset_id: j for j, (_, c) in enumerate(things)},
+            vocabulary=[c.vocabulary_entry for _, c in things],
+            json_file=os.path.join(root, bench.instance_json),
+        )
+        meta["seen_classes"] = [n for n in meta["seen_classes"] if n in meta["thing_classes"]]
+        meta["unseen_classes"] = [n for n in meta["unseen_classes"] if n in meta["thing_classes"]]
+        return meta
+    meta.update(stuff_classes=[c.name for c in classes], stuff_colors=[list(c.color) for c in classes])
+    if bench.evaluator_type in PANOPTIC_TYPES:
+        # Mask2Former's convention: stuff_* cover all classes (semantic view), thing_* the thing subset, both
+        # mapping to contiguous ids in the same 0..C-1 space.
+        meta.update(
+            thing_classes=[c.name for _, c in things],
+            thing_colors=[list(c.color) for _, c in things],
+            thing_dataset_id_to_contiguous_id={c.dataset_id: i for i, c in things},
+            stuff_dataset_id_to_contiguous_id={c.dataset_id: i for i, c in enumerate(classes)},
+            panoptic_root=os.path.join(root, bench.panoptic_dir),
+            panoptic_json=os.path.join(root, bench.panoptic_json),
+            label_divisor=1000,
+        )
+        if bench.instance_json:
+            meta["json_file"] = os.path.join(root, bench.instance_json)
+    return meta
+
+
+def register_benchmark(bench: Benchmark, root: Optional[str] = None) -> None:
+    """Register one row (replacing an earlier registration of the same name, e.g. under another root)."""
+    root = default_root() if root is None else os.path.expanduser(root)
+    if bench.name in DatasetCatalog.list():
+        DatasetCatalog.remove(bench.name)
+    if bench.name in MetadataCatalog.list():
+        MetadataCatalog.remove(bench.name)
+    DatasetCatalog.register(bench.name, _loader(bench, root))
+    MetadataCatalog.get(bench.name).set(**benchmark_metadata(bench, root))
+
+
+def register_all_ovseg_datasets(root: Optional[str] = None) -> List[str]:
+    """Register every benchmark of `BENCHMARKS` under `root` (default `$DETECTRON2_DATASETS`, else `datasets/`).
+
+    Returns the registered names. Safe to call again (e.g. with another root): earlier entries are replaced.
+    """
+    for bench in BENCHMARKS:
+        register_benchmark(bench, root)
+    return [b.name for b in BENCHMARKS]

@@ -1,0 +1,155 @@
+"""Panoptic quality with whichever backend is installed, and a COCOPanopticEvaluator that does not need panopticapi.
+
+panopticapi (github only, not on PyPI) is the reference implementation; hotcoco ships a drop-in `pq_compute` with
+the same signature and result shape. Both give the same PQ on the same files (tests/data/test_panoptic_quality.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import json
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from typing import Optional
+
+import numpy as np
+from detectron2.evaluation import COCOPanopticEvaluator
+from detectron2.evaluation.panoptic_evaluation import _print_panoptic_results
+from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+
+def panoptic_backend() -> str:
+    """"panopticapi" when importable, else "hotcoco"; ImportError when neither is installed."""
+    try:
+        import panopticapi.evaluation  # noqa: F401
+
+        return "panopticapi"
+    except ImportError:
+        pass
+    try:
+        import hotcoco.panoptic  # noqa: F401
+
+        return "hotcoco"
+    except ImportError:
+        raise ImportError(
+            "panoptic evaluation needs panopticapi (pip install git+https://github.com/cocodataset/panopticapi.git) "
+            "or hotcoco (pip install hotcoco)"
+        ) from None
+
+
+def pq_compute(
+    gt_json_file: str,
+    pred_json_file: str,
+    gt_folder: Optional[str] = None,
+    pred_folder: Optional[str] = None,
+    backend: Optional[str] = None,
+) -> dict:
+    """PQ/SQ/RQ of COCO-panoptic predictions, as `panopticapi.evaluation.pq_compute` returns them.
+
+    Args:
+        gt_json_file, pred_json_file: COCO panoptic JSON files (the ground truth's `categories` are scored).
+        gt_folder, pred_folder: their PNG folders (default: the JSON path without `.json`).
+        backend: "panopticapi" or "hotcoco"; default `panoptic_backend()`.
+    Returns:
+        {"All"|"Things"|"Stuff": {"pq", "sq", "rq", "n"}, "per_class": {category_id: {"pq", "sq", "rq", ...}}},
+        scores as fractions in [0, 1].
+    """
+    backend = backend or panoptic_backend()
+    if backend == "panopticapi":
+        from panopticapi.evaluation import pq_compute as _pq_compute
+    elif backend == "hotcoco":
+        from hotcoco.panoptic import pq_compute as _pq_compute
+    else:
+        raise ValueError(f"unknown panoptic backend {backend!r}; choose 'panopticapi' or 'hotcoco'")
+    res = _pq_compute(gt_json_file, pred_json_file, gt_folder=gt_folder, pred_folder=pred_folder)
+    # hotcoco reports -1 for a category absent from both sides; panopticapi reports 0 (both skip it in the means)
+    for scores in res.get("per_class", {}).values():
+        for key in ("pq", "sq", "rq"):
+            if scores.get(key, 0.0) < 0:
+                scores[key] = 0.0
+    return res
+
+
+def id2rgb(id_map: np.ndarray) -> np.ndarray:
+    """(H, W) segment ids -> (H, W, 3) uint8 colours of the COCO panoptic PNG format (id = R + 256 G + 256^2 B)."""
+    id_map = np.asarray(id_map, dtype=np.int64)
+    return np.stack([id_map % 256, id_map // 256 % 256, id_map // 256**2 % 256], axis=-1).astype(np.uint8)
+
+
+def rgb2id(rgb: np.ndarray) -> np.ndarray:
+    """Inverse of `id2rgb`: (H, W, 3) colours -> (H, W) int64 segment ids."""
+    rgb = np.asarray(rgb, dtype=np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
+
+
+class OVSegPanopticEvaluator(COCOPanopticEvaluator):
+    """detectron2's COCOPanopticEvaluator, scoring through `pq_compute` (panopticapi or hotcoco).
+
+    Same inputs, outputs and printed table as the parent; only the panopticapi imports are replaced.
+    """
+
+    def process(self, inputs, outputs):
+        for inp, out in zip(inputs, outputs):
+            panoptic_img, segments_info = out["panoptic_seg"]
+            panoptic_img = panoptic_img.cpu().numpy()
+            if segments_info is None:
+                panoptic_img, segments_info = self._segments_from_labels(panoptic_img)
+            with io.BytesIO() as buf:
+                Image.fromarray(id2rgb(panoptic_img)).save(buf, format="PNG")
+                png = buf.getvalue()
+            self._predictions.append(
+                {
+                    "image_id": inp["image_id"],
+                    "file_name": os.path.splitext(os.path.basename(inp["file_name"]))[0] + ".png",
+                    "png_string": png,
+                    "segments_info": [self._convert_category_id(dict(s)) for s in segments_info],
+                }
+            )
+
+    def _segments_from_labels(self, panoptic_img: np.ndarray):
+        # "category * label_divisor + instance" labels with -1 = void; the PNG format reserves 0 for void
+        divisor = self._metadata.label_divisor
+        thing_ids = set(self._metadata.thing_dataset_id_to_contiguous_id.values())
+        segments = [
+            {"id": int(label) + 1, "category_id": int(label) // divisor, "isthing": int(label) // divisor in thing_ids}
+            for label in np.unique(panoptic_img)
+            if label != -1
+        ]
+        return panoptic_img + 1, segments
+
+    def evaluate(self):
+        comm.synchronize()
+        self._predictions = list(itertools.chain(*comm.gather(self._predictions)))
+        if not comm.is_main_process():
+            return None
+        gt_json = PathManager.get_local_path(self._metadata.panoptic_json)
+        gt_folder = PathManager.get_local_path(self._metadata.panoptic_root)
+        backend = panoptic_backend()
+        with tempfile.TemporaryDirectory(prefix="panoptic_eval") as pred_dir:
+            for p in self._predictions:
+                with open(os.path.join(pred_dir, p["file_name"]), "wb") as f:
+                    f.write(p.pop("png_string"))
+            with open(gt_json, encoding="utf-8") as f:
+                json_data = json.load(f)
+            json_data["annotations"] = self._predictions
+            output_dir = self._output_dir or pred_dir
+            predictions_json = os.path.join(output_dir, "predictions.json")
+            with PathManager.open(predictions_json, "w") as f:
+                f.write(json.dumps(json_data))
+            logger.info("Computing panoptic quality with %s", backend)
+            with contextlib.redirect_stdout(io.StringIO()):
+                pq_res = pq_compute(gt_json, PathManager.get_local_path(predictions_json), gt_folder=gt_folder,
+                                    pred_folder=pred_dir, backend=backend)
+        res = {}
+        for prefix, group in (("", "All"), ("_th", "Things"), ("_st", "Stuff")):
+            for key in ("pq", "sq", "rq"):
+                res[key.upper() + prefix] = 100 * pq_res[group][key]
+        _print_panoptic_results(pq_res)
+        return OrderedDict({"panoptic_seg": res})

@@ -1,0 +1,48 @@
+"""The benchmark table: class lists, lazy registration, metadata, clear errors for missing data."""
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from ovseg.data import BENCHMARKS_BY_NAME, load_class_table, register_all_ovseg_datasets, seen_class_mask
+from ovseg.modeling.text import parse_vocabulary
+
+
+@pytest.mark.parametrize("table,n,things", [
+    ("ade20k_150", 150, None), ("ade20k_847", 847, None), ("pascal_context_59", 59, None),
+    ("pascal_context_459", 459, None), ("pascal_voc_21", 21, None), ("coco_panoptic_133", 133, 80),
+    ("coco_stuff_171", 171, None),
+])
+def test_class_lists(table, n, things):
+    classes = load_class_table(table)
+    assert len(classes) == n
+    names = [c.name.lower() for c in classes]
+    assert len(set(names)) == n, "duplicate display names"
+    if things is not None:
+        assert sum(c.isthing for c in classes) == things
+    # every list is a valid vocabulary in ovseg's format
+    assert len(parse_vocabulary([c.vocabulary_entry for c in classes])) == n
+
+
+def test_registration_is_lazy_and_errors_name_the_prepare_script(tmp_path):
+    names = register_all_ovseg_datasets(str(tmp_path / "nowhere"))  # no disk access: the folder does not exist
+    for name in ("ade20k_150_sem_seg_val", "ade20k_847_sem_seg_val", "pascal_context_59_sem_seg_val",
+                 "pascal_context_459_sem_seg_val", "pascal_voc_20_sem_seg_val", "pascal_voc_21_sem_seg_val",
+                 "coco_2017_val_panoptic_with_sem_seg", "coco_stuff_164k_sem_seg_val", "ade20k_150_panoptic_val"):
+        assert name in names and name in DatasetCatalog.list()
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*prepare_ade20k_150\.py"):
+        DatasetCatalog.get("ade20k_150_sem_seg_val")
+    register_all_ovseg_datasets()  # back to the default root for other tests
+
+
+def test_metadata_for_open_vocabulary_evaluation():
+    ade = MetadataCatalog.get("ade20k_150_sem_seg_val")
+    assert len(ade.stuff_classes) == 150 and ade.ignore_label == 255 and ade.evaluator_type == "sem_seg"
+    vocab = parse_vocabulary("ade20k_150_sem_seg_val")  # the test vocabulary the Trainer switches to
+    assert vocab.names == ade.stuff_classes
+    voc20, voc21 = (MetadataCatalog.get(f"pascal_voc_{n}_sem_seg_val") for n in (20, 21))
+    assert len(voc20.stuff_classes) == 20 and voc21.stuff_classes[1:] == voc20.stuff_classes
+    # seen classes are derived from the COCO training vocabulary: ADE's "person" is seen, most of ADE-847 not
+    assert "person" in ade.seen_classes and set(ade.seen_classes).isdisjoint(ade.unseen_classes)
+    coco = MetadataCatalog.get("coco_2017_val_panoptic_with_sem_seg")
+    assert len(coco.thing_dataset_id_to_contiguous_id) == 80 and len(coco.stuff_dataset_id_to_contiguous_id) == 133
+    assert all(seen_class_mask(coco.vocabulary))
+    assert BENCHMARKS_BY_NAME["ade20k_847_sem_seg_val"].ignore_label == 65535

@@ -1,0 +1,113 @@
+"""Sliding windows, the background rule and PAMR on small hand-built cases."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.modeling import build_model
+
+from ovseg.modeling.pamr import PAMR, neighbour_offsets
+from tests.helpers import tiny_cfg
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return build_model(tiny_cfg(MODEL__TEXT__VOCABULARY="background,cat,dog")).eval()
+
+
+@pytest.mark.parametrize("hw", [(37, 83), (16, 16), (70, 30)])
+def test_constant_features_give_a_seamless_constant_map(model, hw):
+    text = model.text_classifier(model.vocabulary)
+    feat = F.normalize(text[1] + 0.5 * text[2], dim=0)  # the same feature everywhere
+
+    def constant_backbone(x):
+        b, _, h, w = x.shape
+        return {"clip_dense": feat.view(1, -1, 1, 1).expand(b, -1, h // 16, w // 16)}
+
+    model.backbone.forward = constant_backbone
+    model.inference_mode, model.window_size, model.window_stride = "slide", 32, 16
+    with torch.no_grad():
+        probs = model([{"image": torch.rand(3, *hw) * 255, "height": 2 * hw[0], "width": hw[1]}])[0]["sem_seg"]
+    assert probs.shape == (3, 2 * hw[0], hw[1])
+    expected = (100.0 * text @ feat).softmax(0)
+    torch.testing.assert_close(probs, expected.view(3, 1, 1).expand_as(probs), atol=1e-5, rtol=1e-5)
+
+
+def test_slide_equals_manual_window_average(model):
+    """Two overlapping windows: their patch-resolution logits averaged where they overlap."""
+    image = torch.rand(3, 32, 48) * 255
+    model.inference_mode, model.window_size, model.window_stride = "slide", 32, 16
+    with torch.no_grad():
+        out = model([{"image": image}])[0]["sem_seg"]
+        x = (image - model.pixel_mean) / model.pixel_std
+        text = model.text_classifier(model.vocabulary)
+        left = model.low_res_logits(x[None, :, :, :32], text)[0]  # (3, 2, 2) over patch columns 0-1
+        right = model.low_res_logits(x[None, :, :, 16:], text)[0]  # patch columns 1-2
+        low = torch.zeros(3, 2, 3)
+        low[:, :, :2] += left
+        low[:, :, 1:] += right
+        low[:, :, 1] /= 2
+        ref = F.interpolate(low[None], size=(32, 48), mode="bilinear", align_corners=False)[0].softmax(0)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_background_threshold(model):
+    logits = torch.tensor([[0.0, 0.0], [5.0, 0.2], [0.0, 0.1]]).view(3, 1, 2)  # pixel 0 confident, pixel 1 not
+    model.low_res_logits = lambda images, text: logits[None].expand(images.shape[0], -1, -1, -1)
+    image = torch.zeros(3, 16, 32)
+    probs = model.segment(image, torch.zeros(3, 32))
+    assert probs.argmax(0)[0, 0] == 1 and probs.argmax(0)[0, -1] == 1  # argmax alone: "cat" everywhere
+    model.bg_threshold = 0.5
+    probs = model.segment(image, torch.zeros(3, 32))
+    labels = probs.argmax(0)
+    assert (labels[:, :8] == 1).all() and (labels[:, -8:] == 0).all()
+    assert torch.equal(probs[:, 0, -1], torch.tensor([1.0, 0.0, 0.0]))
+    model.set_vocabulary("cat,dog,bird")
+    with pytest.raises(ValueError, match="BACKGROUND_CLASS"):
+        model.segment(image, torch.zeros(3, 32))
+
+
+def _pamr_loops(image, scores, dilations):
+    """One PAMR iteration written out pixel by pixel (replicate borders, unbiased std over the 3x3 windows)."""
+    _, h, w = image.shape
+    offsets = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    out = torch.zeros_like(scores)
+    for i in range(h):
+        for j in range(w):
+            nbs = [(min(max(i + dy, 0), h - 1), min(max(j + dx, 0), w - 1)) for dy, dx in offsets]
+            # the PAMR authors' code: std over each dilation's 3x3 window, the centre once per dilation
+            vals = torch.stack([image[:, i, j]] * len(dilations) + [image[:, a, b] for a, b in nbs])
+            std = vals.std(dim=0)  # unbiased
+            logits = torch.tensor([(-(image[:, a, b] - image[:, i, j]).abs() / (1e-8 + 0.1 * std)).mean()
+                                   for a, b in nbs])
+            weights = logits.softmax(0)
+            out[:, i, j] = sum(wk * scores[:, a, b] for wk, (a, b) in zip(weights, nbs))
+    return out
+
+
+def test_pamr_matches_written_out_iteration():
+    torch.manual_seed(0)
+    image, scores = torch.rand(3, 6, 7), torch.rand(2, 6, 7)
+    ref = _pamr_loops(image, scores, (1, 2))
+    out = PAMR(num_iter=1, dilations=(1, 2))(image[None], scores[None])[0]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    two = PAMR(num_iter=2, dilations=(1, 2))(image[None], scores[None])[0]
+    torch.testing.assert_close(two, _pamr_loops(image, ref, (1, 2)), atol=1e-5, rtol=1e-5)
+    assert len(neighbour_offsets((1, 2, 4))) == 24
+
+
+def test_pamr_respects_image_edges():
+    image = torch.zeros(1, 3, 8, 8)
+    image[..., 4:] = 1.0  # black | white
+    image += 0.01 * torch.rand_like(image)
+    scores = torch.zeros(1, 2, 8, 8)
+    scores[:, 0, :, :4] = 1.0
+    scores[:, 1, :, 4:] = 1.0
+    scores[:, :, 3, 1] = torch.tensor([0.0, 1.0])  # one wrong pixel inside the black half
+    out = PAMR(num_iter=10, dilations=(1, 2))(image, scores)
+    labels = out.argmax(1)[0]
+    assert (labels[:, :4] == 0).all() and (labels[:, 4:] == 1).all()  # the stray label is voted out, edge kept
+    assert math.isclose(out.sum().item(), scores.sum().item(), rel_tol=0.05)  # weights sum to 1 per pixel
+    with pytest.raises(ValueError, match="differ"):
+        PAMR()(torch.zeros(1, 3, 4, 4), torch.zeros(1, 2, 5, 5))
