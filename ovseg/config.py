@@ -42,16 +42,21 @@ def add_ovseg_config(cfg: CN) -> CN:
     cfg.MODEL.DENSE_SEG = CN()
     # Multiplier of the cosine similarities before the softmax over classes (CLIP's learned scale is 100).
     cfg.MODEL.DENSE_SEG.LOGIT_SCALE = 100.0
-    # "whole": one forward over the (resized) image; "slide": overlapping windows, logits averaged.
+    # "whole": one forward over the (resized) image; "slide": overlapping windows, logits averaged on the patch
+    # grid. The test-time short side is INPUT.MIN_SIZE_TEST (long side capped by INPUT.MAX_SIZE_TEST).
     cfg.MODEL.DENSE_SEG.INFERENCE_MODE = "whole"
-    # Sliding-window geometry in input pixels (rounded down to multiples of the patch size).
+    # Sliding-window geometry in input pixels (rounded down to multiples of the patch size, so that windows
+    # share one patch grid and their logits add up at feature resolution).
     cfg.MODEL.DENSE_SEG.WINDOW_SIZE = 448
     cfg.MODEL.DENSE_SEG.WINDOW_STRIDE = 224
+    # Windows encoded per backbone forward (speed vs memory; results do not depend on it).
+    cfg.MODEL.DENSE_SEG.WINDOW_BATCH_SIZE = 4
     # Background rule (VOC-21, PC-60, COCO-Object): pixels whose highest class probability is below this go to
     # the class named BACKGROUND_CLASS. 0 = off.
     cfg.MODEL.DENSE_SEG.BG_THRESHOLD = 0.0
     cfg.MODEL.DENSE_SEG.BACKGROUND_CLASS = "background"
-    # PAMR refinement of the logits (Araslanov & Roth 2020): iterations (0 = off) and neighbour dilations.
+    # PAMR refinement of the logits (Araslanov & Roth 2020): iterations (0 = off) and neighbour dilations
+    # (pixels; the PAMR paper's set; the SCLIP/NACLIP presets use [8, 16]).
     cfg.MODEL.DENSE_SEG.PAMR_ITERS = 0
     cfg.MODEL.DENSE_SEG.PAMR_DILATIONS = [1, 2, 4, 8, 12, 24]
 

@@ -69,14 +69,15 @@ def test_background_threshold(model):
 
 
 def _pamr_loops(image, scores, dilations):
-    """One PAMR iteration written out pixel by pixel (replicate borders, unbiased std over pixel + neighbours)."""
+    """One PAMR iteration written out pixel by pixel (replicate borders, unbiased std over the 3x3 windows)."""
     _, h, w = image.shape
     offsets = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
     out = torch.zeros_like(scores)
     for i in range(h):
         for j in range(w):
             nbs = [(min(max(i + dy, 0), h - 1), min(max(j + dx, 0), w - 1)) for dy, dx in offsets]
-            vals = torch.stack([image[:, i, j]] + [image[:, a, b] for a, b in nbs])  # (1 + K, 3)
+            # the PAMR authors' code: std over each dilation's 3x3 window, the centre once per dilation
+            vals = torch.stack([image[:, i, j]] * len(dilations) + [image[:, a, b] for a, b in nbs])
             std = vals.std(dim=0)  # unbiased
             logits = torch.tensor([(-(image[:, a, b] - image[:, i, j]).abs() / (1e-8 + 0.1 * std)).mean()
                                    for a, b in nbs])
