@@ -71,6 +71,8 @@ def main():
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_dense_modes.json"))
+    p.add_argument("--modes-only", action="store_true", help="only the per-mode encoder cases")
+    p.add_argument("--size", type=int, default=448, help="short side of the per-mode encoder cases")
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.device is None:
@@ -81,12 +83,13 @@ def main():
         print(json.dumps(run_case(json.loads(args.case), args.model, args.iters, args.device)))
         return
 
-    base = dict(part="encoder", inference="whole", short_side=448, classes=150, pamr=False)
+    base = dict(part="encoder", inference="whole", short_side=args.size, classes=150, pamr=False)
     cases = [dict(base, mode=m) for m in MODES]
-    seg = dict(base, part="segmentor", mode="naclip")
-    cases += [dict(seg, inference=inf, short_side=s) for s in (448, 640) for inf in ("whole", "slide")]
-    cases += [dict(seg, inference="slide", short_side=640, classes=847),
-              dict(seg, inference="slide", short_side=448, pamr=True)]
+    if not args.modes_only:
+        seg = dict(base, part="segmentor", mode="naclip", short_side=448)
+        cases += [dict(seg, inference=inf, short_side=s) for s in (448, 640) for inf in ("whole", "slide")]
+        cases += [dict(seg, inference="slide", short_side=640, classes=847),
+                  dict(seg, inference="slide", short_side=448, pamr=True)]
     rows = []
     for case in cases:
         cmd = [sys.executable, __file__, "--model", args.model, "--iters", str(args.iters), "--device", args.device,
