@@ -22,13 +22,13 @@ from torch import nn
 from ..backbone.clip_vit import CLIPViTDenseEncoder
 from ..clip_model import load_open_clip, split_clip
 from ..region_pooling import pool_boxes, pool_masks
-from ..text import TextClassifier, Vocabulary, parse_vocabulary
+from ..text import TextClassifier, Vocabulary, VocabularyMixin
 
 logger = logging.getLogger(__name__)
 
 
 @META_ARCH_REGISTRY.register()
-class CLIPSelfDistiller(nn.Module):
+class CLIPSelfDistiller(VocabularyMixin, nn.Module):
     """Student (`backbone`) = CLIP dense encoder with its last blocks unlocked; teacher = frozen copy of the original
     tower.
 
@@ -100,19 +100,6 @@ class CLIPSelfDistiller(nn.Module):
         super().train(mode)
         self.teacher.train(False)  # never dropout / patch dropout in the teacher
         return self
-
-    # ------------------------------------------------------------------ vocabulary (inference)
-    @property
-    def vocabulary(self) -> Vocabulary:
-        if self._vocabulary is None:
-            if self._vocabulary_spec is None:
-                raise ValueError("no vocabulary: set MODEL.TEXT.VOCABULARY, DATASETS.TEST, or call set_vocabulary()")
-            self._vocabulary = parse_vocabulary(self._vocabulary_spec)
-        return self._vocabulary
-
-    def set_vocabulary(self, vocabulary) -> Vocabulary:
-        self._vocabulary = parse_vocabulary(vocabulary)
-        return self._vocabulary
 
     # ------------------------------------------------------------------ steps
     def normalize(self, images: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch import nn
 from ..backbone.clip_vit import CLIPViTDenseEncoder
 from ..clip_model import load_open_clip, split_clip
 from ..pamr import PAMR
-from ..text import TextClassifier, Vocabulary, parse_vocabulary
+from ..text import TextClassifier, Vocabulary, VocabularyMixin
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def softmax_(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 
 @META_ARCH_REGISTRY.register()
-class CLIPDenseSegmentor(nn.Module):
+class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
     """Per-pixel logits = scale * <clip_dense, class text embedding>, upsampled to the output size.
 
     No trainable parameters: any CLIP / CLIPSelf checkpoint runs as is, in any `MODEL.CLIP.DENSE_MODE`
@@ -156,18 +156,6 @@ class CLIPDenseSegmentor(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    @property
-    def vocabulary(self) -> Vocabulary:
-        if self._vocabulary is None:
-            if self._vocabulary_spec is None:
-                raise ValueError("no vocabulary: set MODEL.TEXT.VOCABULARY, DATASETS.TEST, or call set_vocabulary()")
-            self._vocabulary = parse_vocabulary(self._vocabulary_spec)
-        return self._vocabulary
-
-    def set_vocabulary(self, vocabulary) -> Vocabulary:
-        """Switch the classes to segment (a string, file, list or dataset name); no rebuild needed."""
-        self._vocabulary = parse_vocabulary(vocabulary)
-        return self._vocabulary
 
     def low_res_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images, H and W multiples of the patch size -> (B, C, H/p, W/p) logits."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import open_clip
 
@@ -90,3 +90,24 @@ def vocabulary_from_metadata(metadata) -> Vocabulary:
     if not entries:
         raise ValueError(f"dataset {metadata.name!r} has no `vocabulary` or `stuff_classes` in its metadata")
     return make_vocabulary(list(entries), f"of dataset {metadata.name!r}")
+
+
+class VocabularyMixin:
+    """The test vocabulary of a meta-architecture: parsed from `_vocabulary_spec` on first use (so a dataset name
+    may be registered after the model is built), switched with `set_vocabulary` without rebuilding the model."""
+
+    _vocabulary: Optional[Vocabulary] = None
+    _vocabulary_spec = None
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        if self._vocabulary is None:
+            if self._vocabulary_spec is None:
+                raise ValueError("no vocabulary: set MODEL.TEXT.VOCABULARY, DATASETS.TEST, or call set_vocabulary()")
+            self._vocabulary = parse_vocabulary(self._vocabulary_spec)
+        return self._vocabulary
+
+    def set_vocabulary(self, vocabulary) -> Vocabulary:
+        """Switch the classes to segment (a string, file, list or dataset name); no rebuild needed."""
+        self._vocabulary = parse_vocabulary(vocabulary)
+        return self._vocabulary
