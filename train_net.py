@@ -111,7 +111,8 @@ class Trainer(DefaultTrainer):
         """Evaluate on each test dataset in turn, switching the model's vocabulary to that dataset's classes."""
         results = OrderedDict()
         for idx, name in enumerate(cfg.DATASETS.TEST):
-            DatasetCatalog.get(name)  # fail here, with the dataset's own message, if it is missing
+            if name not in DatasetCatalog.list():  # checked without loading: the test loader loads it once
+                raise KeyError(f"DATASETS.TEST names {name!r}, which is not registered; see datasets/README.md")
             set_test_vocabulary(model, cfg, name)
             one = cfg.clone()
             one.defrost()

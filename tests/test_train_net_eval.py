@@ -62,3 +62,14 @@ def test_eval_only_two_processes_equals_one(tmp_path, tiny_clip):
     assert "mIoU" in proc.stdout + proc.stderr
     for key in ("mIoU", "fwIoU", "mACC", "pACC"):
         assert two[key] == pytest.approx(one[key], abs=1e-6)
+
+
+def test_unregistered_test_dataset_is_a_clear_error(tmp_path):
+    from detectron2.modeling import build_model
+
+    import train_net
+
+    cfg = tiny_cfg(OUTPUT_DIR=str(tmp_path), MODEL__TEXT__VOCABULARY="a,b")
+    cfg.DATASETS.TEST = ("no_such_dataset_val",)
+    with pytest.raises(KeyError, match="no_such_dataset_val.*not registered"):
+        train_net.Trainer.test(cfg, build_model(cfg))
