@@ -196,6 +196,10 @@ def add_mask_segmentor_config(cfg: CN) -> CN:
     cfg.MODEL.MASK_SEG.TEST.SEMANTIC_ON = True
     cfg.MODEL.MASK_SEG.TEST.PANOPTIC_ON = True
     cfg.MODEL.MASK_SEG.TEST.INSTANCE_ON = False
+    # Where `sem_seg` sums p(class | query) * mask probability over the queries: "mask" = on the mask-feature
+    # grid (stride p/4), then the (C, h, w) class scores are resized to the output once; "output" = every
+    # query's mask is resized to the output first (Mask2Former / FC-CLIP), Q x C work per output pixel.
+    cfg.MODEL.MASK_SEG.TEST.SEMANTIC_RESOLUTION = "mask"
     # Panoptic: queries whose best non-void score is below OBJECT_MASK_THRESHOLD are dropped; a segment keeps
     # its pixels only if at least OVERLAP_THRESHOLD of its own mask survives the pixel-wise argmax.
     cfg.MODEL.MASK_SEG.TEST.OBJECT_MASK_THRESHOLD = 0.8

@@ -3,14 +3,18 @@ the pixel decoder's pyramid, the data mappers and train_net's optimizer / evalua
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOPanopticEvaluator, SemSegEvaluator
 from detectron2.modeling import build_model
+from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, Instances
 from PIL import Image
 
 import train_net
 from ovseg.data.mappers import MaskPanopticLSJMapper, MaskSemanticMapper, rgb_to_id
+from ovseg.modeling.postprocessing import instance_inference, panoptic_inference
+from ovseg.modeling.transformer_decoder.masked_attention import attend
 from tests.synthetic_panoptic import make_dataset
 from tests.tiny_mask import tiny_mask_cfg
 
@@ -73,6 +77,61 @@ def test_inference_outputs(model):
     assert inst.pred_classes.max() < 3
 
 
+@pytest.mark.parametrize("semantic_resolution", ["mask", "output"])
+def test_inference_equals_full_resolution_reference(model, semantic_resolution):
+    """The inference shortcuts (decoder masks kept at the attended level's size, per-query output masks on
+    demand, semantic scores combined on the mask grid) against the plain computation: every decoder layer's
+    masks at full size, all query masks through detectron2's `sem_seg_postprocess`."""
+    batch = [{"image": torch.rand(3, 70, 90) * 255, "height": 35, "width": 45},
+             {"image": torch.rand(3, 48, 64) * 255}]  # padded into one batch
+    model.eval()
+    model.semantic_resolution = semantic_resolution
+    dec = model.transformer_decoder
+    try:
+        with torch.no_grad():
+            out = model(batch)
+            images = model.preprocess(batch)
+            feats = model.encode(images.tensor)
+            dec.train()  # the training path: full-size masks of every layer, resized for the attention masks
+            ref = dec(*reversed(model.pixel_decoder(feats)))
+            dec.eval()
+            probs = model.class_probabilities(ref, feats["clip_dense"], images, model.text_embeddings(model.vocabulary))
+            padded = F.interpolate(ref["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+    finally:
+        dec.eval()
+        model.semantic_resolution = "mask"
+    blocked = 0
+    for i, inp in enumerate(batch):
+        size, out_size = images.image_sizes[i], (inp.get("height", 70 if i == 0 else 48), inp.get("width", 64))
+        masks = sem_seg_postprocess(padded[i], size, *out_size).sigmoid()
+        if semantic_resolution == "output":
+            sem = torch.einsum("qk,qhw->khw", probs[i, :, :-1], masks)
+        else:
+            grid = torch.einsum("qk,qhw->khw", probs[i, :, :-1], ref["pred_masks"][i].sigmoid())
+            sem = sem_seg_postprocess(F.interpolate(grid[None], size=images.tensor.shape[-2:], mode="bilinear",
+                                                    align_corners=False)[0], size, *out_size)
+        torch.testing.assert_close(out[i]["sem_seg"], sem, rtol=1e-4, atol=1e-5)
+        pan, segments = panoptic_inference(probs[i], masks, model.is_thing, 0.0, 0.0)
+        assert torch.equal(out[i]["panoptic_seg"][0], pan) and out[i]["panoptic_seg"][1] == segments
+        inst = instance_inference(probs[i], masks, model.is_thing)
+        assert torch.equal(out[i]["instances"].pred_masks, inst.pred_masks)
+        torch.testing.assert_close(out[i]["instances"].scores, inst.scores)
+        blocked += len(segments)
+    assert blocked > 0  # the panoptic comparison compared segments
+
+
+def test_attend_equals_multihead_attention_with_per_head_masks():
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+    q, kv = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    allowed = torch.rand(2, 5, 7) > 0.4
+    allowed[..., 0] = True  # every query sees something
+    ref = mha(q, kv, kv, attn_mask=~allowed.repeat_interleave(4, dim=0), need_weights=False)[0]
+    torch.testing.assert_close(attend(mha, q, kv, kv, allowed[:, None]), ref)
+    torch.testing.assert_close(attend(mha, q, kv, kv), mha(q, kv, kv, need_weights=False)[0])
+
+
 def test_vocabulary_switch_and_seen_classes(model):
     image = [{"image": torch.rand(3, 64, 64) * 255}]
     with torch.no_grad():
@@ -129,19 +188,23 @@ def test_pixel_decoder_pyramid_shapes(model):
     assert model.pixel_decoder.strides == [4.0, 8.0, 16.0, 32.0]
 
 
-def test_decoder_with_empty_masks_stays_finite(model):
+@pytest.mark.parametrize("training", [True, False])
+def test_decoder_with_empty_masks_stays_finite(model, training):
     dec = model.transformer_decoder
     levels = [torch.randn(1, 32, 3, 4), torch.randn(1, 32, 5, 7), torch.randn(1, 32, 10, 14)]
     mask_features = torch.randn(1, 32, 20, 28)
+    was_training = dec.training
     with torch.no_grad():
         saved = dec.mask_embed[-1].bias.clone(), dec.mask_embed[-1].weight.clone()
         dec.mask_embed[-1].weight.zero_()
         dec.mask_embed[-1].bias.fill_(-10.0)  # every mask logit negative -> every attention mask all-blocked
+        dec.train(training)
         out = dec(levels, mask_features - mask_features.min() + 1)
+        dec.train(was_training)
         dec.mask_embed[-1].bias.copy_(saved[0])
         dec.mask_embed[-1].weight.copy_(saved[1])
     assert torch.isfinite(out["pred_embeds"]).all() and torch.isfinite(out["pred_masks"]).all()
-    assert len(out["aux_outputs"]) == len(dec.layers)
+    assert len(out["aux_outputs"]) == (len(dec.layers) if training else 0)  # deep supervision: training only
 
 
 def test_panoptic_mapper_targets_match_png(dataset):

@@ -1,11 +1,46 @@
 """Semantic / panoptic / instance inference from per-query class probabilities and masks, shared by every
-mask-classification meta-architecture. Inputs are one image's predictions at output resolution."""
+mask-classification meta-architecture. Inputs are one image's predictions at output resolution: a (Q, H, W)
+tensor, or `OutputMasks`, which resizes only the queries that are asked for."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from detectron2.structures import BitMasks, Instances
+
+
+def resize_to_output(maps: torch.Tensor, padded_size: Sequence[int], image_size: Sequence[int],
+                     output_size: Sequence[int]) -> torch.Tensor:
+    """(N, h, w) maps covering a padded batch image -> (N, *output_size), as detectron2's `sem_seg_postprocess`:
+    bilinear to the padded input size, crop the image, bilinear to the output size (skipped when equal, where
+    it is the identity). Channels-last, so that the resize is vectorised over the N maps."""
+    x = maps[None].contiguous(memory_format=torch.channels_last)
+    x = F.interpolate(x, size=tuple(padded_size), mode="bilinear", align_corners=False)
+    x = x[..., : image_size[0], : image_size[1]]
+    if tuple(image_size) != tuple(output_size):
+        x = F.interpolate(x, size=tuple(output_size), mode="bilinear", align_corners=False)
+    return x[0]
+
+
+class OutputMasks:
+    """Mask probabilities of Q queries at output resolution, computed on indexing (`masks[keep]`) for just
+    those queries: panoptic and instance inference look at a few confident ones, and the full (Q, H, W)
+    stack costs more than the rest of the post-processing."""
+
+    def __init__(self, logits: torch.Tensor, padded_size: Sequence[int], image_size: Sequence[int],
+                 output_size: Sequence[int]):
+        """logits: (Q, h, w) on the mask grid of the padded image; sizes as in `resize_to_output`."""
+        self.logits = logits
+        self.sizes = (padded_size, image_size, output_size)
+        self.shape = (logits.shape[0], *output_size)
+        self.device = logits.device
+
+    def __getitem__(self, index) -> torch.Tensor:
+        selected = self.logits[index]
+        single = selected.dim() == 2
+        out = resize_to_output(selected[None] if single else selected, *self.sizes).sigmoid_()
+        return out[0] if single else out
 
 
 def semantic_inference(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -92,8 +127,9 @@ def instance_inference(probs: torch.Tensor, masks: torch.Tensor, is_thing: torch
     top_k = min(top_k, int((flat > 0).sum()))
     scores, idx = flat.topk(top_k)
     query, classes = idx // (k1 - 1), idx % (k1 - 1)
-    binary = masks[query] >= 0.5  # (N, H, W)
-    mask_score = (masks[query] * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
+    masks = masks[query]  # (N, H, W)
+    binary = masks >= 0.5
+    mask_score = (masks * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
     result = Instances((h, w))
     result.pred_masks = binary
     result.pred_boxes = BitMasks(binary).get_bounding_boxes()

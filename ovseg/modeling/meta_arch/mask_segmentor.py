@@ -10,11 +10,9 @@ from contextlib import nullcontext
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, ImageList
 from torch import nn
 
@@ -23,7 +21,7 @@ from ..classifiers import InVocabClassifier, geometric_ensemble, out_of_vocab_lo
 from ..clip_model import load_open_clip, split_clip
 from ..criterion import SetCriterion
 from ..pixel_decoder import build_pixel_decoder
-from ..postprocessing import instance_inference, panoptic_inference, semantic_inference
+from ..postprocessing import OutputMasks, instance_inference, panoptic_inference, resize_to_output, semantic_inference
 from ..text import TextClassifier, Vocabulary, parse_vocabulary
 from ..text.vocabulary import vocabulary_from_metadata
 from ..transformer_decoder import build_transformer_decoder
@@ -76,8 +74,8 @@ class OpenVocabMaskSegmentor(nn.Module):
                  pixel_mean: Sequence[float], pixel_std: Sequence[float], train_vocabulary=None, vocabulary=None,
                  out_vocab: bool = True, out_vocab_logit_scale: float = 100.0, ensemble_alpha: float = 0.4,
                  ensemble_beta: float = 0.8, semantic_on: bool = True, panoptic_on: bool = True,
-                 instance_on: bool = False, object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8,
-                 detections_per_image: int = 100):
+                 instance_on: bool = False, semantic_resolution: str = "mask", object_mask_threshold: float = 0.8,
+                 overlap_threshold: float = 0.8, detections_per_image: int = 100):
         """
         Args:
             backbone, text_classifier: the frozen CLIP towers.
@@ -89,12 +87,17 @@ class OpenVocabMaskSegmentor(nn.Module):
             out_vocab, out_vocab_logit_scale, ensemble_alpha, ensemble_beta: out-of-vocabulary classifier and
                 the geometric ensemble (alpha: seen classes, beta: unseen).
             semantic_on, panoptic_on, instance_on: which outputs inference returns.
+            semantic_resolution: where `sem_seg` combines the query masks: "mask" (the mask grid, then the
+                class scores are resized) or "output" (every query's mask resized first, as Mask2Former).
             object_mask_threshold, overlap_threshold: panoptic post-processing.
             detections_per_image: instance top-k.
         """
         super().__init__()
         if not (semantic_on or panoptic_on or instance_on):
             raise ValueError("MODEL.MASK_SEG.TEST: turn on at least one of SEMANTIC_ON, PANOPTIC_ON, INSTANCE_ON")
+        if semantic_resolution not in ("mask", "output"):
+            raise ValueError(f"MODEL.MASK_SEG.TEST.SEMANTIC_RESOLUTION={semantic_resolution!r}; "
+                             "use 'mask' or 'output'")
         for name, v in (("ENSEMBLE_ALPHA", ensemble_alpha), ("ENSEMBLE_BETA", ensemble_beta)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"MODEL.MASK_SEG.CLASSIFIER.{name}={v} must be in [0, 1]")
@@ -111,6 +114,7 @@ class OpenVocabMaskSegmentor(nn.Module):
         self.ensemble_alpha = ensemble_alpha
         self.ensemble_beta = ensemble_beta
         self.semantic_on, self.panoptic_on, self.instance_on = semantic_on, panoptic_on, instance_on
+        self.semantic_resolution = semantic_resolution
         self.object_mask_threshold = object_mask_threshold
         self.overlap_threshold = overlap_threshold
         self.detections_per_image = detections_per_image
@@ -168,6 +172,7 @@ class OpenVocabMaskSegmentor(nn.Module):
             "semantic_on": ms.TEST.SEMANTIC_ON,
             "panoptic_on": ms.TEST.PANOPTIC_ON,
             "instance_on": ms.TEST.INSTANCE_ON,
+            "semantic_resolution": ms.TEST.SEMANTIC_RESOLUTION,
             "object_mask_threshold": ms.TEST.OBJECT_MASK_THRESHOLD,
             "overlap_threshold": ms.TEST.OVERLAP_THRESHOLD,
             "detections_per_image": ms.TEST.DETECTIONS_PER_IMAGE,
@@ -277,13 +282,18 @@ class OpenVocabMaskSegmentor(nn.Module):
         out_logits = out_of_vocab_logits(dense, mask_probs * valid, text, self.out_vocab_logit_scale)
         return geometric_ensemble(in_logits, out_logits, self.seen, self.ensemble_alpha, self.ensemble_beta)
 
-    def postprocess(self, probs: torch.Tensor, mask_logits: torch.Tensor, image_size: Tuple[int, int],
-                    height: int, width: int) -> Dict:
-        """One image: (Q, C + 1) probabilities, (Q, H_pad, W_pad) mask logits -> detectron2 output dict."""
-        masks = sem_seg_postprocess(mask_logits, image_size, height, width).sigmoid()  # (Q, height, width)
+    def postprocess(self, probs: torch.Tensor, mask_logits: torch.Tensor, padded_size: Tuple[int, int],
+                    image_size: Tuple[int, int], height: int, width: int) -> Dict:
+        """One image: (Q, C + 1) probabilities, (Q, h, w) mask logits on the mask grid of the padded input ->
+        detectron2 output dict at (height, width)."""
+        sizes = (padded_size, image_size, (height, width))
+        masks = OutputMasks(mask_logits, *sizes)  # resized per query, on demand
         result = {}
         if self.semantic_on:
-            result["sem_seg"] = semantic_inference(probs, masks)
+            if self.semantic_resolution == "output":  # Mask2Former: combine the full-resolution masks
+                result["sem_seg"] = semantic_inference(probs, masks[:])
+            else:  # combine on the mask grid, resize the class scores once
+                result["sem_seg"] = resize_to_output(semantic_inference(probs, mask_logits.sigmoid()), *sizes)
         is_thing = self.is_thing.to(masks.device)
         if self.panoptic_on:
             result["panoptic_seg"] = panoptic_inference(probs, masks, is_thing, self.object_mask_threshold,
@@ -303,11 +313,9 @@ class OpenVocabMaskSegmentor(nn.Module):
 
         text = self.text_embeddings(self.vocabulary)
         probs = self.class_probabilities(outputs, features["clip_dense"], images, text)
-        mask_logits = F.interpolate(outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear",
-                                    align_corners=False)  # (B, Q, H_pad, W_pad)
         results = []
         for i, inp in enumerate(batched_inputs):
             h, w = images.image_sizes[i]
-            results.append(self.postprocess(probs[i], mask_logits[i], (h, w), inp.get("height", h),
-                                            inp.get("width", w)))
+            results.append(self.postprocess(probs[i], outputs["pred_masks"][i], tuple(images.tensor.shape[-2:]),
+                                            (h, w), inp.get("height", h), inp.get("width", w)))
         return results

@@ -192,7 +192,9 @@ class ViTPyramidPixelDecoder(nn.Module):
             mask_features: (B, mask_dim, h * scales[0], w * scales[0]);
             multi_scale: the other levels, (B, conv_dim, h_l, w_l), coarsest first.
         """
-        levels = [lat(res(features[f])) for f, res, lat in zip(self.in_features, self.resample, self.lateral)]
+        # channels-last: the ViT's token maps already are, and the convolutions run faster that way on CPU
+        levels = [lat(res(features[f].contiguous(memory_format=torch.channels_last)))
+                  for f, res, lat in zip(self.in_features, self.resample, self.lateral)]
         n_fpn = len(levels) - self.num_transformer_levels
         coarse = self.encode(levels[n_fpn:]) if self.num_transformer_levels else []
         outs = list(reversed(coarse))  # coarsest first

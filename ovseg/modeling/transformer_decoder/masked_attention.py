@@ -29,6 +29,27 @@ class _SubLayer(nn.Module):
         return self.norm(x + self.dropout(fn(x)))
 
 
+def attend(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`mha`'s attention (its own weights, batch first) through `F.scaled_dot_product_attention`, so that
+    a mask of shape (B, 1, Q, L) serves every head: nn.MultiheadAttention wants it copied per head.
+
+    Args:
+        query (B, Q, C), key / value (B, L, C); allowed: bool, True where a query may look, or None.
+    """
+    b, n, c = query.shape
+    heads = mha.num_heads
+    w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+
+    def split(x, w, bias):
+        return F.linear(x, w, bias).view(b, x.shape[1], heads, c // heads).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(split(query, w_q, b_q), split(key, w_k, b_k), split(value, w_v, b_v),
+                                         attn_mask=allowed, dropout_p=mha.dropout if mha.training else 0.0)
+    return mha.out_proj(out.transpose(1, 2).reshape(b, n, c))
+
+
 class DecoderLayer(nn.Module):
     """Masked cross-attention to image features, then self-attention among queries, then an FFN."""
 
@@ -41,16 +62,15 @@ class DecoderLayer(nn.Module):
         self.sub = nn.ModuleList(_SubLayer(dim, pre_norm, dropout) for _ in range(3))
 
     def forward(self, q: torch.Tensor, query_pos: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor,
-                attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+                allowed: Optional[torch.Tensor]) -> torch.Tensor:
         """
         Args:
             q, query_pos: (B, Q, C) query content and positional embedding.
             memory, memory_pos: (B, L, C) flattened features of one level and their encoding.
-            attn_mask: (B * heads, Q, L) bool, True = query may not look at that location; or None.
+            allowed: (B, 1, Q, L) bool, True where a query may look (its predicted foreground); or None.
         """
-        q = self.sub[0](q, lambda x: self.cross_attn(x + query_pos, memory + memory_pos, memory,
-                                                     attn_mask=attn_mask, need_weights=False)[0])
-        q = self.sub[1](q, lambda x: self.self_attn(x + query_pos, x + query_pos, x, need_weights=False)[0])
+        q = self.sub[0](q, lambda x: attend(self.cross_attn, x + query_pos, memory + memory_pos, memory, allowed))
+        q = self.sub[1](q, lambda x: attend(self.self_attn, x + query_pos, x + query_pos, x))
         return self.sub[2](q, self.ffn)
 
 
@@ -89,7 +109,6 @@ class MaskedAttentionDecoder(nn.Module):
             raise ValueError(f"MODEL.MASK_SEG.DECODER.HIDDEN_DIM={hidden_dim} must be divisible by 4")
         self.num_levels = num_levels
         self.num_queries = num_queries
-        self.heads = heads
         self.input_proj = nn.ModuleList(
             nn.Conv2d(in_channels, hidden_dim, kernel_size=1) if in_channels != hidden_dim else nn.Identity()
             for _ in range(num_levels)
@@ -111,27 +130,18 @@ class MaskedAttentionDecoder(nn.Module):
             "layers": d.LAYERS, "num_levels": d.NUM_LEVELS, "dropout": d.DROPOUT, "pre_norm": d.PRE_NORM,
         }
 
-    def predict(self, q: torch.Tensor, mask_features: torch.Tensor, next_size: Optional[Tuple[int, int]]
-                ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Heads on the current queries.
-
-        Returns:
-            class embeddings (B, Q, D); mask logits (B, Q, h, w) on the mask-feature grid; and the attention
-            mask for the next layer (B * heads, Q, h_l * w_l), True where the predicted mask is background,
-            or None when there is no next layer.
-        """
+    def embed(self, q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Class embeddings (B, Q, D) and mask embeddings (B, Q, mask_dim) of the current queries."""
         q = self.norm(q)
-        embeds = self.class_embed(q)
-        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(q), mask_features)
-        if next_size is None:
-            return embeds, masks, None
-        with torch.no_grad():
-            small = F.interpolate(masks.detach(), size=next_size, mode="bilinear", align_corners=False)
-            blocked = small.sigmoid().flatten(2) < 0.5  # (B, Q, h_l * w_l)
-            # a query whose mask is empty would attend to nothing (NaN): let it see the whole level instead
-            blocked[blocked.all(dim=-1)] = False
-            blocked = blocked.repeat_interleave(self.heads, dim=0)  # (B * heads, Q, L)
-        return embeds, masks, blocked
+        return self.class_embed(q), self.mask_embed(q)
+
+    @staticmethod
+    def attention_mask(mask_logits: torch.Tensor) -> torch.Tensor:
+        """(B, Q, h, w) mask logits at a level's size -> (B, 1, Q, h * w) bool, True on the predicted
+        foreground. A query with an empty mask would attend to nothing (NaN): it sees the whole level."""
+        allowed = mask_logits.detach().flatten(2) >= 0  # sigmoid >= 0.5
+        allowed[~allowed.any(dim=-1)] = True
+        return allowed[:, None]
 
     def forward(self, multi_scale: List[torch.Tensor], mask_features: torch.Tensor) -> Dict[str, object]:
         """
@@ -139,8 +149,8 @@ class MaskedAttentionDecoder(nn.Module):
             multi_scale: pixel-decoder levels (B, C, h_l, w_l), coarsest first (at least `num_levels`).
             mask_features: (B, mask_dim, h, w).
         Returns:
-            {"pred_embeds": (B, Q, D), "pred_masks": (B, Q, h, w) logits, "aux_outputs": the same for the
-            input to the first layer and every layer but the last, in order}.
+            {"pred_embeds": (B, Q, D), "pred_masks": (B, Q, h, w) logits, "aux_outputs": in training, the same
+            for the input to the first layer and every layer but the last, in order; at inference, empty}.
         """
         if len(multi_scale) < self.num_levels:
             raise ValueError(f"the decoder attends to {self.num_levels} levels but the pixel decoder gives "
@@ -154,18 +164,28 @@ class MaskedAttentionDecoder(nn.Module):
             memories.append(x.flatten(2).transpose(1, 2))  # (B, h_l*w_l, C)
             pos = sine_position_encoding(h, w, x.shape[1], x.device, x.dtype).flatten(1).t()
             poses.append((pos + self.level_embed.weight[i].to(x.dtype))[None])
+        if not self.training:
+            # Resizing is linear, so masks predicted on resized mask features equal the resized full masks:
+            # at inference, where only the last layer's masks are output, the others stay at the level's size.
+            level_features = [F.interpolate(mask_features, size=s, mode="bilinear", align_corners=False)
+                              for s in sizes]
         q = self.query_feat.weight[None].expand(b, -1, -1)  # (B, Q, C)
         qpos = self.query_pos.weight[None].expand(b, -1, -1)
         predictions = []
-        embeds, masks, attn_mask = self.predict(q, mask_features, sizes[0])
-        predictions.append((embeds, masks))
-        for i, layer in enumerate(self.layers):
+        for i in range(len(self.layers) + 1):  # step i predicts from the input to layer i (the last: the output)
+            embeds, mask_embeds = self.embed(q)
+            last = i == len(self.layers)
+            if self.training or last:
+                masks = torch.einsum("bqc,bchw->bqhw", mask_embeds, mask_features)
+                predictions.append((embeds, masks))
+            if last:
+                break
             lvl = i % self.num_levels
-            q = layer(q, qpos, memories[lvl], poses[lvl], attn_mask)
-            last = i == len(self.layers) - 1
-            embeds, masks, attn_mask = self.predict(q, mask_features,
-                                                    None if last else sizes[(i + 1) % self.num_levels])
-            predictions.append((embeds, masks))
+            if self.training:
+                small = F.interpolate(masks.detach(), size=sizes[lvl], mode="bilinear", align_corners=False)
+            else:
+                small = torch.einsum("bqc,bchw->bqhw", mask_embeds, level_features[lvl])
+            q = self.layers[i](q, qpos, memories[lvl], poses[lvl], self.attention_mask(small))
         return {
             "pred_embeds": predictions[-1][0],
             "pred_masks": predictions[-1][1],
