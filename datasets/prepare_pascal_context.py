@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pascal Context 59 and 459 (val): label maps from the 459-class `trainval.tar.gz` .mat files.
+"""Pascal Context 59, 60 and 459 (val): label maps from the 459-class `trainval.tar.gz` .mat files.
 
 Inputs under $DETECTRON2_DATASETS/VOCdevkit/VOC2010/ (see datasets/README.md):
   JPEGImages/*.jpg                                 (VOCtrainval_03-May-2010.tar)
@@ -8,6 +8,7 @@ The 5104 val image ids ship with ovseg (ovseg/data/class_lists/pascal_context_va
 Outputs next to them:
   annotations_detectron2/pc459_val/*.tif   uint16 0..458, 65535 = unlabelled
   annotations_detectron2/pc59_val/*.png    uint8 0..58, 255 = unlabelled or not one of the 59 frequent classes
+  annotations_detectron2/pc60_val/*.png    uint8 0 = background (unlabelled or not one of the 59), 1..59 = the 59
 """
 from __future__ import annotations
 
@@ -47,6 +48,11 @@ def lut_459_to_59() -> np.ndarray:
     return lut
 
 
+def lut_59_to_60(lut59: np.ndarray) -> np.ndarray:
+    """PC-60 (SCLIP / mmseg's 60-class Pascal Context): background 0 for everything PC-59 ignores, class k -> k + 1."""
+    return np.where(lut59 == 255, 0, lut59.astype(np.int64) + 1).astype(np.uint8)
+
+
 def read_label_map(path: str) -> np.ndarray:
     try:
         mat = scipy.io.loadmat(path)
@@ -62,16 +68,20 @@ def read_label_map(path: str) -> np.ndarray:
     return label.astype(np.int64)
 
 
-def convert_job(image_id: str, voc: str, lut59: np.ndarray) -> None:
-    out459 = os.path.join(voc, "annotations_detectron2", "pc459_val", image_id + ".tif")
-    out59 = os.path.join(voc, "annotations_detectron2", "pc59_val", image_id + ".png")
-    if os.path.exists(out459) and os.path.exists(out59):
+def convert_job(image_id: str, voc: str, lut59: np.ndarray, lut60: np.ndarray) -> None:
+    out_dir = os.path.join(voc, "annotations_detectron2")
+    writers = [  # (output, label map from the .mat LabelMap 0..459, format)
+        (os.path.join(out_dir, "pc459_val", image_id + ".tif"),
+         lambda label: np.where(label == 0, 65535, label - 1).astype(np.uint16), "TIFF"),
+        (os.path.join(out_dir, "pc59_val", image_id + ".png"), lambda label: lut59[label], "PNG"),
+        (os.path.join(out_dir, "pc60_val", image_id + ".png"), lambda label: lut60[label], "PNG"),
+    ]
+    todo = [w for w in writers if not os.path.exists(w[0])]
+    if not todo:
         return
     label = read_label_map(require(os.path.join(voc, "trainval", image_id + ".mat"), "Pascal Context .mat", HINT))
-    if not os.path.exists(out459):
-        save_image_atomic(np.where(label == 0, 65535, label - 1).astype(np.uint16), out459, fmt="TIFF")
-    if not os.path.exists(out59):
-        save_image_atomic(lut59[label], out59)
+    for path, convert, fmt in todo:
+        save_image_atomic(convert(label), path, fmt=fmt)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -84,7 +94,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         ids = [ln.strip() for ln in f if ln.strip()]
     for image_id in (ids[0], ids[-1]):  # cheap early check that the images are where the dataset expects them
         require(os.path.join(voc, "JPEGImages", image_id + ".jpg"), "VOC2010 image", HINT)
-    run_jobs(functools.partial(convert_job, voc=voc, lut59=lut_459_to_59()), ids, args.workers, "pascal context")
+    lut59 = lut_459_to_59()
+    fn = functools.partial(convert_job, voc=voc, lut59=lut59, lut60=lut_59_to_60(lut59))
+    run_jobs(fn, ids, args.workers, "pascal context")
 
 
 if __name__ == "__main__":

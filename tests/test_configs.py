@@ -2,13 +2,10 @@
 from pathlib import Path
 
 import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
 from ovseg.config import get_ovseg_cfg
-
-# Benchmarks the training-free presets evaluate on that the dataset table does not register yet (COCO-Object from
-# COCO instances, PASCAL Context with background, Cityscapes 19 classes). Remove names as they are registered.
-PENDING_REGISTRATION = {"coco_object_sem_seg_val", "pascal_context_60_sem_seg_val", "cityscapes_19_sem_seg_val"}
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")
                  if not p.name.startswith("Base-"))
@@ -24,7 +21,9 @@ def test_config_builds(path):
         cfg.MODEL.MASK_SEG.PIXEL_DECODER.IN_FEATURES = ["res2", "res2", "res3", "res3"]
     model = build_model(cfg)
     assert model.backbone.dense_mode == cfg.MODEL.CLIP.DENSE_MODE
-    for name in cfg.DATASETS.TEST:  # datasets named by configs are registered
-        from detectron2.data import DatasetCatalog
-
-        assert name in DatasetCatalog.list() or name in PENDING_REGISTRATION, name
+    for name in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST:  # datasets named by configs are registered
+        assert name in DatasetCatalog.list(), name
+    if cfg.MODEL.DENSE_SEG.BG_THRESHOLD > 0:  # the background rule needs a class of that name in each test set
+        for name in cfg.DATASETS.TEST:
+            classes = [c.lower() for c in MetadataCatalog.get(name).stuff_classes]
+            assert cfg.MODEL.DENSE_SEG.BACKGROUND_CLASS.lower() in classes, name

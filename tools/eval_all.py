@@ -5,6 +5,7 @@ r"""Evaluate one model/checkpoint on every benchmark and write one results table
         [MODEL.WEIGHTS ...]
 
 Columns follow the FC-CLIP / CAT-Seg papers: A-847, PC-459, A-150, PC-59, VOC (mIoU), then ADE and COCO PQ.
+The training-free papers' other benchmarks (PC-60, COCO-Obj, City) are added to the table when named in --columns.
 Benchmarks whose data is missing are reported as "n/a" with the reason in the JSON, and the others still run.
 """
 import argparse
@@ -22,14 +23,21 @@ COLUMNS = {
     "ADE PQ": ("ade150_panoptic.yaml", "panoptic_seg", "PQ"),
     "COCO PQ": ("coco_panoptic.yaml", "panoptic_seg", "PQ"),
 }
+# on request only (SCLIP / ClearCLIP / NACLIP's tables): PC-60 and COCO-Object score a background class, which those
+# methods assign below a probability threshold that belongs to the model config (configs/trainingfree/<method>/)
+EXTRA_COLUMNS = {
+    "PC-60": ("pc60.yaml", "sem_seg", "mIoU"),
+    "COCO-Obj": ("coco_object.yaml", "sem_seg", "mIoU"),
+    "City": ("cityscapes.yaml", "sem_seg", "mIoU"),
+}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def markdown_table(scores: dict, label: str) -> str:
-    cells = [f"{scores[c]:.1f}" if isinstance(scores.get(c), float) else "n/a" for c in COLUMNS]
+def markdown_table(scores: dict, label: str, columns=tuple(COLUMNS)) -> str:
+    cells = [f"{scores[c]:.1f}" if isinstance(scores.get(c), float) else "n/a" for c in columns]
     return "\n".join([
-        "| model | " + " | ".join(COLUMNS) + " |",
-        "| --- |" + " --- |" * len(COLUMNS),
+        "| model | " + " | ".join(columns) + " |",
+        "| --- |" + " --- |" * len(columns),
         f"| {label} | " + " | ".join(cells) + " |",
     ]) + "\n"
 
@@ -38,7 +46,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, help="model config (the eval configs only set the dataset)")
     parser.add_argument("--output", default="results", help="folder for results.md / results.json")
-    parser.add_argument("--columns", nargs="+", default=list(COLUMNS), choices=list(COLUMNS))
+    parser.add_argument("--columns", nargs="+", default=list(COLUMNS), choices=list(COLUMNS) + list(EXTRA_COLUMNS))
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS model.pth")
     args = parser.parse_args(argv)
 
@@ -53,7 +61,7 @@ def main(argv=None):
     scores, details = {}, {}
     model, model_key = None, None
     for column in args.columns:
-        eval_config, task, metric = COLUMNS[column]
+        eval_config, task, metric = {**COLUMNS, **EXTRA_COLUMNS}[column]
         eval_cfg = get_ovseg_cfg()
         eval_cfg.merge_from_file(os.path.join(ROOT, "configs", "eval", eval_config))
         cfg = get_ovseg_cfg()
@@ -76,7 +84,7 @@ def main(argv=None):
 
     os.makedirs(args.output, exist_ok=True)
     label = os.path.basename(args.config_file) + (f" {' '.join(args.opts)}" if args.opts else "")
-    table = markdown_table(scores, label)
+    table = markdown_table(scores, label, list(COLUMNS) + [c for c in EXTRA_COLUMNS if c in args.columns])
     with open(os.path.join(args.output, "results.md"), "w") as f:
         f.write(table)
     with open(os.path.join(args.output, "results.json"), "w") as f:

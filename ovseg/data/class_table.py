@@ -44,6 +44,12 @@ class ClassEntry:
         return "|".join(self.synonyms)
 
 
+# Class 0 of the benchmarks that add a background class to a table (PC-60, COCO-Object): everything the table's
+# classes do not cover. Its display name is what MODEL.DENSE_SEG.BACKGROUND_CLASS looks for.
+BACKGROUND = ClassEntry(dataset_id=0, official_name="background", synonyms=("background",), isthing=False,
+                        color=(0, 0, 0))
+
+
 def class_list_path(table: str, ext: str = "txt") -> str:
     """Path of a packaged class list (`ext` "txt" = vocabulary, "json" = dataset facts)."""
     return os.path.join(CLASS_LISTS_DIR, f"{table}.{ext}")

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json
 
-from .class_table import ClassEntry, class_list_path, load_class_table, seen_class_mask
+from .class_table import BACKGROUND, ClassEntry, class_list_path, load_class_table, seen_class_mask
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +38,18 @@ class Benchmark:
     sem_seg_dir: str = ""  # label maps holding contiguous class ids and `ignore_label`
     label_ext: str = "png"
     image_ext: str = "jpg"
+    # label map `<stem><label_suffix>.<label_ext>` pairs with image `<stem><image_suffix>.<image_ext>`, both at the
+    # same path relative to their folder (sub-folders such as Cityscapes' cities are searched)
+    label_suffix: str = ""
+    image_suffix: str = ""
     panoptic_json: str = ""  # COCO panoptic format, category ids = the table's `id`
     panoptic_dir: str = ""
     instance_json: str = ""  # COCO instance format (things only), category ids = the table's `id`
     ignore_label: int = 255
     evaluator_type: str = SEM_SEG
     first_class: int = 0  # classes of the table before this index are not part of the benchmark (VOC-20)
+    things_only: bool = False  # only the table's thing classes, in table order (COCO-Object)
+    with_background: bool = False  # class 0 is `background` (not in the table), the table's classes follow (PC-60)
 
 
 _ADE = "ADEChallengeData2016"
@@ -71,6 +77,8 @@ BENCHMARKS: Tuple[Benchmark, ...] = (
     Benchmark("pascal_context_459_sem_seg_val", "pascal_context_459", "VOCdevkit/VOC2010/JPEGImages", _PC_PREP,
               sem_seg_dir="VOCdevkit/VOC2010/annotations_detectron2/pc459_val", label_ext="tif",
               ignore_label=65535),
+    Benchmark("pascal_context_60_sem_seg_val", "pascal_context_59", "VOCdevkit/VOC2010/JPEGImages", _PC_PREP,
+              sem_seg_dir="VOCdevkit/VOC2010/annotations_detectron2/pc60_val", with_background=True),
     Benchmark("pascal_voc_20_sem_seg_val", "pascal_voc_21", "VOCdevkit/VOC2012/JPEGImages", _VOC_PREP,
               sem_seg_dir="VOCdevkit/VOC2012/annotations_detectron2/voc20_val", first_class=1),
     Benchmark("pascal_voc_21_sem_seg_val", "pascal_voc_21", "VOCdevkit/VOC2012/JPEGImages", _VOC_PREP,
@@ -90,6 +98,13 @@ BENCHMARKS: Tuple[Benchmark, ...] = (
                   sem_seg_dir=f"coco/stuffthingmaps_detectron2/{split}2017")
         for split in ("train", "val")
     ),
+    # SCLIP / ClearCLIP / NACLIP's COCO-Object: background + the 80 things, from the val2017 instance annotations
+    Benchmark("coco_object_sem_seg_val", "coco_panoptic_133", "coco/val2017", "python datasets/prepare_coco_object.py",
+              sem_seg_dir="coco/coco_object_detectron2/val2017", things_only=True, with_background=True),
+    # not detectron2's `cityscapes_fine_sem_seg_val` (cityscapesScripts evaluator): the same trainId maps, mIoU here
+    Benchmark("cityscapes_19_sem_seg_val", "cityscapes_19", "cityscapes/leftImg8bit/val",
+              "python datasets/prepare_cityscapes.py", sem_seg_dir="cityscapes/gtFine/val",
+              label_suffix="_gtFine_labelTrainIds", image_suffix="_leftImg8bit", image_ext="png"),
 )
 
 BENCHMARKS_BY_NAME: Dict[str, Benchmark] = {b.name: b for b in BENCHMARKS}
@@ -108,24 +123,45 @@ def _require(path: str, bench: Benchmark, what: str) -> None:
 
 
 def _classes(bench: Benchmark) -> Tuple[ClassEntry, ...]:
-    return load_class_table(bench.table)[bench.first_class:]
+    classes = load_class_table(bench.table)[bench.first_class:]
+    if bench.things_only:
+        classes = tuple(c for c in classes if c.isthing)
+    return ((BACKGROUND,) if bench.with_background else ()) + classes
+
+
+def benchmark_classes(name: str) -> Tuple[ClassEntry, ...]:
+    """The classes of a registered benchmark in contiguous-id order (label value i = entry i)."""
+    return _classes(BENCHMARKS_BY_NAME[name])
+
+
+def files_under(folder: str, suffix: str) -> List[str]:
+    """Sorted paths relative to `folder` of the files ending in `suffix` in it and its sub-folders (hidden ones
+    skipped)."""
+    found = []
+    for sub, subdirs, files in os.walk(folder):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        rel = os.path.relpath(sub, folder)
+        found += [os.path.normpath(os.path.join(rel, f)) for f in files if f.endswith(suffix) and f[0] != "."]
+    return sorted(found)
 
 
 def load_semantic(bench: Benchmark, root: str) -> List[dict]:
-    """Pair every label map of `sem_seg_dir` with the image of the same stem in `image_dir`."""
+    """Pair every label map of `sem_seg_dir` with the image of the same stem (and relative folder) in `image_dir`."""
     image_dir = os.path.join(root, bench.image_dir)
     gt_dir = os.path.join(root, bench.sem_seg_dir)
     _require(gt_dir, bench, "label folder")
     _require(image_dir, bench, "image folder")
-    gt_files = sorted(f for f in os.listdir(gt_dir) if f.endswith("." + bench.label_ext))
+    label_end = f"{bench.label_suffix}.{bench.label_ext}"
+    gt_files = files_under(gt_dir, label_end)
     if not gt_files:
-        raise FileNotFoundError(f"dataset {bench.name!r}: no *.{bench.label_ext} label maps in {gt_dir!r}; "
+        raise FileNotFoundError(f"dataset {bench.name!r}: no *{label_end} label maps in {gt_dir!r}; "
                                 f"run `{bench.prepare}`")
     records = []
     for gt in gt_files:
-        stem = os.path.splitext(gt)[0]
-        image = os.path.join(image_dir, f"{stem}.{bench.image_ext}")
-        records.append({"file_name": image, "sem_seg_file_name": os.path.join(gt_dir, gt), "image_id": stem})
+        stem = gt[: -len(label_end)]
+        image = os.path.join(image_dir, f"{stem}{bench.image_suffix}.{bench.image_ext}")
+        records.append({"file_name": image, "sem_seg_file_name": os.path.join(gt_dir, gt),
+                        "image_id": os.path.basename(stem)})
     _require(records[0]["file_name"], bench, f"image for label map {gt_files[0]!r}")
     logger.info("Loaded %d images with semantic labels from %s", len(records), gt_dir)
     return records

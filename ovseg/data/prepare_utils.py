@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .datasets import default_root
+from .datasets import default_root, files_under
 
 
 class PrepareError(RuntimeError):
@@ -40,12 +40,17 @@ def require(path: str, what: str, hint: str = "") -> str:
     return path
 
 
-def list_files(folder: str, ext: str, what: str, hint: str = "") -> List[str]:
-    """Sorted names of the `*.ext` files in `folder`; PrepareError when the folder is missing or has none."""
+def list_files(folder: str, ext: str, what: str, hint: str = "", recursive: bool = False) -> List[str]:
+    """Sorted names of the `*ext` files in `folder` (with `recursive`, their paths relative to it, sub-folders
+    included); PrepareError when the folder is missing or has none."""
     require(folder, what, hint)
-    names = sorted(f for f in os.listdir(folder) if f.endswith(ext) and not f.startswith("."))
+    if recursive:
+        names = files_under(folder, ext)
+    else:
+        names = sorted(f for f in os.listdir(folder) if f.endswith(ext) and not f.startswith("."))
     if not names:
-        raise PrepareError(f"no *{ext} files in {folder} ({what})" + (f"\n  {hint}" if hint else ""))
+        where = os.path.join(folder, "**") if recursive else folder
+        raise PrepareError(f"no *{ext} files in {where} ({what})" + (f"\n  {hint}" if hint else ""))
     return names
 
 

@@ -55,7 +55,7 @@ def test_eval_all_writes_one_table(tmp_path):
     register_all_ovseg_datasets(str(tmp_path / "data"))  # A-847 stays missing: reported, not fatal
     try:
         scores = eval_all.main([
-            "--columns", "A-847", "VOC", "--config-file", str(ROOT / "configs/clip_dense_vitb16.yaml"),
+            "--columns", "A-847", "VOC", "City", "--config-file", str(ROOT / "configs/clip_dense_vitb16.yaml"),
             "--output", str(tmp_path / "res"),
             "MODEL.CLIP.MODEL_NAME", "ovseg-tiny-ViT-16", "MODEL.CLIP.PRETRAINED", "",
             "MODEL.DEVICE", "cpu", "MODEL.TEXT.TEMPLATES", "single", "INPUT.MIN_SIZE_TEST", "24",
@@ -66,6 +66,8 @@ def test_eval_all_writes_one_table(tmp_path):
     report = json.load(open(tmp_path / "res/results.json"))
     assert list(scores) == ["VOC"] and np.isfinite(scores["VOC"])
     assert "prepare_ade20k_847.py" in report["details"]["A-847"]["error"]
+    assert "prepare_cityscapes.py" in report["details"]["City"]["error"]
     table = (tmp_path / "res/results.md").read_text().splitlines()
-    assert table[0].startswith("| model | A-847 | PC-459 | A-150 | PC-59 | VOC | ADE PQ | COCO PQ |")
+    # the paper columns always, an extra column (Cityscapes) only when asked for
+    assert table[0] == "| model | A-847 | PC-459 | A-150 | PC-59 | VOC | ADE PQ | COCO PQ | City |"
     assert "n/a" in table[2] and f"{scores['VOC']:.1f}" in table[2]

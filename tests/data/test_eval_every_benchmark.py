@@ -13,10 +13,14 @@ from tests.helpers import tiny_cfg
 
 from .test_prepare_benchmarks import (
     make_ade_full,
+    make_cityscapes,
+    make_coco_object,
     make_coco_panoptic,
     make_pascal_context,
     make_voc,
     prepare_ade20k_847,
+    prepare_cityscapes,
+    prepare_coco_object,
     prepare_coco_panoptic,
     prepare_pascal_context,
     prepare_pascal_voc,
@@ -32,7 +36,7 @@ def _ade847(root):
 def _pascal_context(root):
     _, ids_file, _ = make_pascal_context(root)
     prepare_pascal_context.main(["--root", str(root), "--val-ids", str(ids_file), "--workers", "1"])
-    return ["pascal_context_59_sem_seg_val", "pascal_context_459_sem_seg_val"]
+    return ["pascal_context_59_sem_seg_val", "pascal_context_60_sem_seg_val", "pascal_context_459_sem_seg_val"]
 
 
 def _voc(root):
@@ -45,6 +49,18 @@ def _coco_panoptic(root):
     make_coco_panoptic(root, n=2)
     prepare_coco_panoptic.main(["--root", str(root), "--splits", "val", "--workers", "1"])
     return ["coco_2017_val_panoptic_with_sem_seg"]
+
+
+def _coco_object(root):
+    make_coco_object(root)
+    prepare_coco_object.main(["--root", str(root), "--workers", "1"])
+    return ["coco_object_sem_seg_val"]
+
+
+def _cityscapes(root):
+    make_cityscapes(root)
+    prepare_cityscapes.main(["--root", str(root), "--workers", "1"])
+    return ["cityscapes_19_sem_seg_val"]
 
 
 def _independent_miou(cfg, model, name):
@@ -64,13 +80,17 @@ def _independent_miou(cfg, model, name):
     return 100 * np.mean(np.diag(conf)[present] / union[present])
 
 
-@pytest.mark.parametrize("prepare", [_ade847, _pascal_context, _voc, _coco_panoptic], ids=lambda f: f.__name__[1:])
-def test_trainer_test_on_prepared_benchmark(tmp_path, prepare):
+# COCO-Object runs with the presets' background rule: the model must find the benchmark's `background` class
+@pytest.mark.parametrize("prepare,opts", [
+    (_ade847, {}), (_pascal_context, {}), (_voc, {}), (_coco_panoptic, {}),
+    (_coco_object, {"MODEL__DENSE_SEG__BG_THRESHOLD": 0.5}), (_cityscapes, {}),
+], ids=["ade847", "pascal_context", "voc", "coco_panoptic", "coco_object", "cityscapes"])
+def test_trainer_test_on_prepared_benchmark(tmp_path, prepare, opts):
     names = prepare(tmp_path)
     register_all_ovseg_datasets(str(tmp_path))
     try:
         cfg = tiny_cfg(OUTPUT_DIR=str(tmp_path / "out"), MODEL__TEXT__TEMPLATES="single", INPUT__MIN_SIZE_TEST=24,
-                       DATALOADER__NUM_WORKERS=0)
+                       DATALOADER__NUM_WORKERS=0, **opts)
         cfg.DATASETS.TEST = tuple(names)
         torch.manual_seed(0)
         model = build_model(cfg).eval()

@@ -1,13 +1,16 @@
 """Every benchmark besides ADE20K-150 (tests/test_prepare_ade20k.py): a miniature raw download in the official
 format -> datasets/prepare_*.py -> table registration -> DatasetCatalog -> detectron2's evaluators, with the
 numbers checked against an independent computation."""
+import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pycocotools.mask as mask_util
 import pytest
 import scipy.io
 import torch
@@ -21,6 +24,8 @@ from ovseg.evaluation import OVSegPanopticEvaluator, OVSemSegEvaluator, id2rgb, 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "datasets"))
 import prepare_ade20k_847  # noqa: E402
+import prepare_cityscapes  # noqa: E402
+import prepare_coco_object  # noqa: E402
 import prepare_coco_panoptic  # noqa: E402
 import prepare_coco_stuff  # noqa: E402
 import prepare_pascal_context  # noqa: E402
@@ -154,19 +159,41 @@ def make_pascal_context(root: Path, ids=("2008_000002", "2008_000003")):
     return voc, ids_file, labels
 
 
-def test_pascal_context_59_and_459(root):
+def test_pascal_context_59_60_and_459(root):
     voc, ids_file, labels = make_pascal_context(root)
     prepare_pascal_context.main(["--root", str(root), "--val-ids", str(ids_file), "--workers", "1"])
     register_all_ovseg_datasets(str(root))
     pc59 = [c.official_name for c in load_class_table("pascal_context_59")]
     l59 = np.array(Image.open(voc / "annotations_detectron2/pc59_val/2008_000002.png"))
+    l60 = np.array(Image.open(voc / "annotations_detectron2/pc60_val/2008_000002.png"))
     l459 = np.array(Image.open(voc / "annotations_detectron2/pc459_val/2008_000002.tif"))
     # table (459) is diningtable (59); accordion is not one of the 59; 0 = unlabelled
     assert l59[0, 0] == pc59.index("diningtable") and l59[0, -1] == 255 and l59[-1, 0] == pc59.index("sky")
     assert l59[-1, -1] == 255
+    # PC-60: the 59 one up, accordion and unlabelled are background (0), nothing is ignored
+    expected60 = blocks([pc59.index("diningtable") + 1, 0, pc59.index("sky") + 1, 0])
+    assert l60.dtype == np.uint8 and (l60 == expected60).all()
     assert l459[0, 0] == labels[0] - 1 and l459[-1, -1] == 65535 and l459.dtype == np.uint16
+    pc60 = MetadataCatalog.get("pascal_context_60_sem_seg_val")
+    assert pc60.stuff_classes[0] == "background" and pc60.ignore_label == 255 and pc60.evaluator_type == "sem_seg"
+    assert pc60.stuff_classes[1:] == MetadataCatalog.get("pascal_context_59_sem_seg_val").stuff_classes
+    assert len(pc60.stuff_classes) == 60 and pc60.stuff_classes[pc59.index("sky") + 1] == "sky"
     check_semantic("pascal_context_59_sem_seg_val", 2)
+    check_semantic("pascal_context_60_sem_seg_val", 2)
     check_semantic("pascal_context_459_sem_seg_val", 2)
+
+
+def test_pascal_context_60_is_added_to_a_prepared_59_and_459(root):
+    """An earlier prepare run (59 + 459 only) is completed with pc60_val; the existing outputs are kept."""
+    voc, ids_file, _ = make_pascal_context(root)
+    prepare_pascal_context.main(["--root", str(root), "--val-ids", str(ids_file), "--workers", "1"])
+    for path in (voc / "annotations_detectron2/pc60_val").iterdir():
+        path.unlink()
+    before = mtimes(voc / "annotations_detectron2")
+    prepare_pascal_context.main(["--root", str(root), "--val-ids", str(ids_file), "--workers", "1"])
+    after = mtimes(voc / "annotations_detectron2")
+    assert {p: t for p, t in after.items() if p in before} == before
+    assert sorted(p.name for p in after if p not in before) == ["2008_000002.png", "2008_000003.png"]
 
 
 def test_pascal_context_malformed_mat(root):
@@ -323,6 +350,168 @@ def test_coco_stuff(root):
     out = np.array(Image.open(coco / "stuffthingmaps_detectron2/val2017/000000000285.png"))
     assert out[0, 0] == 0 and out[0, -1] == 100 and out[-1, 0] == 255 and out[-1, -1] == 255
     check_semantic("coco_stuff_164k_sem_seg_val", 2)
+
+
+# ---------------------------------------------------------------- COCO-Object (instances JSON -> background + 80)
+def uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE (crowd annotations): run lengths in column-major order, starting with a 0-run."""
+    flat = mask.astype(np.uint8).flatten(order="F")
+    counts = [len(list(run)) for _, run in itertools.groupby(flat)]
+    return {"size": list(mask.shape), "counts": ([0] if flat[0] else []) + counts}
+
+
+def rect_polygon(x0, y0, x1, y1):
+    return [float(v) for v in (x0, y0, x1, y0, x1, y1, x0, y1)]
+
+
+def region(rows, cols):
+    mask = np.zeros((H, W), bool)
+    mask[rows, cols] = True
+    return mask
+
+
+def make_coco_object(root: Path):
+    """Two val images: one with polygons (two-part person), an RLE dog over the person, a crowd car (uncompressed
+    RLE) and a toothbrush; one without instances. Returns the expected label map of the first and where it is exact
+    (pixels on a polygon's edge depend on the rasteriser)."""
+    coco = root / "coco"
+    person, car, dog, toothbrush = 1, 3, 18, 90  # COCO category ids -> COCO-Object labels 1, 3, 17, 80
+    dog_mask, car_mask, brush_mask = region(np.s_[8:16], np.s_[8:20]), region(np.s_[16:], np.s_[20:]), \
+        region(np.s_[:4], np.s_[28:])
+    dog_rle = mask_util.encode(np.asfortranarray(dog_mask.astype(np.uint8)))
+    dog_rle["counts"] = dog_rle["counts"].decode("ascii")
+    annotations = [
+        {"id": 11, "image_id": 1, "category_id": person, "iscrowd": 0,  # two parts: x 2..14 and x 20..26
+         "segmentation": [rect_polygon(2, 2, 14, 14), rect_polygon(20, 2, 26, 7)]},
+        {"id": 12, "image_id": 1, "category_id": dog, "iscrowd": 0, "segmentation": dog_rle},
+        {"id": 13, "image_id": 1, "category_id": car, "iscrowd": 1, "segmentation": uncompressed_rle(car_mask)},
+        {"id": 14, "image_id": 1, "category_id": toothbrush, "iscrowd": 0,
+         "segmentation": uncompressed_rle(brush_mask)},
+    ]
+    for ann in annotations:
+        ann.update(area=1.0, bbox=[0.0, 0.0, 1.0, 1.0])
+    images = []
+    for i in (1, 2):
+        stem = f"{i:012d}"
+        save_jpg(coco / "val2017" / f"{stem}.jpg")
+        images.append({"id": i, "file_name": f"{stem}.jpg", "height": H, "width": W})
+    categories = [{"id": c.dataset_id, "name": c.official_name, "supercategory": ""}
+                  for c in load_class_table("coco_panoptic_133") if c.isthing]
+    (coco / "annotations").mkdir(parents=True)
+    with open(coco / "annotations/instances_val2017.json", "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+
+    expected = np.zeros((H, W), np.int64)
+    exact = np.ones((H, W), bool)
+    for x0, y0, x1, y1 in ((2, 2, 14, 14), (20, 2, 26, 7)):
+        expected[y0 + 1: y1 - 1, x0 + 1: x1 - 1] = 1  # person interior
+        exact[y0 - 1: y1 + 1, x0 - 1: x1 + 1] = False
+        exact[y0 + 1: y1 - 1, x0 + 1: x1 - 1] = True
+    expected[dog_mask], expected[car_mask], expected[brush_mask] = 17, 3, 80  # the dog is painted over the person
+    exact |= dog_mask
+    return coco, expected, exact
+
+
+def test_coco_object(root):
+    coco, expected, exact = make_coco_object(root)
+    prepare_coco_object.main(["--root", str(root), "--workers", "1"])
+    register_all_ovseg_datasets(str(root))
+    out = coco / "coco_object_detectron2/val2017"
+    label = np.array(Image.open(out / "000000000001.png"))
+    assert label.dtype == np.uint8 and label.shape == (H, W)
+    assert (label[exact] == expected[exact]).all()
+    assert set(np.unique(label[~exact]).tolist()) <= {0, 1}  # polygon edges: person or background
+    assert (np.array(Image.open(out / "000000000002.png")) == 0).all()  # no instances: all background
+    meta = MetadataCatalog.get("coco_object_sem_seg_val")
+    assert len(meta.stuff_classes) == 81 and meta.ignore_label == 255 and meta.evaluator_type == "sem_seg"
+    names = meta.stuff_classes
+    assert (names[0], names[1], names[3], names[17], names[80]) == ("background", "person", "car", "dog", "toothbrush")
+    assert names[1:] == [n for n, c in zip(MetadataCatalog.get("coco_2017_val_panoptic_with_sem_seg").stuff_classes,
+                                            load_class_table("coco_panoptic_133")) if c.isthing]
+    check_semantic("coco_object_sem_seg_val", 2)
+    before = mtimes(out)
+    prepare_coco_object.main(["--root", str(root), "--workers", "2"])  # idempotent: nothing rewritten
+    assert mtimes(out) == before
+
+
+def test_coco_object_rejects_a_stuff_category(root):
+    coco, _, _ = make_coco_object(root)
+    data = json.loads((coco / "annotations/instances_val2017.json").read_text())
+    data["annotations"][1]["category_id"] = 92  # a COCO-Stuff category, not one of the 80 things
+    (coco / "annotations/instances_val2017.json").write_text(json.dumps(data))
+    with pytest.raises(PrepareError, match="annotation 12 of 000000000001.jpg: category 92"):
+        prepare_coco_object.main(["--root", str(root), "--workers", "1"])
+    assert not (coco / "coco_object_detectron2/val2017/000000000001.png").exists()
+
+
+# ---------------------------------------------------------------- Cityscapes (labelIds -> 19 trainIds)
+# labelId -> trainId of cityscapesScripts' labels.py for the ids used here; 0 unlabeled, 4 static, 30 trailer: void
+CITYSCAPES_TRAIN_ID = {7: 0, 8: 1, 26: 13, 33: 18, 0: 255, 4: 255, 30: 255}
+
+
+def make_cityscapes(root: Path):
+    cs = root / "cityscapes"
+    frames = [("frankfurt", "frankfurt_000000_000294"), ("frankfurt", "frankfurt_000001_007973"),
+              ("lindau", "lindau_000000_000019")]
+    for i, (city, stem) in enumerate(frames):
+        save_png(RNG.integers(0, 256, (H, W, 3)).astype(np.uint8), cs / "leftImg8bit/val" / city /
+                 f"{stem}_leftImg8bit.png")
+        gt = cs / "gtFine/val" / city
+        label = blocks(np.roll([7, 26, 33, 0], i)).astype(np.uint8)  # road, car, bicycle, unlabeled
+        label[0, :] = (4, 30, 8)[i]  # a row of static (void), trailer (void), sidewalk
+        save_png(label, gt / f"{stem}_gtFine_labelIds.png")
+        # the other files of gtFine_trainvaltest.zip, which neither the script nor the loader may read
+        save_png(np.zeros((H, W, 3), np.uint8), gt / f"{stem}_gtFine_color.png")
+        save_png(label.astype(np.uint16) * 1000, gt / f"{stem}_gtFine_instanceIds.png")  # 16-bit
+        (gt / f"{stem}_gtFine_polygons.json").write_text("{}")
+    return cs, frames
+
+
+def test_cityscapes_19(root):
+    cs, frames = make_cityscapes(root)
+    prepare_cityscapes.main(["--root", str(root), "--workers", "1"])
+    register_all_ovseg_datasets(str(root))
+    for city, stem in frames:
+        gt = cs / "gtFine/val" / city
+        raw = np.array(Image.open(gt / f"{stem}_gtFine_labelIds.png"))
+        out = np.array(Image.open(gt / f"{stem}_gtFine_labelTrainIds.png"))
+        assert out.dtype == np.uint8 and (out == np.vectorize(CITYSCAPES_TRAIN_ID.get)(raw)).all()
+    # lindau: sidewalk row over the quadrants bicycle, unlabeled / road, car
+    assert (out[0, 0], out[1, 0], out[1, -1], out[-1, 0], out[-1, -1]) == (1, 18, 255, 0, 13)
+    name = "cityscapes_19_sem_seg_val"
+    meta = MetadataCatalog.get(name)
+    assert len(meta.stuff_classes) == 19 and meta.ignore_label == 255 and meta.evaluator_type == "sem_seg"
+    assert (meta.stuff_classes[0], meta.stuff_classes[13], meta.stuff_classes[18]) == ("road", "car", "bicycle")
+    assert meta.stuff_colors[0] == [128, 64, 128] and meta.stuff_colors[18] == [119, 11, 32]
+    records = DatasetCatalog.get(name)
+    assert [r["image_id"] for r in records] == [stem for _, stem in frames]
+    assert records[2]["file_name"] == str(cs / "leftImg8bit/val/lindau/lindau_000000_000019_leftImg8bit.png")
+    assert records[2]["sem_seg_file_name"].endswith("lindau/lindau_000000_000019_gtFine_labelTrainIds.png")
+    # detectron2's own Cityscapes split (cityscapesScripts evaluator) is left alone
+    assert MetadataCatalog.get("cityscapes_fine_sem_seg_val").evaluator_type == "cityscapes_sem_seg"
+    check_semantic(name, 3)
+    before = mtimes(cs)
+    prepare_cityscapes.main(["--root", str(root), "--workers", "2"])  # idempotent: nothing rewritten
+    assert mtimes(cs) == before
+
+
+def test_cityscapes_rejects_train_ids_as_label_ids(root):
+    cs, frames = make_cityscapes(root)
+    city, stem = frames[0]
+    save_png(np.full((H, W), 255, np.uint8), cs / "gtFine/val" / city / f"{stem}_gtFine_labelIds.png")
+    with pytest.raises(PrepareError, match=f"{stem}_gtFine_labelIds.png: value 255 outside 0..33"):
+        prepare_cityscapes.main(["--root", str(root), "--workers", "1"])
+
+
+@pytest.mark.parametrize("script,missing", [(prepare_coco_object, "coco"), (prepare_cityscapes, "cityscapes")],
+                         ids=["coco_object", "cityscapes"])
+def test_missing_download_is_named(tmp_path, script, missing):
+    folder = re.escape(str(tmp_path / missing))
+    with pytest.raises(PrepareError, match=f"missing .* folder: {folder}\n.*download"):
+        script.main(["--root", str(tmp_path), "--workers", "1"])
+    (tmp_path / missing).mkdir()  # the folder alone: the missing file or sub-folder in it is named
+    with pytest.raises(PrepareError, match=f"missing .*: {folder}/.*\n.*download"):
+        script.main(["--root", str(tmp_path), "--workers", "1"])
 
 
 # ---------------------------------------------------------------- command line
