@@ -3,18 +3,23 @@
 
 Random weights (speed does not depend on them). Inference: images at a given short edge (4:3), the encoder alone
 (`backbone(images)`: every res* feature and clip_dense) vs. the whole model (encoder, pixel decoder, decoder,
-both classifiers with mask pooling, semantic + panoptic post-processing at full resolution). Target: whole /
-encoder <= 1.25. Training: one forward + backward + AdamW step at batch 2 (square crops), time and peak memory
-(CUDA: max allocated; CPU: growth of the process's peak RSS, a coarse upper bound).
+both classifiers with mask pooling, the outputs the config turns on, at full resolution). The two are timed
+alternately, so that load from other processes hits both alike; the ratio is the median of the per-iteration
+ratios. Target: whole / encoder <= 1.25. Random weights make no query confident, so panoptic inference would
+keep none: `--kept-queries K` makes K queries confident in a class (a trained model keeps tens per image).
+Training: one forward + backward + AdamW step at batch 2 (square crops), time and peak memory (CUDA: max
+allocated; CPU: growth of the process's peak RSS, a coarse upper bound).
 
     python benchmarks/bench_mask_segmentor.py                       # GPU if present: fp32 and bf16 at 640
-    python benchmarks/bench_mask_segmentor.py --device cpu --short-edge 320 --train-size 320 --iters 3
+    python benchmarks/bench_mask_segmentor.py --device cpu --train-size 320 --iters 5
+    python benchmarks/bench_mask_segmentor.py --opts MODEL.MASK_SEG.TEST.INSTANCE_ON True   # any config key
 Prints a table and writes benchmarks/results/bench_mask_segmentor.json.
 """
 import argparse
 import json
 import os
 import resource
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -36,9 +41,29 @@ def build(args, device):
     cfg.merge_from_list(["MODEL.CLIP.MODEL_NAME", args.model, "MODEL.CLIP.PRETRAINED", "", "MODEL.DEVICE", device,
                          "DATASETS.TRAIN", "()", "DATASETS.TEST", "()", "MODEL.TEXT.TEMPLATES", "single",
                          "MODEL.TEXT.VOCABULARY", ",".join(f"class {i}" for i in range(args.classes)),
-                         "MODEL.MASK_SEG.TRAIN_VOCABULARY", ",".join(f"class {i}" for i in range(args.classes))])
+                         "MODEL.MASK_SEG.TRAIN_VOCABULARY", ",".join(f"class {i}" for i in range(args.classes)),
+                         *args.opts])
     torch.manual_seed(0)
-    return build_model(cfg), cfg
+    model = build_model(cfg)
+    if args.kept_queries:
+        make_confident(model, args.kept_queries)
+    return model, cfg
+
+
+def make_confident(model, k):
+    """K fixed queries put 0.95 of their probability on one class, as a trained model's segments do."""
+    classify = model.class_probabilities
+    g = torch.Generator().manual_seed(0)
+    queries = torch.randperm(model.transformer_decoder.num_queries, generator=g)[:k]
+    classes = torch.randint(0, len(model.vocabulary), (k,), generator=g)
+
+    def confident(*args, **kwargs):
+        probs = classify(*args, **kwargs)
+        probs[:, queries] *= 0.05
+        probs[:, queries, classes] += 0.95
+        return probs
+
+    model.class_probabilities = confident
 
 
 def sync(device):
@@ -46,18 +71,20 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, warmup, iters):
+def timed(fns, device, warmup, iters):
+    """Median seconds of each function, called in turn each iteration, and the per-iteration times."""
     for _ in range(warmup):
-        fn()
+        for fn in fns:
+            fn()
     sync(device)
-    times = []
+    times = [[] for _ in fns]
     for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2]
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times], times
 
 
 def peak_rss_mb():
@@ -80,9 +107,9 @@ def bench_inference(model, device, dtype, short_edge, warmup, iters):
         with torch.no_grad(), amp:
             model([{"image": image, "height": h, "width": w}])
 
-    t_enc = timed(encoder, device, warmup, iters)
-    t_all = timed(whole, device, warmup, iters)
-    return {"image": [h, w], "encoder_s": t_enc, "segmentor_s": t_all, "ratio": t_all / t_enc}
+    (t_enc, t_all), (encs, alls) = timed([encoder, whole], device, warmup, iters)
+    return {"image": [h, w], "encoder_s": t_enc, "segmentor_s": t_all,
+            "ratio": statistics.median(a / e for a, e in zip(alls, encs))}
 
 
 def bench_train(model, cfg, device, dtype, size, warmup, iters):
@@ -116,7 +143,7 @@ def bench_train(model, cfg, device, dtype, size, warmup, iters):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rss0 = peak_rss_mb()
-    t = timed(step, device, warmup, iters)
+    (t,), _ = timed([step], device, warmup, iters)
     mem = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb() - rss0
     return {"crop": size, "batch": 2, "step_s": t, "peak_mem_mb": mem,
             "mem_kind": "cuda max allocated" if device == "cuda" else "CPU peak RSS growth"}
@@ -133,28 +160,38 @@ def main():
     ap.add_argument("--classes", type=int, default=150, help="vocabulary size (ADE20K-150)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--kept-queries", type=int, default=50,
+                    help="queries made confident, so that panoptic / instance inference has segments (0: none)")
+    ap.add_argument("--skip-train", action="store_true", help="inference only")
     ap.add_argument("--out", default="benchmarks/results/bench_mask_segmentor.json")
+    ap.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides, KEY VALUE pairs")
     args = ap.parse_args()
     dtypes = (args.dtypes or ("fp32,bf16" if args.device == "cuda" else "fp32")).split(",")
     model, cfg = build(args, args.device)
     rows = []
     for dt in dtypes:
         inf = bench_inference(model, args.device, dt, args.short_edge, args.warmup, args.iters)
-        tr = bench_train(model, cfg, args.device, dt, args.train_size, args.warmup, args.iters)
+        tr = {} if args.skip_train else bench_train(model, cfg, args.device, dt, args.train_size, args.warmup,
+                                                      args.iters)
         rows.append({"dtype": dt, **inf, **{f"train_{k}": v for k, v in tr.items()}})
     header = f"{'dtype':6} {'image':>10} {'encoder ms':>11} {'whole ms':>9} {'ratio':>6} {'train crop':>10} " \
              f"{'step ms':>8} {'peak MB':>8}"
-    print(f"OpenVocabMaskSegmentor, {args.model} (random weights), {cfg.MODEL.MASK_SEG.DECODER.NUM_QUERIES} queries, "
-          f"{args.classes} classes, device {args.device}, threads {torch.get_num_threads()}")
+    outputs = model.output_tasks(cfg)
+    overrides = f", overrides {' '.join(args.opts)}" if args.opts else ""
+    print(f"OpenVocabMaskSegmentor, {args.model} (random weights), {cfg.MODEL.MASK_SEG.DECODER.NUM_QUERIES} queries "
+          f"({args.kept_queries} confident), {args.classes} classes, outputs {'+'.join(outputs)}, device "
+          f"{args.device}, threads {torch.get_num_threads()}{overrides}")
     print(header)
     for r in rows:
+        train = (f"{r['train_crop']:>10} {1000 * r['train_step_s']:8.1f} {r['train_peak_mem_mb']:8.0f}"
+                 if "train_crop" in r else f"{'-':>10} {'-':>8} {'-':>8}")
         print(f"{r['dtype']:6} {'x'.join(map(str, r['image'])):>10} {1000 * r['encoder_s']:11.1f} "
-              f"{1000 * r['segmentor_s']:9.1f} {r['ratio']:6.2f} {r['train_crop']:>10} "
-              f"{1000 * r['train_step_s']:8.1f} {r['train_peak_mem_mb']:8.0f}")
+              f"{1000 * r['segmentor_s']:9.1f} {r['ratio']:6.2f} {train}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"model": args.model, "config": args.config, "device": args.device,
-                   "queries": cfg.MODEL.MASK_SEG.DECODER.NUM_QUERIES, "classes": args.classes,
+                   "queries": cfg.MODEL.MASK_SEG.DECODER.NUM_QUERIES, "kept_queries": args.kept_queries,
+                   "classes": args.classes, "outputs": outputs, "overrides": args.opts,
                    "threads": torch.get_num_threads(), "target_ratio": 1.25, "rows": rows}, f, indent=2)
     print(f"wrote {args.out}")
 

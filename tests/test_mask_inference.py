@@ -44,6 +44,48 @@ def test_panoptic_segments_are_disjoint_and_consistent(seed):
         assert s["score"] > 0.3
 
 
+def _panoptic_loop(probs, masks, is_thing, object_mask_threshold, overlap_threshold):
+    """Mask2Former's panoptic rule written out pixel by pixel, one kept query at a time."""
+    scores, labels = probs[:, :-1].max(-1)
+    kept = [q for q in range(len(probs)) if scores[q] > object_mask_threshold and probs[q].argmax() < len(probs[q]) - 1]
+    pan = torch.zeros(masks.shape[-2:], dtype=torch.int32)
+    segments, stuff = [], {}
+    if not kept:
+        return pan, segments
+    owner = torch.stack([scores[q] * masks[q] for q in kept]).argmax(0)
+    for i, q in enumerate(kept):
+        region = (owner == i) & (masks[q] >= 0.5)
+        own_area, area = int((masks[q] >= 0.5).sum()), int(region.sum())
+        if own_area == 0 or area == 0 or area / own_area < overlap_threshold:
+            continue
+        cls = int(labels[q])
+        if not is_thing[cls] and cls in stuff:
+            seg = segments[stuff[cls] - 1]
+            seg["area"] += area
+            seg["score"] = max(seg["score"], float(scores[q]))
+            pan[region] = seg["id"]
+            continue
+        segments.append({"id": len(segments) + 1, "category_id": cls, "isthing": bool(is_thing[cls]),
+                         "score": float(scores[q]), "area": area})
+        pan[region] = len(segments)
+        if not is_thing[cls]:
+            stuff[cls] = len(segments)
+    return pan, segments
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_panoptic_equals_pixel_loop(seed):
+    probs, masks = _random(seed, q=16, h=24, w=28)
+    is_thing = torch.tensor([True, False, True, False, False])
+    found = 0
+    for thresholds in ((0.3, 0.5), (0.0, 0.0), (0.5, 0.8)):
+        pan, segments = panoptic_inference(probs, masks, is_thing, *thresholds)
+        ref_pan, ref_segments = _panoptic_loop(probs, masks, is_thing, *thresholds)
+        assert torch.equal(pan, ref_pan) and segments == ref_segments
+        found += len(ref_segments)
+    assert found > 0
+
+
 def test_panoptic_hand_built_case():
     # query 0: thing class 0 on the left half; query 1: stuff class 1 on the right; query 2: void; query 3:
     # low-confidence; query 4: thing 0 whose mask mostly lies under query 0 (fails the overlap test)

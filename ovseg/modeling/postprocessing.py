@@ -72,39 +72,38 @@ def panoptic_inference(probs: torch.Tensor, masks: torch.Tensor, is_thing: torch
         panoptic_seg (H, W) int32 (0 = unassigned, segments numbered from 1) and segments_info, a list of
         {"id", "category_id", "isthing", "score", "area"} in detectron2's format.
     """
-    h, w = masks.shape[-2:]
-    panoptic = torch.zeros((h, w), dtype=torch.int32, device=masks.device)
     segments: List[Dict] = []
     scores, labels = probs[:, :-1].max(-1)  # best non-void class per query
     keep = (scores > object_mask_threshold) & (probs.argmax(-1) != probs.shape[-1] - 1)
     if not keep.any():
-        return panoptic, segments
-    scores, labels, masks = scores[keep], labels[keep], masks[keep]
-    owner = (scores[:, None, None] * masks).argmax(0)  # (H, W) index into the kept queries
+        return torch.zeros(masks.shape[-2:], dtype=torch.int32, device=masks.device), segments
+    scores, labels, masks = scores[keep], labels[keep], masks[keep]  # indexing copies: masks is ours
+    own = masks >= 0.5
+    owner = masks.mul_(scores[:, None, None]).argmax(0)  # (H, W) index into the kept queries
+    in_region = own.gather(0, owner[None])[0]  # the pixel's owner claims it with its own mask
+    own_areas = own.float().sum((1, 2)).int().tolist()  # float sums vectorise, bool ones convert slowly
+    owner = owner.masked_fill_(~in_region, len(scores))  # unclaimed pixels: an extra index
+    areas = torch.bincount(owner.flatten(), minlength=len(scores) + 1).tolist()  # regions are disjoint
+    segment_of = [0] * len(scores)  # kept query -> segment id (0 = dropped)
     stuff_segment: Dict[int, int] = {}
     for q in range(len(scores)):
-        own = masks[q] >= 0.5
-        own_area = int(own.sum())
-        region = (owner == q) & own
-        area = int(region.sum())
+        own_area, area = own_areas[q], areas[q]
         if own_area == 0 or area == 0 or area / own_area < overlap_threshold:
             continue
         cls = int(labels[q])
         thing = bool(is_thing[cls])
         if not thing and cls in stuff_segment:
-            seg_id = stuff_segment[cls]
-            panoptic[region] = seg_id
-            seg = segments[seg_id - 1]
+            segment_of[q] = stuff_segment[cls]
+            seg = segments[segment_of[q] - 1]
             seg["area"] += area
             seg["score"] = max(seg["score"], float(scores[q]))
             continue
-        seg_id = len(segments) + 1
-        panoptic[region] = seg_id
-        segments.append({"id": seg_id, "category_id": cls, "isthing": thing, "score": float(scores[q]),
+        segment_of[q] = len(segments) + 1
+        segments.append({"id": segment_of[q], "category_id": cls, "isthing": thing, "score": float(scores[q]),
                          "area": area})
         if not thing:
-            stuff_segment[cls] = seg_id
-    return panoptic, segments
+            stuff_segment[cls] = segment_of[q]
+    return torch.tensor(segment_of + [0], dtype=torch.int32, device=masks.device)[owner], segments
 
 
 def instance_inference(probs: torch.Tensor, masks: torch.Tensor, is_thing: torch.Tensor, top_k: int = 100
