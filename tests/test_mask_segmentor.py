@@ -95,7 +95,8 @@ def test_inference_equals_full_resolution_reference(model, semantic_resolution):
             dec.train()  # the training path: full-size masks of every layer, resized for the attention masks
             ref = dec(*reversed(model.pixel_decoder(feats)))
             dec.eval()
-            probs = model.class_probabilities(ref, feats["clip_dense"], images, model.text_embeddings(model.vocabulary))
+            probs = model.class_probabilities(ref["pred_embeds"], ref["pred_masks"].sigmoid(), feats["clip_dense"],
+                                              images, model.text_embeddings(model.vocabulary))
             padded = F.interpolate(ref["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear",
                                    align_corners=False)
     finally:

@@ -266,13 +266,13 @@ class OpenVocabMaskSegmentor(nn.Module):
         outs["aux_outputs"] = [classify(a) for a in outputs["aux_outputs"]]
         return self.criterion(outs, self.prepare_targets(batched_inputs, tuple(images.tensor.shape[-2:])))
 
-    def class_probabilities(self, outputs: Dict, dense: torch.Tensor, images: ImageList, text: torch.Tensor
-                            ) -> torch.Tensor:
-        """(B, Q, C + 1) class probabilities (last = void) from the ensemble of both classifiers."""
-        in_logits = self.in_vocab(outputs["pred_embeds"], text)
+    def class_probabilities(self, embeds: torch.Tensor, mask_probs: torch.Tensor, dense: torch.Tensor,
+                            images: ImageList, text: torch.Tensor) -> torch.Tensor:
+        """(B, Q, C + 1) class probabilities (last = void) from the ensemble of both classifiers, given the
+        queries' (B, Q, D) class embeddings and (B, Q, h, w) mask probabilities."""
+        in_logits = self.in_vocab(embeds, text)
         if not self.out_vocab:
             return in_logits.float().softmax(-1)
-        mask_probs = outputs["pred_masks"].sigmoid()  # (B, Q, h, w)
         # pool only over each image's own pixels, not the batch padding
         valid = torch.zeros_like(mask_probs[:, :1])
         ph, pw = images.tensor.shape[-2:]
@@ -282,10 +282,10 @@ class OpenVocabMaskSegmentor(nn.Module):
         out_logits = out_of_vocab_logits(dense, mask_probs * valid, text, self.out_vocab_logit_scale)
         return geometric_ensemble(in_logits, out_logits, self.seen, self.ensemble_alpha, self.ensemble_beta)
 
-    def postprocess(self, probs: torch.Tensor, mask_logits: torch.Tensor, padded_size: Tuple[int, int],
-                    image_size: Tuple[int, int], height: int, width: int) -> Dict:
-        """One image: (Q, C + 1) probabilities, (Q, h, w) mask logits on the mask grid of the padded input ->
-        detectron2 output dict at (height, width)."""
+    def postprocess(self, probs: torch.Tensor, mask_logits: torch.Tensor, mask_probs: torch.Tensor,
+                    padded_size: Tuple[int, int], image_size: Tuple[int, int], height: int, width: int) -> Dict:
+        """One image: (Q, C + 1) probabilities, (Q, h, w) mask logits and their sigmoid on the mask grid of the
+        padded input -> detectron2 output dict at (height, width)."""
         sizes = (padded_size, image_size, (height, width))
         masks = OutputMasks(mask_logits, *sizes)  # resized per query, on demand
         result = {}
@@ -293,7 +293,7 @@ class OpenVocabMaskSegmentor(nn.Module):
             if self.semantic_resolution == "output":  # Mask2Former: combine the full-resolution masks
                 result["sem_seg"] = semantic_inference(probs, masks[:])
             else:  # combine on the mask grid, resize the class scores once
-                result["sem_seg"] = resize_to_output(semantic_inference(probs, mask_logits.sigmoid()), *sizes)
+                result["sem_seg"] = resize_to_output(semantic_inference(probs, mask_probs), *sizes)
         is_thing = self.is_thing.to(masks.device)
         if self.panoptic_on:
             result["panoptic_seg"] = panoptic_inference(probs, masks, is_thing, self.object_mask_threshold,
@@ -312,10 +312,12 @@ class OpenVocabMaskSegmentor(nn.Module):
             return self.losses(outputs, batched_inputs, images)
 
         text = self.text_embeddings(self.vocabulary)
-        probs = self.class_probabilities(outputs, features["clip_dense"], images, text)
+        mask_probs = outputs["pred_masks"].sigmoid()  # (B, Q, h, w)
+        probs = self.class_probabilities(outputs["pred_embeds"], mask_probs, features["clip_dense"], images, text)
         results = []
         for i, inp in enumerate(batched_inputs):
             h, w = images.image_sizes[i]
-            results.append(self.postprocess(probs[i], outputs["pred_masks"][i], tuple(images.tensor.shape[-2:]),
-                                            (h, w), inp.get("height", h), inp.get("width", w)))
+            results.append(self.postprocess(probs[i], outputs["pred_masks"][i], mask_probs[i],
+                                            tuple(images.tensor.shape[-2:]), (h, w), inp.get("height", h),
+                                            inp.get("width", w)))
         return results
