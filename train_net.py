@@ -24,6 +24,7 @@ from detectron2.utils.logger import setup_logger
 import ovseg  # noqa: F401  (registers ovseg's models and datasets)
 from ovseg.config import get_ovseg_cfg
 from ovseg.data.clipself_mapper import CLIPSelfDatasetMapper, RegionRecognitionDatasetMapper, register_image_folders
+from ovseg.data.datasets import check_benchmark_files
 from ovseg.data.mappers import TRAIN_MAPPERS
 from ovseg.evaluation import build_benchmark_evaluator
 
@@ -148,6 +149,9 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
+    # missing data is reported before the weights load or training starts (test sets are used at its end)
+    for name in (() if args.eval_only else cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST):
+        check_benchmark_files(name)
     if args.eval_only:
         if not cfg.DATASETS.TEST:
             raise ValueError("--eval-only needs DATASETS.TEST, e.g. DATASETS.TEST \"('ade20k_150_sem_seg_val',)\"")
@@ -164,8 +168,19 @@ def main(args):
     return trainer.train()
 
 
+def launched_main(args):
+    """`main` in each process `launch` starts. The ranks wait for each other at the end and tear the process group
+    down before exiting: a rank that exits with its GLOO group alive can abort (SIGABRT, "terminate called without
+    an active exception") while another still works."""
+    result = main(args)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        comm.synchronize()
+        torch.distributed.destroy_process_group()
+    return result
+
+
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     logging.getLogger("ovseg").info("Command line arguments: %s", args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+    launch(launched_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

@@ -7,7 +7,6 @@
 """
 import argparse
 import glob
-import logging
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ from predictor import OVSegPredictor  # noqa: E402
 from ovseg.config import get_ovseg_cfg  # noqa: E402
 from ovseg.modeling import WeightsUnavailableError  # noqa: E402
 from ovseg.modeling.backbone import DENSE_MODES  # noqa: E402
+from ovseg.modeling.text import parse_vocabulary  # noqa: E402
 
 # NACLIP: the best training-free mode (see README); --dense-mode switches to another one
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "trainingfree",
@@ -92,8 +92,7 @@ def load_image(path):
         raise ValueError(f"cannot read image {path!r}: {type(e).__name__}: {e}") from e
 
 
-def run_images(predictor, args, logger):
-    paths = expand_inputs(args.input)
+def run_images(predictor, paths, args, logger):
     for path in paths:
         image = load_image(path)
         start = time.perf_counter()
@@ -147,15 +146,18 @@ def main(argv=None):
     setup_logger(name="ovseg")
     if sum(bool(x) for x in (args.input, args.video_input, args.webcam)) != 1:
         get_parser().error("give exactly one of --input, --video-input, --webcam")
+    # bad arguments are reported before the model (and its weights) load
+    vocabulary = parse_vocabulary(args.vocab)
+    paths = expand_inputs(args.input) if args.input else None
     cfg = setup_cfg(args)
     try:
-        predictor = OVSegPredictor(cfg, args.vocab)
+        predictor = OVSegPredictor(cfg, vocabulary)
     except WeightsUnavailableError as e:
         logger.error("%s", e)
         return EXIT_NO_WEIGHTS
     logger.info("vocabulary (%d classes): %s", len(predictor.vocabulary), ", ".join(predictor.vocabulary.names))
-    if args.input:
-        run_images(predictor, args, logger)
+    if paths:
+        run_images(predictor, paths, args, logger)
     else:
         run_video(predictor, args, logger)
     return 0
@@ -165,6 +167,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except (ValueError, FileNotFoundError) as e:
-        logging.getLogger("ovseg.demo").error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,8 +1,10 @@
 """The benchmark table: class lists, lazy registration, metadata, clear errors for missing data."""
 import json
+from unittest import mock
 
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import default_argument_parser
 
 from ovseg.config import get_ovseg_cfg
 from ovseg.data import (
@@ -46,6 +48,24 @@ def test_registration_is_lazy_and_errors_name_the_prepare_script(tmp_path):
         with pytest.raises(FileNotFoundError, match=rf"nowhere.*{script}\.py"):
             DatasetCatalog.get(name)
     register_all_ovseg_datasets()  # back to the default root for other tests
+
+
+def test_train_net_reports_missing_data_before_building_the_model(tmp_path, monkeypatch):
+    import train_net
+
+    register_all_ovseg_datasets(str(tmp_path / "nowhere"))
+    monkeypatch.setattr(train_net.Trainer, "build_model", mock.Mock(side_effect=AssertionError("model built")))
+    try:
+        for extra in (["--eval-only"], []):  # training checks its test sets too: they are evaluated at its end
+            args = default_argument_parser().parse_args(
+                ["--config-file", "configs/eval/pc60.yaml", *extra, "OUTPUT_DIR", str(tmp_path / "out")])
+            with pytest.raises(FileNotFoundError, match=r"pascal_context_60_sem_seg_val.*nowhere.*pc60_val"):
+                train_net.main(args)
+        (tmp_path / "nowhere" / "VOCdevkit/VOC2010/annotations_detectron2/pc60_val").mkdir(parents=True)
+        with pytest.raises(FileNotFoundError, match=r"image folder.*JPEGImages"):
+            train_net.main(args)
+    finally:
+        register_all_ovseg_datasets()
 
 
 def test_metadata_for_open_vocabulary_evaluation():

@@ -66,3 +66,8 @@ def test_demo_missing_weights(tmp_path):
     # an unreachable download is exit code 3, which `make demo` turns into a --random-init run
     with mock.patch("open_clip.create_model", side_effect=OSError("offline")):
         assert demo.main(["--vocab", "sky", "--input", str(EXAMPLE)]) == demo.EXIT_NO_WEIGHTS
+        # bad arguments are reported before any weights are looked for
+        with pytest.raises(ValueError, match="empty"):
+            demo.main(["--vocab", "", "--input", str(EXAMPLE)])
+        with pytest.raises(FileNotFoundError, match="no such file"):
+            demo.main(["--vocab", "sky", "--input", str(tmp_path / "nope.jpg")])

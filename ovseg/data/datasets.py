@@ -122,6 +122,20 @@ def _require(path: str, bench: Benchmark, what: str) -> None:
         )
 
 
+def check_benchmark_files(name: str) -> None:
+    """For a dataset of the table: the clear missing-dataset error now, from its registered paths alone (loading
+    it would find out later, e.g. after the weights download or a whole training run). Other names: nothing."""
+    bench = BENCHMARKS_BY_NAME.get(name)
+    if bench is None or name not in MetadataCatalog.list():
+        return
+    meta = MetadataCatalog.get(name)
+    for key, what in (("sem_seg_root", "label folder"), ("panoptic_json", "panoptic JSON"),
+                      ("panoptic_root", "panoptic PNG folder"), ("json_file", "instance JSON"),
+                      ("image_root", "image folder")):
+        if meta.get(key, None):
+            _require(meta.get(key), bench, what)
+
+
 def _classes(bench: Benchmark) -> Tuple[ClassEntry, ...]:
     classes = load_class_table(bench.table)[bench.first_class:]
     if bench.things_only:

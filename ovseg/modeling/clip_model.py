@@ -166,7 +166,8 @@ def load_open_clip(model_name: str, pretrained: str) -> nn.Module:
             raise WeightsUnavailableError(
                 f"Could not get the {model_name!r} weights {pretrained!r} ({type(e).__name__}: {e}). Without "
                 "internet, download them elsewhere and set MODEL.CLIP.PRETRAINED to the local file "
-                "(demo: --opts MODEL.CLIP.PRETRAINED /path/to/weights.bin, or --random-init for a smoke run)."
+                "(train_net.py: MODEL.CLIP.PRETRAINED /path/to/weights.bin as a trailing option; demo: --opts "
+                "MODEL.CLIP.PRETRAINED /path/to/weights.bin, or --random-init for a smoke run)."
             ) from e
     return model.float().eval()
 
