@@ -152,9 +152,13 @@ def bench_train(model, cfg, device, dtype, size, warmup, iters):
         torch.cuda.reset_peak_memory_stats()
     rss0 = peak_rss_mb()
     (t,), _ = timed([step], device, warmup, iters)
-    mem = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb() - rss0
-    return {"crop": size, "batch": 2, "step_s": t, "peak_mem_mb": mem,
-            "mem_kind": "cuda max allocated" if device == "cuda" else "CPU peak RSS growth"}
+    if device == "cuda":
+        mem, kind = torch.cuda.max_memory_allocated() / 2**20, "cuda max allocated"
+    elif os.environ.get("GLIBC_TUNABLES") == CACHED_MALLOC:  # model building's freed memory stays resident
+        mem, kind = None, "n/a: glibc keeps freed memory, so RSS growth says nothing"
+    else:
+        mem, kind = peak_rss_mb() - rss0, "CPU peak RSS growth"
+    return {"crop": size, "batch": 2, "step_s": t, "peak_mem_mb": mem, "mem_kind": kind}
 
 
 def main():
@@ -208,7 +212,8 @@ def main():
           f"{args.device}, threads {torch.get_num_threads()}{overrides}")
     print(header)
     for r in rows:
-        train = (f"{r['train_crop']:>10} {1000 * r['train_step_s']:8.1f} {r['train_peak_mem_mb']:8.0f}"
+        mem = "-" if r.get("train_peak_mem_mb") is None else f"{r['train_peak_mem_mb']:.0f}"
+        train = (f"{r['train_crop']:>10} {1000 * r['train_step_s']:8.1f} {mem:>8}"
                  if "train_crop" in r else f"{'-':>10} {'-':>8} {'-':>8}")
         print(f"{r['dtype']:6} {r['allocator']:>24} {'x'.join(map(str, r['image'])):>10} {1000 * r['encoder_s']:11.1f} "
               f"{1000 * r['segmentor_s']:9.1f} {r['ratio']:6.2f} {train}")

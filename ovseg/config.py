@@ -54,6 +54,9 @@ def add_ovseg_config(cfg: CN) -> CN:
     # Background rule (VOC-21, PC-60, COCO-Object): pixels whose highest class probability is below this go to
     # the class named BACKGROUND_CLASS. 0 = off.
     cfg.MODEL.DENSE_SEG.BG_THRESHOLD = 0.0
+    # SCLIP's area rule (its VOC-21 preset), applied before the background rule: a foreground class whose argmax
+    # area is at most this fraction of all pixels argmax gives to foreground classes is zeroed. 0 = off.
+    cfg.MODEL.DENSE_SEG.AREA_THRESHOLD = 0.0
     cfg.MODEL.DENSE_SEG.BACKGROUND_CLASS = "background"
     # PAMR refinement of the logits (Araslanov & Roth 2020): iterations (0 = off) and neighbour dilations
     # (pixels; the PAMR paper's set; the SCLIP/NACLIP presets use [8, 16]).

@@ -68,6 +68,33 @@ def test_background_threshold(model):
         model.segment(image, torch.zeros(3, 32))
 
 
+def test_area_threshold(model):
+    # 16 patches: "cat" wins 13, "dog" 3 (3/16 of the foreground), background never
+    logits = torch.zeros(3, 4, 4)
+    logits[1] = 4.0
+    logits[2, 0, :3] = 8.0
+    model.low_res_logits = lambda images, text: logits[None].expand(images.shape[0], -1, -1, -1)
+    image = torch.zeros(3, 64, 64)
+    text = torch.zeros(3, 32)
+    model.bg_threshold = 0.0
+    try:
+        plain = model.segment(image, text)
+        assert (plain.argmax(0) == 2).sum() > 0
+        model.area_threshold = 0.25  # dog's share is below: its probabilities go, cat takes its pixels
+        probs = model.segment(image, text)
+        assert (probs[2] == 0).all() and (probs.argmax(0) == 1).all()
+        torch.testing.assert_close(probs[:2], plain[:2])  # the other classes' probabilities untouched
+        model.area_threshold = 0.1  # dog's share is above: nothing changes
+        torch.testing.assert_close(model.segment(image, text), plain)
+        model.set_vocabulary("cat,dog,bird")
+        model.area_threshold = 0.25
+        with pytest.raises(ValueError, match="AREA_THRESHOLD=0.25 need a class named 'background'"):
+            model.segment(image, text)
+    finally:
+        model.area_threshold = 0.0
+        model.set_vocabulary("background,cat,dog")
+
+
 def _pamr_loops(image, scores, dilations):
     """One PAMR iteration written out pixel by pixel (replicate borders, unbiased std over the 3x3 windows)."""
     _, h, w = image.shape

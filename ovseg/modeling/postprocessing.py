@@ -55,6 +55,9 @@ def semantic_inference(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor
     return torch.einsum("qk,qhw->khw", probs[:, :-1], masks)
 
 
+_PANOPTIC_CHUNK = 8  # queries per step: a chunk of output masks stays below glibc's 32 MB mmap threshold
+
+
 def panoptic_inference(probs: torch.Tensor, masks: torch.Tensor, is_thing: torch.Tensor,
                        object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8
                        ) -> Tuple[torch.Tensor, List[Dict]]:
@@ -77,12 +80,24 @@ def panoptic_inference(probs: torch.Tensor, masks: torch.Tensor, is_thing: torch
     keep = (scores > object_mask_threshold) & (probs.argmax(-1) != probs.shape[-1] - 1)
     if not keep.any():
         return torch.zeros(masks.shape[-2:], dtype=torch.int32, device=masks.device), segments
-    scores, labels, masks = scores[keep], labels[keep], masks[keep]  # indexing copies: masks is ours
-    own = masks >= 0.5
-    owner = masks.mul_(scores[:, None, None]).argmax(0)  # (H, W) index into the kept queries
-    in_region = own.gather(0, owner[None])[0]  # the pixel's owner claims it with its own mask
-    own_areas = own.float().sum((1, 2)).int().tolist()  # float sums vectorise, bool ones convert slowly
-    owner = owner.masked_fill_(~in_region, len(scores))  # unclaimed pixels: an extra index
+    scores, labels, kept = scores[keep], labels[keep], keep.nonzero()[:, 0]
+    # A few queries at a time, so that no (K, H, W) stack is ever held: the owner of a pixel is the running
+    # argmax of score * mask (ties to the earlier query, as argmax), and it claims the pixel if its own mask does.
+    own_areas, best, owner, claimed = [], None, None, None
+    for start in range(0, len(kept), _PANOPTIC_CHUNK):
+        chunk = masks[kept[start:start + _PANOPTIC_CHUNK]]  # (k, H, W); indexing copies: ours to change
+        own = chunk >= 0.5
+        own_areas += own.float().sum((1, 2)).int().tolist()  # float sums vectorise, bool ones convert slowly
+        value, index = chunk.mul_(scores[start:start + len(chunk), None, None]).max(0)
+        mine = own.gather(0, index[None])[0]
+        if best is None:
+            best, owner, claimed = value, index, mine
+        else:
+            better = value > best
+            best = torch.where(better, value, best)
+            owner = torch.where(better, index + start, owner)
+            claimed = torch.where(better, mine, claimed)
+    owner = owner.masked_fill_(~claimed, len(scores))  # unclaimed pixels: an extra index
     areas = torch.bincount(owner.flatten(), minlength=len(scores) + 1).tolist()  # regions are disjoint
     segment_of = [0] * len(scores)  # kept query -> segment id (0 = dropped)
     stuff_segment: Dict[int, int] = {}

@@ -82,7 +82,7 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
                  pixel_mean: Tuple[float, ...], pixel_std: Tuple[float, ...], vocabulary=None,
                  logit_scale: float = 100.0, inference_mode: str = "whole", window_size: int = 448,
                  window_stride: int = 224, window_batch_size: int = 4, bg_threshold: float = 0.0,
-                 background_class: str = "background", pamr: Optional[PAMR] = None):
+                 area_threshold: float = 0.0, background_class: str = "background", pamr: Optional[PAMR] = None):
         """
         Args:
             backbone: the CLIP dense encoder.
@@ -95,7 +95,9 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
                 patch size, so that windows share one patch grid and their logits add up at feature resolution).
             window_batch_size: windows encoded per backbone forward.
             bg_threshold: pixels whose highest class probability is below it go to `background_class`; 0 = off.
-            background_class: display name of the vocabulary's background class (needed when bg_threshold > 0).
+            area_threshold: SCLIP's rule, before the background rule: a foreground class whose argmax area is at
+                most this fraction of all foreground-argmax pixels gets probability 0 everywhere; 0 = off.
+            background_class: display name of the vocabulary's background class (needed when either rule is on).
             pamr: optional PAMR refinement of the logits with the image.
         """
         super().__init__()
@@ -111,6 +113,8 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
             raise ValueError(f"MODEL.DENSE_SEG.WINDOW_BATCH_SIZE={window_batch_size} must be >= 1")
         if not 0.0 <= bg_threshold <= 1.0:
             raise ValueError(f"MODEL.DENSE_SEG.BG_THRESHOLD={bg_threshold} must be a probability in [0, 1]")
+        if not 0.0 <= area_threshold < 1.0:
+            raise ValueError(f"MODEL.DENSE_SEG.AREA_THRESHOLD={area_threshold} must be a fraction in [0, 1)")
         self.backbone = backbone
         self.text_classifier = text_classifier
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -121,6 +125,7 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
         self.window_stride = window_stride
         self.window_batch_size = window_batch_size
         self.bg_threshold = bg_threshold
+        self.area_threshold = area_threshold
         self.background_class = background_class
         self.pamr = pamr
         self._vocabulary: Optional[Vocabulary] = None
@@ -143,6 +148,7 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
             "window_stride": d.WINDOW_STRIDE,
             "window_batch_size": d.WINDOW_BATCH_SIZE,
             "bg_threshold": d.BG_THRESHOLD,
+            "area_threshold": d.AREA_THRESHOLD,
             "background_class": d.BACKGROUND_CLASS,
             "pamr": PAMR(d.PAMR_ITERS, d.PAMR_DILATIONS) if d.PAMR_ITERS > 0 else None,
         }
@@ -213,6 +219,13 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
             chunk = torch.matmul(ry, low[c:c + step] @ rx.T)  # (c, out_h, out_w)
             out[c:c + step] = chunk if affinities is None else self.pamr.propagate(chunk[None], affinities)[0]
         probs = softmax_(out, 0)
+        if self.area_threshold > 0:
+            bg = self._background_index()
+            area = torch.bincount(probs.argmax(0).flatten(), minlength=len(probs)).float()
+            area[bg] = 0
+            small = area <= self.area_threshold * area.sum()
+            small[bg] = False
+            probs[small] = 0.0
         if self.bg_threshold > 0:
             bg = self._background_index()
             # SCLIP / ClearCLIP / NACLIP: argmax, then background where the top probability is below the threshold
@@ -225,9 +238,10 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
         names = [n.lower() for n in self.vocabulary.names]
         if self.background_class.lower() not in names:
             raise ValueError(
-                f"MODEL.DENSE_SEG.BG_THRESHOLD={self.bg_threshold} needs a class named "
+                f"MODEL.DENSE_SEG.BG_THRESHOLD={self.bg_threshold} / AREA_THRESHOLD={self.area_threshold} need a "
+                "class named "
                 f"{self.background_class!r} (MODEL.DENSE_SEG.BACKGROUND_CLASS) in the vocabulary: "
-                f"{self.vocabulary.names[:8]}{' ...' if len(names) > 8 else ''}; set BG_THRESHOLD 0 for benchmarks "
+                f"{self.vocabulary.names[:8]}{' ...' if len(names) > 8 else ''}; set both to 0 for benchmarks "
                 "without a background class"
             )
         return names.index(self.background_class.lower())
@@ -236,7 +250,7 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
         if self.training:
             raise RuntimeError("CLIPDenseSegmentor is training-free: use it with --eval-only or the demo")
         text = self.text_classifier(self.vocabulary)  # (C, D)
-        if self.bg_threshold > 0:
+        if self.bg_threshold > 0 or self.area_threshold > 0:
             self._background_index()  # fail before any image work
         results = []
         for inp in batched_inputs:
