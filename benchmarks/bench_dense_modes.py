@@ -10,6 +10,7 @@ Prints tables and writes benchmarks/results/bench_dense_modes.json.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -73,6 +74,8 @@ def main():
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_dense_modes.json"))
     p.add_argument("--modes-only", action="store_true", help="only the per-mode encoder cases")
     p.add_argument("--size", type=int, default=448, help="short side of the per-mode encoder cases")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="the per-mode cases run this many times in turn (one process each); medians reported")
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.device is None:
@@ -90,14 +93,23 @@ def main():
         cases += [dict(seg, inference=inf, short_side=s) for s in (448, 640) for inf in ("whole", "slide")]
         cases += [dict(seg, inference="slide", short_side=640, classes=847),
                   dict(seg, inference="slide", short_side=448, pamr=True)]
-    rows = []
-    for case in cases:
+
+    def run(case):
         cmd = [sys.executable, __file__, "--model", args.model, "--iters", str(args.iters), "--device", args.device,
                "--case", json.dumps(case)]
-        rows.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1]))
+        row = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
         print(f"  done: {case}", file=sys.stderr)
+        return row
 
-    print(f"\nDense modes, {args.model}, encoder alone, whole image {rows[0]['size']}, {args.device}")
+    # modes in turn, round after round, so that drifting load hits every mode alike
+    rounds = [[run(case) for case in cases[:len(MODES)]] for _ in range(args.rounds)]
+    rows = [dict(runs[0], s_per_image=statistics.median(r["s_per_image"] for r in runs),
+                 peak_extra_mib=max(r["peak_extra_mib"] for r in runs), rounds=[r["s_per_image"] for r in runs])
+            for runs in zip(*rounds)]
+    rows += [run(case) for case in cases[len(MODES):]]
+
+    print(f"\nDense modes, {args.model}, encoder alone, whole image {rows[0]['size']}, {args.device}, "
+          f"median of {args.rounds} rounds")
     value = rows[0]["s_per_image"]
     print(f"| {'mode':<10} | {'s/image':>8} | {'vs value':>8} | {'peak extra MiB':>14} |")
     print(f"|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 16}|")
