@@ -55,7 +55,7 @@ def semantic_inference(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor
     return torch.einsum("qk,qhw->khw", probs[:, :-1], masks)
 
 
-_PANOPTIC_CHUNK = 8  # queries per step: a chunk of output masks stays below glibc's 32 MB mmap threshold
+_QUERY_CHUNK = 8  # queries per step: a chunk of output masks stays below glibc's 32 MB mmap threshold
 
 
 def panoptic_inference(probs: torch.Tensor, masks: torch.Tensor, is_thing: torch.Tensor,
@@ -84,8 +84,8 @@ def panoptic_inference(probs: torch.Tensor, masks: torch.Tensor, is_thing: torch
     # A few queries at a time, so that no (K, H, W) stack is ever held: the owner of a pixel is the running
     # argmax of score * mask (ties to the earlier query, as argmax), and it claims the pixel if its own mask does.
     own_areas, best, owner, claimed = [], None, None, None
-    for start in range(0, len(kept), _PANOPTIC_CHUNK):
-        chunk = masks[kept[start:start + _PANOPTIC_CHUNK]]  # (k, H, W); indexing copies: ours to change
+    for start in range(0, len(kept), _QUERY_CHUNK):
+        chunk = masks[kept[start:start + _QUERY_CHUNK]]  # (k, H, W); indexing copies: ours to change
         own = chunk >= 0.5
         own_areas += own.float().sum((1, 2)).int().tolist()  # float sums vectorise, bool ones convert slowly
         value, index = chunk.mul_(scores[start:start + len(chunk), None, None]).max(0)
@@ -141,12 +141,20 @@ def instance_inference(probs: torch.Tensor, masks: torch.Tensor, is_thing: torch
     top_k = min(top_k, int((flat > 0).sum()))
     scores, idx = flat.topk(top_k)
     query, classes = idx // (k1 - 1), idx % (k1 - 1)
-    masks = masks[query]  # (N, H, W)
-    binary = masks >= 0.5
-    mask_score = (masks * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
+    # each picked query's mask once (a query often yields several classes), a few queries at a time
+    queries, which = query.unique(return_inverse=True)
+    binary = torch.empty((len(queries), h, w), dtype=torch.bool, device=probs.device)
+    mask_score = probs.new_empty(len(queries))
+    for start in range(0, len(queries), _QUERY_CHUNK):
+        chunk = masks[queries[start:start + _QUERY_CHUNK]]  # (k, H, W); indexing copies: ours to change
+        own = binary[start:start + len(chunk)]
+        torch.ge(chunk, 0.5, out=own)
+        # mean probability inside the binary mask; float sums vectorise, bool ones convert slowly
+        mask_score[start:start + len(chunk)] = (chunk.mul_(own).sum((1, 2)) /
+                                                own.float().sum((1, 2)).clamp(min=1))
     result = Instances((h, w))
-    result.pred_masks = binary
-    result.pred_boxes = BitMasks(binary).get_bounding_boxes()
-    result.scores = scores * mask_score
+    result.pred_masks = binary[which]
+    result.pred_boxes = BitMasks(binary).get_bounding_boxes()[which]
+    result.scores = scores * mask_score[which]
     result.pred_classes = classes
     return result
