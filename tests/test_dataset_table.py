@@ -68,6 +68,24 @@ def test_train_net_reports_missing_data_before_building_the_model(tmp_path, monk
         register_all_ovseg_datasets()
 
 
+def test_missing_data_check_needs_only_what_the_loader_reads(tmp_path):
+    from ovseg.data.datasets import check_benchmark_files
+
+    root = tmp_path / "root"
+    register_all_ovseg_datasets(str(root))
+    try:
+        for sub in ("coco/val2017", "coco/panoptic_val2017", "coco/panoptic_semseg_val2017", "coco/annotations"):
+            (root / sub).mkdir(parents=True)
+        with pytest.raises(FileNotFoundError, match="panoptic JSON"):
+            check_benchmark_files("coco_2017_val_panoptic_with_sem_seg")
+        (root / "coco/annotations/panoptic_val2017.json").write_text("{}")
+        # instances_val2017.json (instance AP when present) is not needed for panoptic + semantic
+        check_benchmark_files("coco_2017_val_panoptic_with_sem_seg")
+        check_benchmark_files("a_name_outside_the_table")  # e.g. CLIPSelf image folders: not checked
+    finally:
+        register_all_ovseg_datasets()
+
+
 def test_metadata_for_open_vocabulary_evaluation():
     ade = MetadataCatalog.get("ade20k_150_sem_seg_val")
     assert len(ade.stuff_classes) == 150 and ade.ignore_label == 255 and ade.evaluator_type == "sem_seg"

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.modeling.classifiers import InVocabClassifier, geometric_ensemble, out_of_vocab_logits
-from ovseg.modeling.postprocessing import instance_inference, panoptic_inference, semantic_inference
+from ovseg.modeling.postprocessing import OutputMasks, instance_inference, panoptic_inference, semantic_inference
 
 
 def _random(seed, q=12, k=5, h=20, w=24):
@@ -86,6 +86,26 @@ def test_panoptic_equals_pixel_loop(seed):
     assert found > 0
 
 
+def test_panoptic_ties_go_to_the_earlier_query_across_chunks():
+    # 20 queries (several chunks), equal scores, saturated masks: every pixel ties between all of them
+    probs = torch.zeros(20, 3)
+    probs[:, 0] = 0.9
+    probs[:, 2] = 0.1
+    masks = torch.ones(20, 6, 7)
+    masks[:3, :, :3] = 0.0  # the first three queries leave the left columns to the fourth
+    pan, segments = panoptic_inference(probs, masks, torch.tensor([True, True]), 0.5, 0.0)
+    ref_pan, ref_segments = _panoptic_loop(probs, masks, torch.tensor([True, True]), 0.5, 0.0)
+    assert torch.equal(pan, ref_pan) and segments == ref_segments
+    assert [s["area"] for s in segments] == [6 * 4, 6 * 3]  # query 0 (right), query 3 (left)
+
+
+def test_output_masks_are_fp32_after_autocast():
+    logits = torch.randn(5, 6, 8).bfloat16()
+    masks = OutputMasks(logits, (24, 32), (22, 30), (11, 15))
+    assert masks[[0, 3]].dtype == torch.float32 and masks[[0, 3]].shape == (2, 11, 15)
+    torch.testing.assert_close(masks[[0, 3]], OutputMasks(logits.float(), (24, 32), (22, 30), (11, 15))[[0, 3]])
+
+
 def test_panoptic_hand_built_case():
     # query 0: thing class 0 on the left half; query 1: stuff class 1 on the right; query 2: void; query 3:
     # low-confidence; query 4: thing 0 whose mask mostly lies under query 0 (fails the overlap test)
@@ -103,22 +123,25 @@ def test_panoptic_hand_built_case():
     assert (pan[:, :4] == 1).all() and (pan[:, 4:] == 2).all()
 
 
-def test_instance_inference_topk_over_things():
-    probs, masks = _random(3)
+# (30, 40): more pairs than queries, so some query yields two classes; and several chunks of queries
+@pytest.mark.parametrize("queries,top_k", [(12, 7), (30, 40)])
+def test_instance_inference_topk_over_things(queries, top_k):
+    probs, masks = _random(3, q=queries)
     is_thing = torch.tensor([True, False, True, False, False])
-    inst = instance_inference(probs, masks, is_thing, top_k=7)
-    assert len(inst) == 7
+    inst = instance_inference(probs, masks, is_thing, top_k=top_k)
+    assert len(inst) == top_k
     assert set(inst.pred_classes.tolist()) <= {0, 2}
-    assert inst.pred_masks.dtype == torch.bool and inst.pred_masks.shape == (7, 20, 24)
-    # score = class prob x mean mask prob inside the binary mask, for the 7 best (query, class) pairs
+    assert inst.pred_masks.dtype == torch.bool and inst.pred_masks.shape == (top_k, 20, 24)
+    # score = class prob x mean mask prob inside the binary mask, for the best (query, class) pairs
     flat = (probs[:, :-1] * is_thing).flatten()
-    best = flat.topk(7).indices
+    best = flat.topk(top_k).indices
     for i, idx in enumerate(best.tolist()):
         q, c = divmod(idx, 5)
         m = masks[q] >= 0.5
         ref = probs[q, c] * (masks[q][m].mean() if m.any() else 0)
         assert int(inst.pred_classes[i]) == c
         torch.testing.assert_close(inst.scores[i], torch.as_tensor(float(ref)))
+        assert torch.equal(inst.pred_masks[i], m)
         if m.any():
             ys, xs = torch.nonzero(m, as_tuple=True)
             torch.testing.assert_close(inst.pred_boxes.tensor[i], torch.tensor(

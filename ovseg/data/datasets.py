@@ -129,9 +129,11 @@ def check_benchmark_files(name: str) -> None:
     if bench is None or name not in MetadataCatalog.list():
         return
     meta = MetadataCatalog.get(name)
-    for key, what in (("sem_seg_root", "label folder"), ("panoptic_json", "panoptic JSON"),
-                      ("panoptic_root", "panoptic PNG folder"), ("json_file", "instance JSON"),
-                      ("image_root", "image folder")):
+    needed = [("sem_seg_root", "label folder"), ("panoptic_json", "panoptic JSON"),
+              ("panoptic_root", "panoptic PNG folder"), ("image_root", "image folder")]
+    if bench.evaluator_type == INSTANCE:  # elsewhere the instance JSON is optional (instance AP when present)
+        needed.append(("json_file", "instance JSON"))
+    for key, what in needed:
         if meta.get(key, None):
             _require(meta.get(key), bench, what)
 

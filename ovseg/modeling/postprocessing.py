@@ -31,7 +31,7 @@ class OutputMasks:
     def __init__(self, logits: torch.Tensor, padded_size: Sequence[int], image_size: Sequence[int],
                  output_size: Sequence[int]):
         """logits: (Q, h, w) on the mask grid of the padded image; sizes as in `resize_to_output`."""
-        self.logits = logits
+        self.logits = logits.float()  # post-processing in fp32, also after bf16 / fp16 autocast
         self.sizes = (padded_size, image_size, output_size)
         self.shape = (logits.shape[0], *output_size)
         self.device = logits.device
@@ -41,6 +41,12 @@ class OutputMasks:
         single = selected.dim() == 2
         out = resize_to_output(selected[None] if single else selected, *self.sizes).sigmoid_()
         return out[0] if single else out
+
+
+def pixel_counts(masks: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool -> (N,) int64 counts. Row sums in float32 (bool sums convert slowly), exact below 2^24
+    pixels per row, then summed as integers."""
+    return masks.float().sum(2).long().sum(1)
 
 
 def semantic_inference(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -87,7 +93,7 @@ def panoptic_inference(probs: torch.Tensor, masks: torch.Tensor, is_thing: torch
     for start in range(0, len(kept), _QUERY_CHUNK):
         chunk = masks[kept[start:start + _QUERY_CHUNK]]  # (k, H, W); indexing copies: ours to change
         own = chunk >= 0.5
-        own_areas += own.float().sum((1, 2)).int().tolist()  # float sums vectorise, bool ones convert slowly
+        own_areas += pixel_counts(own).tolist()
         value, index = chunk.mul_(scores[start:start + len(chunk), None, None]).max(0)
         mine = own.gather(0, index[None])[0]
         if best is None:
@@ -151,7 +157,7 @@ def instance_inference(probs: torch.Tensor, masks: torch.Tensor, is_thing: torch
         torch.ge(chunk, 0.5, out=own)
         # mean probability inside the binary mask; float sums vectorise, bool ones convert slowly
         mask_score[start:start + len(chunk)] = (chunk.mul_(own).sum((1, 2)) /
-                                                own.float().sum((1, 2)).clamp(min=1))
+                                                pixel_counts(own).clamp(min=1))
     result = Instances((h, w))
     result.pred_masks = binary[which]
     result.pred_boxes = BitMasks(binary).get_bounding_boxes()[which]

@@ -312,12 +312,13 @@ class OpenVocabMaskSegmentor(nn.Module):
             return self.losses(outputs, batched_inputs, images)
 
         text = self.text_embeddings(self.vocabulary)
-        mask_probs = outputs["pred_masks"].sigmoid()  # (B, Q, h, w)
+        mask_logits = outputs["pred_masks"].float()  # post-processing in fp32, also after bf16 / fp16 autocast
+        mask_probs = mask_logits.sigmoid()  # (B, Q, h, w)
         probs = self.class_probabilities(outputs["pred_embeds"], mask_probs, features["clip_dense"], images, text)
         results = []
         for i, inp in enumerate(batched_inputs):
             h, w = images.image_sizes[i]
-            results.append(self.postprocess(probs[i], outputs["pred_masks"][i], mask_probs[i],
+            results.append(self.postprocess(probs[i], mask_logits[i], mask_probs[i],
                                             tuple(images.tensor.shape[-2:]), (h, w), inp.get("height", h),
                                             inp.get("width", w)))
         return results
