@@ -43,6 +43,11 @@ from ovseg.config import get_ovseg_cfg  # noqa: E402
 CACHED_MALLOC = "glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295"
 
 
+def malloc_cached() -> bool:
+    """Whether this process runs with glibc keeping freed memory (set before the interpreter starts)."""
+    return os.environ.get("GLIBC_TUNABLES") == CACHED_MALLOC
+
+
 def build(args, device):
     cfg = get_ovseg_cfg()
     cfg.merge_from_file(args.config)
@@ -154,7 +159,7 @@ def bench_train(model, cfg, device, dtype, size, warmup, iters):
     (t,), _ = timed([step], device, warmup, iters)
     if device == "cuda":
         mem, kind = torch.cuda.max_memory_allocated() / 2**20, "cuda max allocated"
-    elif os.environ.get("GLIBC_TUNABLES") == CACHED_MALLOC:  # model building's freed memory stays resident
+    elif malloc_cached():  # model building's freed memory stays resident
         mem, kind = None, "n/a: glibc keeps freed memory, so RSS growth says nothing"
     else:
         mem, kind = peak_rss_mb() - rss0, "CPU peak RSS growth"
@@ -180,11 +185,11 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/bench_mask_segmentor.json")
     ap.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides, KEY VALUE pairs")
     args = ap.parse_args()
-    if args.device == "cpu" and args.cpu_allocator == "cached" and os.environ.get("GLIBC_TUNABLES") != CACHED_MALLOC:
+    if args.device == "cpu" and args.cpu_allocator == "cached" and not malloc_cached():
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": CACHED_MALLOC})
     dtypes = (args.dtypes or ("fp32,bf16" if args.device == "cuda" else "fp32")).split(",")
     allocator = ("cuda caching" if args.device == "cuda" else
-                 "glibc, freed memory kept" if os.environ.get("GLIBC_TUNABLES") == CACHED_MALLOC else "glibc default")
+                 "glibc, freed memory kept" if malloc_cached() else "glibc default")
     model, cfg = build(args, args.device)
     rows = []
     for dt in dtypes:

@@ -219,15 +219,15 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
             chunk = torch.matmul(ry, low[c:c + step] @ rx.T)  # (c, out_h, out_w)
             out[c:c + step] = chunk if affinities is None else self.pamr.propagate(chunk[None], affinities)[0]
         probs = softmax_(out, 0)
-        if self.area_threshold > 0:
+        if self.area_threshold > 0 or self.bg_threshold > 0:
             bg = self._background_index()
+        if self.area_threshold > 0:
             area = torch.bincount(probs.argmax(0).flatten(), minlength=len(probs)).float()
             area[bg] = 0
             small = area <= self.area_threshold * area.sum()
             small[bg] = False
             probs[small] = 0.0
         if self.bg_threshold > 0:
-            bg = self._background_index()
             # SCLIP / ClearCLIP / NACLIP: argmax, then background where the top probability is below the threshold
             uncertain = probs.amax(0) < self.bg_threshold  # (out_h, out_w)
             probs.masked_fill_(uncertain[None], 0.0)
