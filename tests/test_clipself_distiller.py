@@ -93,7 +93,7 @@ def test_empty_regions_give_zero_loss(tmp_path):
 def test_training_through_train_net(tmp_path, name):
     """A few dozen iterations with train_net's Trainer: the loss on a fixed batch drops, the teacher stays
     bit-identical, only the unlocked block of the student moves; then export -> load round trips."""
-    import train_net
+    from ovseg import engine as train_net
 
     folder = _image_folder(tmp_path / "imgs")
     cfg = _cfg(tmp_path, name, SOLVER__MAX_ITER=30, SOLVER__BASE_LR=1e-3, SOLVER__WARMUP_ITERS=0,

@@ -51,7 +51,7 @@ def test_registration_is_lazy_and_errors_name_the_prepare_script(tmp_path):
 
 
 def test_train_net_reports_missing_data_before_building_the_model(tmp_path, monkeypatch):
-    import train_net
+    from ovseg import engine as train_net
 
     register_all_ovseg_datasets(str(tmp_path / "nowhere"))
     monkeypatch.setattr(train_net.Trainer, "build_model", mock.Mock(side_effect=AssertionError("model built")))

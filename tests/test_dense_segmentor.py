@@ -92,7 +92,7 @@ def _make_sem_seg_dataset(root, name, n=3, classes=("red", "green", "blue")):
 
 def test_semseg_evaluator_end_to_end(tmp_path):
     """train_net's Trainer.test with detectron2's SemSegEvaluator vs a confusion matrix computed here."""
-    import train_net
+    from ovseg import engine as train_net
 
     name = "_ovseg_test_synthetic_sem_seg"
     _make_sem_seg_dataset(tmp_path, name)

@@ -11,7 +11,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, Instances
 from PIL import Image
 
-import train_net
+from ovseg import engine as train_net
 from ovseg.data.mappers import MaskPanopticLSJMapper, MaskSemanticMapper, rgb_to_id
 from ovseg.modeling.postprocessing import instance_inference, panoptic_inference
 from ovseg.modeling.transformer_decoder.masked_attention import attend

@@ -6,7 +6,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import HookBase, default_argument_parser
 
-import train_net
+from ovseg import engine as train_net
 from tests.synthetic_panoptic import make_dataset
 from tests.tiny_mask import tiny_mask_cfg
 

@@ -214,7 +214,7 @@ def test_eval_only_subprocess(tmp_path, tiny_clip):
         f"sys.path.insert(0, {REPO!r})\n"
         "from tests.test_region_recognition import register_tiny_panoptic\n"
         f"register_tiny_panoptic({name!r}, {str(tmp_path / 'pan')!r})\n"
-        "import train_net\n"
+        "from ovseg import engine as train_net\n"
         "args = train_net.default_argument_parser().parse_args(sys.argv[1:])\n"
         "train_net.launch(train_net.main, 1, args=(args,))\n"
     )

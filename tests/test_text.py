@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.modeling import split_clip
-from ovseg.modeling.text import TextClassifier, get_templates, make_vocabulary, parse_vocabulary
+from ovseg.modeling.text import TextClassifier, get_templates, make_vocabulary, max_over_synonyms, parse_vocabulary
 
 
 def test_parse_string_file_and_synonyms(tmp_path):
@@ -56,6 +56,27 @@ def test_embeddings_are_prompt_and_synonym_averages(tiny_clip):
     torch.testing.assert_close(emb[0], manual(["cat"]), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(emb[1], manual(["sofa", "couch"]), atol=1e-6, rtol=1e-5)
     assert emb.shape == (2, 32) and not emb.requires_grad
+
+
+def test_synonym_embeddings_one_row_per_synonym(tiny_clip):
+    clf, _ = _classifier(tiny_clip)
+    emb, owner = clf.synonym_embeddings("cat,sofa|couch|settee,dog")
+    assert owner.tolist() == [0, 1, 1, 1, 2]
+    for row, name in zip(emb, ["cat", "sofa", "couch", "settee", "dog"]):
+        torch.testing.assert_close(row, clf(name)[0])  # each synonym = a one-name class
+
+
+def test_max_over_synonyms_is_a_per_class_max():
+    torch.manual_seed(0)
+    owner = torch.tensor([0, 1, 1, 1, 2, 2])
+    x = torch.randn(4, 6, 5)  # synonyms along dim 1
+    out = max_over_synonyms(x, owner, 3, dim=1)
+    expected = torch.stack([x[:, owner == c].amax(1) for c in range(3)], dim=1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    last = max_over_synonyms(x.transpose(1, 2), owner, 3)  # default: last dim
+    torch.testing.assert_close(last, expected.transpose(1, 2), rtol=0, atol=0)
+    same = torch.randn(2, 3)
+    assert max_over_synonyms(same, torch.arange(3), 3) is same
 
 
 def test_cache_avoids_text_forwards(tiny_clip):

@@ -33,7 +33,7 @@ def make_fake_ade150(root: Path, n: int = 4):
 def test_eval_only_two_processes_equals_one(tmp_path, tiny_clip):
     from detectron2.modeling import build_model
 
-    import train_net
+    from ovseg import engine as train_net
     from ovseg.data import register_all_ovseg_datasets
 
     make_fake_ade150(tmp_path / "data")
@@ -67,7 +67,7 @@ def test_eval_only_two_processes_equals_one(tmp_path, tiny_clip):
 def test_unregistered_test_dataset_is_a_clear_error(tmp_path):
     from detectron2.modeling import build_model
 
-    import train_net
+    from ovseg import engine as train_net
 
     cfg = tiny_cfg(OUTPUT_DIR=str(tmp_path), MODEL__TEXT__VOCABULARY="a,b")
     cfg.DATASETS.TEST = ("no_such_dataset_val",)

@@ -7,7 +7,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_tes
 from detectron2.modeling import build_model
 from PIL import Image
 
-import train_net
+from ovseg import engine as train_net
 from ovseg.data import register_all_ovseg_datasets
 from tests.helpers import tiny_cfg
 

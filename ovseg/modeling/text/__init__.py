@@ -1,4 +1,4 @@
-from .text_classifier import TextClassifier
+from .text_classifier import TextClassifier, max_over_synonyms
 from .vocabulary import (
     TEMPLATE_SETS,
     Vocabulary,
@@ -9,4 +9,4 @@ from .vocabulary import (
 )
 
 __all__ = ["TEMPLATE_SETS", "TextClassifier", "Vocabulary", "VocabularyMixin", "get_templates", "make_vocabulary",
-           "parse_vocabulary"]
+           "max_over_synonyms", "parse_vocabulary"]

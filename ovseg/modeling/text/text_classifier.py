@@ -86,7 +86,8 @@ class TextClassifier(nn.Module):
         return F.normalize(sums, dim=-1)  # normalising the sum = normalising the mean
 
     def forward(self, vocabulary: Union[str, Sequence[str], Vocabulary]) -> torch.Tensor:
-        """Returns (C, D) normalised class embeddings for `vocabulary` (anything `parse_vocabulary` takes)."""
+        """Returns (C, D) normalised class embeddings for `vocabulary` (anything `parse_vocabulary` takes), each
+        class's synonyms averaged."""
         vocab = parse_vocabulary(vocabulary)
         missing = [c for c in dict.fromkeys(vocab.classes) if (self.templates, c) not in self._cache]
         if missing:
@@ -94,3 +95,33 @@ class TextClassifier(nn.Module):
             for c, e in zip(missing, self._encode_classes(missing)):
                 self._cache[(self.templates, c)] = e
         return torch.stack([self._cache[(self.templates, c)] for c in vocab.classes]).to(self.device)
+
+    def synonym_embeddings(self, vocabulary: Union[str, Sequence[str], Vocabulary]
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Every synonym on its own, for the rule "one query per synonym, max over a class's synonyms" of
+        SCLIP / ClearCLIP / NACLIP (after the softmax) and FC-CLIP / OpenSeg (over the logits).
+
+        Returns:
+            (S, D) normalised embeddings (templates averaged per synonym), S = total number of synonyms, and
+            (S,) int64 `owner`: the class index of each synonym (see `max_over_synonyms`).
+        """
+        vocab = parse_vocabulary(vocabulary)
+        singles = Vocabulary(tuple((s,) for c in vocab.classes for s in c))
+        owner = torch.tensor([i for i, c in enumerate(vocab.classes) for _ in c], dtype=torch.long,
+                             device=self.device)
+        return self(singles), owner
+
+
+def max_over_synonyms(values: torch.Tensor, owner: torch.Tensor, num_classes: int, dim: int = -1) -> torch.Tensor:
+    """(..., S, ...) per-synonym values along `dim` -> (..., C, ...) per-class maxima, `owner` (S,) giving each
+    synonym's class. When every class has one synonym it is the identity (no copy)."""
+    if values.shape[dim] == num_classes:
+        return values
+    dim = dim % values.dim()
+    shape = [1] * values.dim()
+    shape[dim] = -1
+    index = owner.to(values.device).view(shape).expand_as(values)
+    out_shape = list(values.shape)
+    out_shape[dim] = num_classes
+    out = values.new_full(out_shape, float("-inf"))
+    return out.scatter_reduce_(dim, index, values, reduce="amax")
