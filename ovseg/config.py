@@ -177,6 +177,15 @@ def add_mask_segmentor_config(cfg: CN) -> CN:
     # Geometric ensemble p = p_in^(1-w) * p_out^w with w = ALPHA for seen classes and BETA for unseen ones.
     cfg.MODEL.MASK_SEG.CLASSIFIER.ENSEMBLE_ALPHA = 0.4
     cfg.MODEL.MASK_SEG.CLASSIFIER.ENSEMBLE_BETA = 0.8
+    # True: queries whose binarised mask covers no cell of the CLIP grid use the in-vocabulary classifier alone
+    # (FC-CLIP sets it in its ADE20K configs; its default is False).
+    cfg.MODEL.MASK_SEG.CLASSIFIER.ENSEMBLE_ON_VALID_MASK = False
+    # A class with synonyms: "max" = max over per-synonym logits (FC-CLIP, OpenSeg), "mean" = one embedding,
+    # the synonyms' mean. Both classifiers, training and inference.
+    cfg.MODEL.MASK_SEG.CLASSIFIER.SYNONYMS = "max"
+    # True: out-of-vocabulary pooling weighted by mask probabilities; False: plain mean over the binarised
+    # masks (mask logits resized bilinearly to the CLIP grid, then > 0), as FC-CLIP's MaskPooling.
+    cfg.MODEL.MASK_SEG.CLASSIFIER.SOFT_MASK_POOLING = False
 
     cfg.MODEL.MASK_SEG.LOSS = CN()
     # Weights of the classification (CE), mask (sigmoid BCE) and dice terms; the same weights serve as the
@@ -200,15 +209,16 @@ def add_mask_segmentor_config(cfg: CN) -> CN:
     cfg.MODEL.MASK_SEG.TEST.SEMANTIC_ON = True
     cfg.MODEL.MASK_SEG.TEST.PANOPTIC_ON = True
     cfg.MODEL.MASK_SEG.TEST.INSTANCE_ON = False
-    # Where `sem_seg` sums p(class | query) * mask probability over the queries: "mask" = on the mask-feature
-    # grid (stride p/4), then the (C, h, w) class scores are resized to the output once; "output" = every
-    # query's mask is resized to the output first (Mask2Former / FC-CLIP), Q x C work per output pixel.
-    cfg.MODEL.MASK_SEG.TEST.SEMANTIC_RESOLUTION = "mask"
-    # Panoptic: queries whose best non-void score is below OBJECT_MASK_THRESHOLD are dropped; a segment keeps
-    # its pixels only if at least OVERLAP_THRESHOLD of its own mask survives the pixel-wise argmax.
+    # Where `sem_seg` sums p(class | query) * mask probability over the queries: "output" = every query's mask
+    # resized to the output first; "padded" = masks resized to the padded input, sigmoid, sum, then the class
+    # scores cropped and resized; "auto" = FC-CLIP's choice ("output" if PANOPTIC_ON or INSTANCE_ON, else
+    # "padded"); "mask" = on the mask-feature grid (stride p/4), then the class scores resized once (cheapest).
+    cfg.MODEL.MASK_SEG.TEST.SEMANTIC_RESOLUTION = "auto"
+    # Panoptic (FC-CLIP / Mask2Former): queries whose best score is at most OBJECT_MASK_THRESHOLD (or void) are
+    # dropped; a query is a segment if the pixels it wins in the argmax are >= OVERLAP_THRESHOLD x its own mask.
     cfg.MODEL.MASK_SEG.TEST.OBJECT_MASK_THRESHOLD = 0.8
     cfg.MODEL.MASK_SEG.TEST.OVERLAP_THRESHOLD = 0.8
-    # Instances: top-k (query, class) pairs over thing classes.
+    # Instances: top-k (query, class) pairs over all classes, then the thing classes among them (FC-CLIP).
     cfg.MODEL.MASK_SEG.TEST.DETECTIONS_PER_IMAGE = 100
 
     # INPUT.DATASET_MAPPER_NAME (set in add_clipself_config) also takes the mask segmentor's mappers

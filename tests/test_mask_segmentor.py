@@ -77,7 +77,7 @@ def test_inference_outputs(model):
     assert inst.pred_classes.max() < 3
 
 
-@pytest.mark.parametrize("semantic_resolution", ["mask", "output"])
+@pytest.mark.parametrize("semantic_resolution", ["mask", "output", "padded"])
 def test_inference_equals_full_resolution_reference(model, semantic_resolution):
     """The inference shortcuts (decoder masks kept at the attended level's size, per-query output masks on
     demand, semantic scores combined on the mask grid) against the plain computation: every decoder layer's
@@ -85,7 +85,7 @@ def test_inference_equals_full_resolution_reference(model, semantic_resolution):
     batch = [{"image": torch.rand(3, 70, 90) * 255, "height": 35, "width": 45},
              {"image": torch.rand(3, 48, 64) * 255}]  # padded into one batch
     model.eval()
-    model.semantic_resolution = semantic_resolution
+    default, model.semantic_resolution = model.semantic_resolution, semantic_resolution
     dec = model.transformer_decoder
     try:
         with torch.no_grad():
@@ -95,19 +95,22 @@ def test_inference_equals_full_resolution_reference(model, semantic_resolution):
             dec.train()  # the training path: full-size masks of every layer, resized for the attention masks
             ref = dec(*reversed(model.pixel_decoder(feats)))
             dec.eval()
-            probs = model.class_probabilities(ref["pred_embeds"], ref["pred_masks"].sigmoid(), feats["clip_dense"],
+            probs = model.class_probabilities(ref["pred_embeds"], ref["pred_masks"], feats["clip_dense"],
                                               images, model.text_embeddings(model.vocabulary))
             padded = F.interpolate(ref["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear",
                                    align_corners=False)
     finally:
         dec.eval()
-        model.semantic_resolution = "mask"
+        model.semantic_resolution = default
     blocked = 0
     for i, inp in enumerate(batch):
         size, out_size = images.image_sizes[i], (inp.get("height", 70 if i == 0 else 48), inp.get("width", 64))
         masks = sem_seg_postprocess(padded[i], size, *out_size).sigmoid()
         if semantic_resolution == "output":
             sem = torch.einsum("qk,qhw->khw", probs[i, :, :-1], masks)
+        elif semantic_resolution == "padded":  # FC-CLIP's semantic-only path
+            sem = sem_seg_postprocess(torch.einsum("qk,qhw->khw", probs[i, :, :-1], padded[i].sigmoid()), size,
+                                      *out_size)
         else:
             grid = torch.einsum("qk,qhw->khw", probs[i, :, :-1], ref["pred_masks"][i].sigmoid())
             sem = sem_seg_postprocess(F.interpolate(grid[None], size=images.tensor.shape[-2:], mode="bilinear",

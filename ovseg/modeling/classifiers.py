@@ -1,14 +1,38 @@
 """Open-vocabulary classification of mask queries: the trained in-vocabulary classifier, the frozen
-out-of-vocabulary classifier (CLIP features pooled in each mask) and their geometric ensemble."""
+out-of-vocabulary classifier (CLIP features pooled in each mask) and their geometric ensemble, by FC-CLIP's
+rules (`fcclip/fcclip.py` and `MaskPooling` / `get_classification_logits` in its transformer decoder,
+bytedance/fc-clip@2b0bbe2)."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .region_pooling import pool_masks
+from .text import max_over_synonyms
+
+
+class ClassText(NamedTuple):
+    """The text side of both classifiers: (S, D) normalised embeddings for C classes. With `owner` (S,) (the
+    class of each row), a row per synonym and a class's logit is the max over its synonyms' logits (FC-CLIP,
+    OpenSeg, ODISE); without, S = C and each row is a class (e.g. its synonyms' mean embedding)."""
+    embeds: torch.Tensor
+    num_classes: int
+    owner: Optional[torch.Tensor] = None
+
+    def reduce(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., S) per-row logits -> (..., C) per-class logits."""
+        if self.owner is None:
+            return logits
+        return max_over_synonyms(logits, self.owner, self.num_classes)
+
+
+def as_class_text(text: Union[torch.Tensor, ClassText]) -> ClassText:
+    """A (C, D) tensor is one row per class."""
+    return text if isinstance(text, ClassText) else ClassText(text, len(text))
 
 
 class InVocabClassifier(nn.Module):
@@ -35,45 +59,54 @@ class InVocabClassifier(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.log_scale.clamp(max=self.max_log_scale).exp()
 
-    def forward(self, embeds: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """(B, Q, D) query embeddings, (C, D) normalised text -> (B, Q, C + 1) logits, last = void."""
-        classes = torch.cat([text.to(embeds.dtype), F.normalize(self.void_embedding, dim=-1).to(embeds.dtype)])
-        return self.scale * F.normalize(embeds, dim=-1) @ classes.t()
+    def forward(self, embeds: torch.Tensor, text: Union[torch.Tensor, ClassText]) -> torch.Tensor:
+        """(B, Q, D) query embeddings and the classes' text ((C, D) normalised, or `ClassText`) -> (B, Q, C + 1)
+        logits, last = void."""
+        text = as_class_text(text)
+        rows = torch.cat([text.embeds.to(embeds.dtype), F.normalize(self.void_embedding, dim=-1).to(embeds.dtype)])
+        logits = self.scale * F.normalize(embeds, dim=-1) @ rows.t()  # (B, Q, S + 1)
+        return torch.cat([text.reduce(logits[..., :-1]), logits[..., -1:]], dim=-1)
 
 
-def out_of_vocab_logits(dense: torch.Tensor, mask_probs: torch.Tensor, text: torch.Tensor,
-                        scale: float = 100.0) -> torch.Tensor:
+def out_of_vocab_logits(dense: torch.Tensor, masks: torch.Tensor, text: Union[torch.Tensor, ClassText],
+                        scale: float = 100.0, binary: bool = False) -> torch.Tensor:
     """Frozen-CLIP classification of each mask.
 
     Args:
         dense: (B, D, h, w) `clip_dense` features.
-        mask_probs: (B, Q, H, W) mask probabilities (any resolution; resized to (h, w) by `pool_masks`).
-        text: (C, D) normalised text embeddings.
+        masks: (B, Q, H, W) mask probabilities, or mask logits with `binary` (any resolution; resized to
+            (h, w) by `pool_masks`).
+        text: (C, D) normalised text embeddings, or `ClassText`.
+        binary: pool over the binarised masks (FC-CLIP) instead of weighting by the probabilities.
     Returns:
         (B, Q, C) logits = scale * cos(mask-averaged CLIP feature, text).
     """
-    pooled = F.normalize(pool_masks(dense, mask_probs), dim=-1)  # (B, Q, D)
-    return scale * pooled @ text.to(pooled.dtype).t()
+    text = as_class_text(text)
+    pooled = F.normalize(pool_masks(dense, masks, binary=binary), dim=-1)  # (B, Q, D)
+    return text.reduce(scale * pooled @ text.embeds.to(pooled.dtype).t())
 
 
 def geometric_ensemble(in_logits: torch.Tensor, out_logits: torch.Tensor, seen: torch.Tensor, alpha: float,
-                       beta: float) -> torch.Tensor:
+                       beta: float, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """FC-CLIP's geometric ensemble of the two classifiers.
 
-    With p_in = softmax over the C classes + void of `in_logits` and p_out = softmax over the C classes of
-    `out_logits`, each class gets e_c = p_in[c]^(1 - w_c) * p_out[c]^w_c, w_c = alpha for seen classes and beta
-    for unseen ones. The void probability stays the in-vocabulary classifier's:
-    result = [(1 - p_in[void]) * e / sum(e), p_in[void]].
+    With p_in = softmax over the C classes (void left out) of `in_logits` and p_out = softmax over the C
+    classes of `out_logits`, each class gets e_c = p_in[c]^(1 - w_c) * p_out[c]^w_c, w_c = alpha for seen
+    classes and beta for unseen ones (0 for the queries where `valid` is False: the in-vocabulary classifier
+    alone). The void probability v is the in-vocabulary classifier's over all C + 1 entries:
+    p = [(1 - v) * e / sum(e), v], and, as FC-CLIP's post-processing reads softmax(log(p + 1e-8)), that is
+    what is returned. Computed in log space (FC-CLIP's product underflows to log 0 for very unlikely classes).
 
     Args:
-        in_logits: (..., C + 1); out_logits: (..., C); seen: (C,) bool.
+        in_logits: (..., C + 1); out_logits: (..., C); seen: (C,) bool; valid: (...) bool or None.
     Returns:
         (..., C + 1) probabilities.
     """
-    p_in = in_logits.float().softmax(-1)
-    log_in = p_in[..., :-1].clamp(min=1e-12).log()
+    log_in = in_logits[..., :-1].float().log_softmax(-1)
     log_out = out_logits.float().log_softmax(-1)
-    w = torch.where(seen.to(log_in.device), torch.tensor(alpha), torch.tensor(beta)).to(log_in)
-    ensemble = ((1 - w) * log_in + w * log_out).softmax(-1)  # e / sum(e), computed in log space
-    void = p_in[..., -1:]
-    return torch.cat([ensemble * (1 - void), void], dim=-1)
+    w = torch.where(seen.to(log_in.device), torch.tensor(alpha), torch.tensor(beta)).to(log_in)  # (C,)
+    if valid is not None:
+        w = w * valid[..., None].to(w)
+    ensemble = ((1 - w) * log_in + w * log_out).softmax(-1)  # e / sum(e)
+    void = in_logits.float().softmax(-1)[..., -1:]
+    return torch.cat([ensemble * (1 - void), void], dim=-1).add_(1e-8).log_().softmax(-1)

@@ -30,17 +30,22 @@ def pool_boxes(dense: torch.Tensor, boxes: Union[torch.Tensor, List[torch.Tensor
     return pooled.mean(dim=(2, 3))
 
 
-def pool_masks(dense: torch.Tensor, masks: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def pool_masks(dense: torch.Tensor, masks: torch.Tensor, eps: float = 1e-6, binary: bool = False) -> torch.Tensor:
     """Mask-weighted average of dense features.
 
     Args:
         dense: (B, D, h, w) features.
         masks: (B, Q, H, W) soft or binary masks at any resolution; resized (bilinear) to (h, w) when needed.
+            With `binary`, mask logits instead: resized, then binarised at 0 (FC-CLIP's `MaskPooling`).
+        binary: plain mean over the cells where the resized logits are > 0.
     Returns:
         (B, Q, D): sum(mask * feature) / sum(mask) per mask; zeros for empty masks.
     """
-    masks = masks.to(dense.dtype)
+    if not binary:
+        masks = masks.to(dense.dtype)
     if masks.shape[-2:] != dense.shape[-2:]:
         masks = F.interpolate(masks, size=dense.shape[-2:], mode="bilinear", align_corners=False)
+    if binary:  # binarised in the logits' precision, not the features'
+        masks = (masks > 0).to(dense.dtype)
     weighted = torch.einsum("bqhw,bdhw->bqd", masks, dense)
     return weighted / masks.sum(dim=(2, 3)).unsqueeze(-1).clamp(min=eps)

@@ -10,6 +10,7 @@ from contextlib import nullcontext
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
@@ -17,7 +18,7 @@ from detectron2.structures import BitMasks, ImageList
 from torch import nn
 
 from ..backbone.clip_vit import CLIPViTDenseEncoder
-from ..classifiers import InVocabClassifier, geometric_ensemble, out_of_vocab_logits
+from ..classifiers import ClassText, InVocabClassifier, geometric_ensemble, out_of_vocab_logits
 from ..clip_model import load_open_clip, split_clip
 from ..criterion import SetCriterion
 from ..pixel_decoder import build_pixel_decoder
@@ -73,8 +74,9 @@ class OpenVocabMaskSegmentor(nn.Module):
                  transformer_decoder: nn.Module, criterion: SetCriterion, in_vocab: InVocabClassifier,
                  pixel_mean: Sequence[float], pixel_std: Sequence[float], train_vocabulary=None, vocabulary=None,
                  out_vocab: bool = True, out_vocab_logit_scale: float = 100.0, ensemble_alpha: float = 0.4,
-                 ensemble_beta: float = 0.8, semantic_on: bool = True, panoptic_on: bool = True,
-                 instance_on: bool = False, semantic_resolution: str = "mask", object_mask_threshold: float = 0.8,
+                 ensemble_beta: float = 0.8, ensemble_on_valid_mask: bool = False, synonyms: str = "max",
+                 soft_mask_pooling: bool = False, semantic_on: bool = True, panoptic_on: bool = True,
+                 instance_on: bool = False, semantic_resolution: str = "auto", object_mask_threshold: float = 0.8,
                  overlap_threshold: float = 0.8, detections_per_image: int = 100):
         """
         Args:
@@ -86,18 +88,28 @@ class OpenVocabMaskSegmentor(nn.Module):
             vocabulary: initial test vocabulary (dataset name, string, file, list); see `set_vocabulary`.
             out_vocab, out_vocab_logit_scale, ensemble_alpha, ensemble_beta: out-of-vocabulary classifier and
                 the geometric ensemble (alpha: seen classes, beta: unseen).
+            ensemble_on_valid_mask: queries whose binarised mask has no cell on the CLIP grid are classified
+                by the in-vocabulary classifier alone (FC-CLIP's ADE20K setting).
+            synonyms: "max" (a class's logit is the max over its synonyms' logits, FC-CLIP) or "mean" (one
+                embedding per class, the synonyms' mean), in training and inference alike.
+            soft_mask_pooling: pool CLIP features weighted by the mask probabilities instead of over the
+                binarised masks (FC-CLIP).
             semantic_on, panoptic_on, instance_on: which outputs inference returns.
-            semantic_resolution: where `sem_seg` combines the query masks: "mask" (the mask grid, then the
-                class scores are resized) or "output" (every query's mask resized first, as Mask2Former).
+            semantic_resolution: where `sem_seg` combines the query masks: "output" (every query's mask resized
+                to the output first), "padded" (sigmoid at the padded input size, the class scores cropped and
+                resized), "auto" (FC-CLIP: "output" when panoptic or instance inference is on, else "padded")
+                or "mask" (on the mask grid, then the class scores resized: cheapest).
             object_mask_threshold, overlap_threshold: panoptic post-processing.
             detections_per_image: instance top-k.
         """
         super().__init__()
         if not (semantic_on or panoptic_on or instance_on):
             raise ValueError("MODEL.MASK_SEG.TEST: turn on at least one of SEMANTIC_ON, PANOPTIC_ON, INSTANCE_ON")
-        if semantic_resolution not in ("mask", "output"):
+        if semantic_resolution not in ("auto", "output", "padded", "mask"):
             raise ValueError(f"MODEL.MASK_SEG.TEST.SEMANTIC_RESOLUTION={semantic_resolution!r}; "
-                             "use 'mask' or 'output'")
+                             "use 'auto', 'output', 'padded' or 'mask'")
+        if synonyms not in ("max", "mean"):
+            raise ValueError(f"MODEL.MASK_SEG.CLASSIFIER.SYNONYMS={synonyms!r}; use 'max' or 'mean'")
         for name, v in (("ENSEMBLE_ALPHA", ensemble_alpha), ("ENSEMBLE_BETA", ensemble_beta)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"MODEL.MASK_SEG.CLASSIFIER.{name}={v} must be in [0, 1]")
@@ -113,6 +125,9 @@ class OpenVocabMaskSegmentor(nn.Module):
         self.out_vocab_logit_scale = out_vocab_logit_scale
         self.ensemble_alpha = ensemble_alpha
         self.ensemble_beta = ensemble_beta
+        self.ensemble_on_valid_mask = ensemble_on_valid_mask
+        self.synonyms = synonyms
+        self.soft_mask_pooling = soft_mask_pooling
         self.semantic_on, self.panoptic_on, self.instance_on = semantic_on, panoptic_on, instance_on
         self.semantic_resolution = semantic_resolution
         self.object_mask_threshold = object_mask_threshold
@@ -169,6 +184,9 @@ class OpenVocabMaskSegmentor(nn.Module):
             "out_vocab_logit_scale": clf.OUT_VOCAB_LOGIT_SCALE,
             "ensemble_alpha": clf.ENSEMBLE_ALPHA,
             "ensemble_beta": clf.ENSEMBLE_BETA,
+            "ensemble_on_valid_mask": clf.ENSEMBLE_ON_VALID_MASK,
+            "synonyms": clf.SYNONYMS,
+            "soft_mask_pooling": clf.SOFT_MASK_POOLING,
             "semantic_on": ms.TEST.SEMANTIC_ON,
             "panoptic_on": ms.TEST.PANOPTIC_ON,
             "instance_on": ms.TEST.INSTANCE_ON,
@@ -233,8 +251,13 @@ class OpenVocabMaskSegmentor(nn.Module):
         with torch.no_grad() if frozen else nullcontext():
             return self.backbone(images)
 
-    def text_embeddings(self, vocabulary: Vocabulary) -> torch.Tensor:
-        return self.text_classifier(vocabulary).to(self.device)  # (C, D), cached per class
+    def text_embeddings(self, vocabulary: Vocabulary) -> ClassText:
+        """Both classifiers' text side: a row per synonym (max over a class's synonyms) or per class (the
+        synonyms' mean embedding), as `synonyms` says; cached per class by the text classifier."""
+        if self.synonyms == "max" and any(len(c) > 1 for c in vocabulary.classes):
+            embeds, owner = self.text_classifier.synonym_embeddings(vocabulary)
+            return ClassText(embeds.to(self.device), len(vocabulary), owner.to(self.device))
+        return ClassText(self.text_classifier(vocabulary).to(self.device), len(vocabulary))
 
     def prepare_targets(self, batched_inputs: List[Dict], padded_size: Tuple[int, int]) -> List[Dict]:
         targets = []
@@ -266,34 +289,52 @@ class OpenVocabMaskSegmentor(nn.Module):
         outs["aux_outputs"] = [classify(a) for a in outputs["aux_outputs"]]
         return self.criterion(outs, self.prepare_targets(batched_inputs, tuple(images.tensor.shape[-2:])))
 
-    def class_probabilities(self, embeds: torch.Tensor, mask_probs: torch.Tensor, dense: torch.Tensor,
-                            images: ImageList, text: torch.Tensor) -> torch.Tensor:
+    def class_probabilities(self, embeds: torch.Tensor, mask_logits: torch.Tensor, dense: torch.Tensor,
+                            images: ImageList, text: ClassText) -> torch.Tensor:
         """(B, Q, C + 1) class probabilities (last = void) from the ensemble of both classifiers, given the
-        queries' (B, Q, D) class embeddings and (B, Q, h, w) mask probabilities."""
+        queries' (B, Q, D) class embeddings and (B, Q, h, w) mask logits on the mask grid of the padded batch."""
         in_logits = self.in_vocab(embeds, text)
         if not self.out_vocab:
             return in_logits.float().softmax(-1)
-        # pool only over each image's own pixels, not the batch padding
-        valid = torch.zeros_like(mask_probs[:, :1])
+        mask_logits = mask_logits.float()
+        # pool only over each image's own pixels, not the batch padding (FC-CLIP evaluates one image at a time)
         ph, pw = images.tensor.shape[-2:]
-        mh, mw = mask_probs.shape[-2:]
+        gh, gw = dense.shape[-2:]
+        on_clip_grid = F.interpolate(mask_logits, size=(gh, gw), mode="bilinear", align_corners=False)
+        inside = torch.zeros_like(on_clip_grid[:, :1], dtype=torch.bool)  # (B, 1, gh, gw)
         for i, (h, w) in enumerate(images.image_sizes):
-            valid[i, :, : -(-h * mh // ph), : -(-w * mw // pw)] = 1
-        out_logits = out_of_vocab_logits(dense, mask_probs * valid, text, self.out_vocab_logit_scale)
-        return geometric_ensemble(in_logits, out_logits, self.seen, self.ensemble_alpha, self.ensemble_beta)
+            inside[i, :, : -(-h * gh // ph), : -(-w * gw // pw)] = True
+        on_clip_grid = on_clip_grid.masked_fill(~inside, -1.0)  # outside the image: background
+        valid = (on_clip_grid > 0).flatten(2).any(-1) if self.ensemble_on_valid_mask else None  # (B, Q)
+        if self.soft_mask_pooling:
+            valid_cells = torch.zeros_like(mask_logits[:, :1])
+            mh, mw = mask_logits.shape[-2:]
+            for i, (h, w) in enumerate(images.image_sizes):
+                valid_cells[i, :, : -(-h * mh // ph), : -(-w * mw // pw)] = 1
+            out_logits = out_of_vocab_logits(dense, mask_logits.sigmoid() * valid_cells, text,
+                                             self.out_vocab_logit_scale)
+        else:
+            out_logits = out_of_vocab_logits(dense, on_clip_grid, text, self.out_vocab_logit_scale, binary=True)
+        return geometric_ensemble(in_logits, out_logits, self.seen, self.ensemble_alpha, self.ensemble_beta, valid)
 
-    def postprocess(self, probs: torch.Tensor, mask_logits: torch.Tensor, mask_probs: torch.Tensor,
-                    padded_size: Tuple[int, int], image_size: Tuple[int, int], height: int, width: int) -> Dict:
-        """One image: (Q, C + 1) probabilities, (Q, h, w) mask logits and their sigmoid on the mask grid of the
-        padded input -> detectron2 output dict at (height, width)."""
+    def postprocess(self, probs: torch.Tensor, mask_logits: torch.Tensor, padded_size: Tuple[int, int],
+                    image_size: Tuple[int, int], height: int, width: int) -> Dict:
+        """One image: (Q, C + 1) probabilities and (Q, h, w) mask logits on the mask grid of the padded input
+        -> detectron2 output dict at (height, width)."""
         sizes = (padded_size, image_size, (height, width))
         masks = OutputMasks(mask_logits, *sizes)  # resized per query, on demand
         result = {}
         if self.semantic_on:
-            if self.semantic_resolution == "output":  # Mask2Former: combine the full-resolution masks
-                result["sem_seg"] = semantic_inference(probs, masks[:])
+            where = self.semantic_resolution
+            if where == "auto":  # FC-CLIP resizes the masks first when panoptic or instance inference is on
+                where = "output" if self.panoptic_on or self.instance_on else "padded"
+            if where == "output":
+                result["sem_seg"] = semantic_inference(probs, masks)
+            elif where == "padded":  # sigmoid at the padded input size, then crop and resize the scores
+                padded = OutputMasks(mask_logits, padded_size, padded_size, padded_size)
+                result["sem_seg"] = resize_to_output(semantic_inference(probs, padded), *sizes)
             else:  # combine on the mask grid, resize the class scores once
-                result["sem_seg"] = resize_to_output(semantic_inference(probs, mask_probs), *sizes)
+                result["sem_seg"] = resize_to_output(semantic_inference(probs, mask_logits.sigmoid()), *sizes)
         is_thing = self.is_thing.to(masks.device)
         if self.panoptic_on:
             result["panoptic_seg"] = panoptic_inference(probs, masks, is_thing, self.object_mask_threshold,
@@ -313,12 +354,10 @@ class OpenVocabMaskSegmentor(nn.Module):
 
         text = self.text_embeddings(self.vocabulary)
         mask_logits = outputs["pred_masks"].float()  # post-processing in fp32, also after bf16 / fp16 autocast
-        mask_probs = mask_logits.sigmoid()  # (B, Q, h, w)
-        probs = self.class_probabilities(outputs["pred_embeds"], mask_probs, features["clip_dense"], images, text)
+        probs = self.class_probabilities(outputs["pred_embeds"], mask_logits, features["clip_dense"], images, text)
         results = []
         for i, inp in enumerate(batched_inputs):
             h, w = images.image_sizes[i]
-            results.append(self.postprocess(probs[i], mask_logits[i], mask_probs[i],
-                                            tuple(images.tensor.shape[-2:]), (h, w), inp.get("height", h),
-                                            inp.get("width", w)))
+            results.append(self.postprocess(probs[i], mask_logits[i], tuple(images.tensor.shape[-2:]), (h, w),
+                                            inp.get("height", h), inp.get("width", w)))
         return results
