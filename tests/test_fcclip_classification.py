@@ -78,7 +78,8 @@ def test_synonym_rule_in_training_and_inference(model):
 def test_soft_pooling_and_no_valid_rule_are_config_keys():
     torch.manual_seed(0)
     cfg = tiny_mask_cfg(MODEL__TEXT__VOCABULARY=VOCAB, MODEL__MASK_SEG__TRAIN_VOCABULARY=TRAIN_VOCAB,
-                        MODEL__MASK_SEG__CLASSIFIER__SOFT_MASK_POOLING=True, MODEL__MASK_SEG__CLASSIFIER__SYNONYMS="mean")
+                        MODEL__MASK_SEG__CLASSIFIER__SOFT_MASK_POOLING=True,
+                        MODEL__MASK_SEG__CLASSIFIER__SYNONYMS="mean")
     soft = build_model(cfg).eval()
     assert soft.soft_mask_pooling and soft.synonyms == "mean" and not soft.ensemble_on_valid_mask
     images, dense, embeds, logits = _outputs(soft)
