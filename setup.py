@@ -3,6 +3,10 @@
 
 detectron2 and torch are not listed in install_requires: detectron2 is not on PyPI and torch
 must match the user's CUDA. `scripts/install.sh` installs both (see README).
+
+The ranges below are the tested ones: tests/test_library_versions.py runs the backbone parity tests with the
+lowest timm and open_clip of each range (the normal suite runs the installed, highest ones), and the
+ground-truth loader under numpy 2. Keep these and ovseg.modeling.backbone.clip_vit.TIMM_TESTED in step.
 """
 from setuptools import find_packages, setup
 
@@ -14,8 +18,9 @@ setup(
     packages=find_packages(include=["ovseg", "ovseg.*"]),
     package_data={"ovseg": ["model_configs/*.json", "data/class_lists/*.json", "data/class_lists/*.txt", "assets/*"]},
     install_requires=[
-        "open_clip_torch>=2.24",
-        "timm",  # open_clip builds EVA02 towers through timm
+        "open_clip_torch>=3.0,<4",  # tested: 3.0.0, 3.3.0
+        "timm>=1.0.17,<1.1",  # open_clip builds EVA02 towers through timm; tested: 1.0.17, 1.0.29, 1.0.31
+        "numpy>=1.24,<3",  # tested: 1.26 (suite), 2.x (ground-truth loading)
         "scipy",
         "tqdm",
         "fvcore",

@@ -123,3 +123,43 @@ def test_bad_config_values(tiny_clip):
         CLIPViTDenseEncoder(visual=visual, dense_mode="magic")
     with pytest.raises(ValueError, match="FEATURE_BLOCKS"):
         CLIPViTDenseEncoder(visual=visual, feature_blocks=[7])
+
+
+def test_eva_at_another_grid_matches_timm_dynamic_size(tiny_clip):
+    """Off the native grid, the EVA tower's RoPE must equal what timm's own EVA computes with
+    `dynamic_img_size=True` (its RoPE then built per input shape), loaded with the same weights. The absolute
+    pos-embed is zeroed: its resize is tested on its own, and timm's (antialiased bicubic) differs from ours."""
+    from timm.models.eva import Eva
+
+    model = tiny_clip(TINY_MODELS[1], seed=2)
+    visual, _ = split_clip(model)
+    trunk = visual.trunk
+    with torch.no_grad():
+        trunk.pos_embed.zero_()
+    dynamic = Eva(img_size=64, patch_size=16, embed_dim=64, depth=3, num_heads=4, qkv_fused=False,
+                  mlp_ratio=4 * 2 / 3, swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True, use_rot_pos_emb=True,
+                  ref_feat_shape=(4, 4), num_classes=0, dynamic_img_size=True).eval()
+    dynamic.load_state_dict(trunk.state_dict(), strict=False)
+    enc = CLIPViTDenseEncoder(visual=visual, feature_blocks=[0, 1, 2], dense_mode="attention")
+    x = torch.randn(1, 3, 80, 96)  # 5 x 6 patches, native is 4 x 4
+    with torch.no_grad():
+        ref = dynamic.forward_intermediates(x, indices=[0, 1, 2], intermediates_only=True)
+        feats = enc(x)
+    for k, r in enumerate(ref):
+        torch.testing.assert_close(feats[f"res{k + 2}"], r, **TOL)
+    torch.testing.assert_close(enc.tower.rope_at((5, 6)), dynamic.rope.get_embed(shape=[5, 6]), **TOL)
+
+
+def test_eva_rope_adapter_refuses_a_changed_timm(tiny_clip, monkeypatch):
+    """A timm whose dynamic-size RoPE no longer reproduces the native one is an error naming timm, not a silent
+    shift of every EVA feature."""
+    from timm.layers import RotaryEmbeddingCat
+
+    from ovseg.modeling.backbone import clip_vit
+
+    visual, _ = split_clip(tiny_clip(TINY_MODELS[1]))
+    real = RotaryEmbeddingCat.get_embed
+    monkeypatch.setattr(RotaryEmbeddingCat, "get_embed",
+                        lambda self, shape=None: real(self, shape) * (1.5 if shape is not None else 1.0))
+    with pytest.raises(RuntimeError, match="timm .* tested with timm"):
+        clip_vit.EvaTower(visual)

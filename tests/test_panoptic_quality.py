@@ -7,7 +7,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
-from ovseg.evaluation import OVSegPanopticEvaluator, id2rgb, panoptic_backend, pq_compute, rgb2id
+from ovseg.evaluation import OVSegPanopticEvaluator, format_pq_table, id2rgb, panoptic_backend, pq_compute, rgb2id
 
 CATEGORIES = [{"id": 1, "name": "blob", "isthing": 1}, {"id": 2, "name": "ground", "isthing": 0}]
 
@@ -98,7 +98,23 @@ def test_backends_agree(tmp_path):
         assert a[group]["pq"] == pytest.approx(b[group]["pq"], abs=1e-9)
 
 
-def test_panoptic_evaluator_on_model_style_outputs(tmp_path):
+def _table_rows(table: str) -> dict:
+    """{row name: cells} of a pipe table, header and separator dropped."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines()]
+    return {r[0]: r[1:] for r in rows[2:]}
+
+
+def test_pq_table_rows():
+    res = {g: {"pq": 0.1 * i + 0.01234, "sq": 0.5 + 0.01 * i, "rq": 0.25, "n": 3 + i}
+           for i, g in enumerate(("All", "Things", "Stuff"))}
+    rows = _table_rows(format_pq_table(res))
+    assert sorted(rows) == ["All", "Stuff", "Things"]
+    for g, cells in rows.items():
+        assert [float(c) for c in cells[:3]] == [round(100 * res[g][k], 3) for k in ("pq", "sq", "rq")]
+        assert int(cells[3]) == res[g]["n"]
+
+
+def test_panoptic_evaluator_on_model_style_outputs(tmp_path, caplog):
     """The evaluator (used by train_net for panoptic datasets) scores a prediction given as model output."""
     gt, pred = _write_case(tmp_path)
     name = "_ovseg_test_pq_dataset"
@@ -113,7 +129,11 @@ def test_panoptic_evaluator_on_model_style_outputs(tmp_path):
     seg, cats = pred
     info = [{"id": s, "category_id": 0 if c == 1 else 1, "isthing": c == 1} for s, c in cats.items()]
     ev.process([{"image_id": 7, "file_name": "img.jpg"}], [{"panoptic_seg": (torch.from_numpy(seg), info)}])
-    res = ev.evaluate()["panoptic_seg"]
+    with caplog.at_level("INFO", logger="ovseg.evaluation.panoptic_quality"):
+        res = ev.evaluate()["panoptic_seg"]
     ref = brute_force_pq(gt, pred)
+    # the logged table shows the returned numbers
+    rows = _table_rows(caplog.text.split("Panoptic Evaluation Results:\n", 1)[1])
+    assert float(rows["Things"][0]) == pytest.approx(res["PQ_th"], abs=1e-3)
     assert res["PQ_th"] == pytest.approx(100 * ref[1], abs=1e-4)
     assert res["PQ_st"] == pytest.approx(100 * ref[2], abs=1e-4)

@@ -13,11 +13,11 @@ import logging
 import os
 import tempfile
 from collections import OrderedDict
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
+from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOPanopticEvaluator
-from detectron2.evaluation.panoptic_evaluation import _print_panoptic_results
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from PIL import Image
@@ -89,11 +89,45 @@ def rgb2id(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
 
 
+def format_pq_table(pq_res: dict) -> str:
+    """The All / Things / Stuff rows of a `pq_compute` result as a Markdown table: PQ, SQ, RQ in percent (3
+    decimals) and the number of categories, the table detectron2's panoptic evaluator logs."""
+    header = ["", "PQ", "SQ", "RQ", "#categories"]
+    rows = [[name] + [f"{100 * pq_res[name][k]:.3f}" for k in ("pq", "sq", "rq")] + [str(pq_res[name]["n"])]
+            for name in ("All", "Things", "Stuff")]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.center(w) for c, w in zip(r, widths)) + " |" for r in [header] + rows]
+    lines.insert(1, "|" + "|".join(":" + "-" * w + ":" for w in widths) + "|")
+    return "\n".join(lines)
+
+
 class OVSegPanopticEvaluator(COCOPanopticEvaluator):
     """detectron2's COCOPanopticEvaluator, scoring through `pq_compute` (panopticapi or hotcoco).
 
-    Same inputs, outputs and printed table as the parent; only the panopticapi imports are replaced.
+    Same inputs, outputs and logged table as the parent; only the panopticapi imports are replaced. It keeps
+    its own state (no use of the parent's private attributes) and stays a COCOPanopticEvaluator for callers
+    that dispatch on the type.
     """
+
+    def __init__(self, dataset_name: str, output_dir: Optional[str] = None):
+        super().__init__(dataset_name, output_dir=output_dir)
+        self.metadata = MetadataCatalog.get(dataset_name)
+        self.output_dir = output_dir
+        # contiguous (model) ids -> dataset category ids, for things and for stuff
+        self.thing_to_dataset = {v: k for k, v in self.metadata.thing_dataset_id_to_contiguous_id.items()}
+        self.stuff_to_dataset = {v: k for k, v in self.metadata.stuff_dataset_id_to_contiguous_id.items()}
+        self.predictions: List[dict] = []
+
+    def reset(self):
+        self.predictions = []
+
+    def _dataset_category(self, segment: dict) -> dict:
+        # a segment without "isthing" already carries the dataset's category id
+        isthing = segment.pop("isthing", None)
+        if isthing is not None:
+            table = self.thing_to_dataset if isthing else self.stuff_to_dataset
+            segment["category_id"] = table[segment["category_id"]]
+        return segment
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
@@ -104,19 +138,19 @@ class OVSegPanopticEvaluator(COCOPanopticEvaluator):
             with io.BytesIO() as buf:
                 Image.fromarray(id2rgb(panoptic_img)).save(buf, format="PNG")
                 png = buf.getvalue()
-            self._predictions.append(
+            self.predictions.append(
                 {
                     "image_id": inp["image_id"],
                     "file_name": os.path.splitext(os.path.basename(inp["file_name"]))[0] + ".png",
                     "png_string": png,
-                    "segments_info": [self._convert_category_id(dict(s)) for s in segments_info],
+                    "segments_info": [self._dataset_category(dict(s)) for s in segments_info],
                 }
             )
 
     def _segments_from_labels(self, panoptic_img: np.ndarray):
         # "category * label_divisor + instance" labels with -1 = void; the PNG format reserves 0 for void
-        divisor = self._metadata.label_divisor
-        thing_ids = set(self._metadata.thing_dataset_id_to_contiguous_id.values())
+        divisor = self.metadata.label_divisor
+        thing_ids = set(self.metadata.thing_dataset_id_to_contiguous_id.values())
         segments = [
             {"id": int(label) + 1, "category_id": int(label) // divisor, "isthing": int(label) // divisor in thing_ids}
             for label in np.unique(panoptic_img)
@@ -126,20 +160,20 @@ class OVSegPanopticEvaluator(COCOPanopticEvaluator):
 
     def evaluate(self):
         comm.synchronize()
-        self._predictions = list(itertools.chain(*comm.gather(self._predictions)))
+        predictions = list(itertools.chain(*comm.gather(self.predictions)))
         if not comm.is_main_process():
             return None
-        gt_json = PathManager.get_local_path(self._metadata.panoptic_json)
-        gt_folder = PathManager.get_local_path(self._metadata.panoptic_root)
+        gt_json = PathManager.get_local_path(self.metadata.panoptic_json)
+        gt_folder = PathManager.get_local_path(self.metadata.panoptic_root)
         backend = panoptic_backend()
         with tempfile.TemporaryDirectory(prefix="panoptic_eval") as pred_dir:
-            for p in self._predictions:
+            for p in predictions:
                 with open(os.path.join(pred_dir, p["file_name"]), "wb") as f:
                     f.write(p.pop("png_string"))
             with open(gt_json, encoding="utf-8") as f:
                 json_data = json.load(f)
-            json_data["annotations"] = self._predictions
-            output_dir = self._output_dir or pred_dir
+            json_data["annotations"] = predictions
+            output_dir = self.output_dir or pred_dir
             predictions_json = os.path.join(output_dir, "predictions.json")
             with PathManager.open(predictions_json, "w") as f:
                 f.write(json.dumps(json_data))
@@ -151,5 +185,5 @@ class OVSegPanopticEvaluator(COCOPanopticEvaluator):
         for prefix, group in (("", "All"), ("_th", "Things"), ("_st", "Stuff")):
             for key in ("pq", "sq", "rq"):
                 res[key.upper() + prefix] = 100 * pq_res[group][key]
-        _print_panoptic_results(pq_res)
+        logger.info("Panoptic Evaluation Results:\n%s", format_pq_table(pq_res))
         return OrderedDict({"panoptic_seg": res})

@@ -1,9 +1,23 @@
 """Semantic segmentation metrics with the open-vocabulary split (classes seen / unseen in training)."""
 from __future__ import annotations
 
+from typing import Optional, Union
+
 import numpy as np
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import SemSegEvaluator
+from detectron2.utils.file_io import PathManager
+from PIL import Image
+
+
+def load_sem_seg_gt(filename: str, dtype: Optional[Union[np.dtype, str, type]] = None) -> np.ndarray:
+    """A ground-truth label PNG as a fresh, writable (H, W) array of `dtype` (default: the PNG's own).
+
+    Replaces detectron2's default `sem_seg_loading_fn`, whose `np.array(..., copy=False)` numpy 2 rejects
+    whenever a copy is needed (always, for a dtype change); the evaluator writes into the array, so it is a copy.
+    """
+    with PathManager.open(filename, "rb") as f:
+        return np.array(Image.open(f), dtype=dtype)
 
 
 def seen_unseen_miou(results: dict, seen: list, unseen: list) -> dict:
@@ -21,13 +35,20 @@ def seen_unseen_miou(results: dict, seen: list, unseen: list) -> dict:
 
 
 class OVSemSegEvaluator(SemSegEvaluator):
-    """detectron2's SemSegEvaluator plus mIoU-seen / mIoU-unseen / hIoU when the dataset has both kinds of class."""
+    """detectron2's SemSegEvaluator plus mIoU-seen / mIoU-unseen / hIoU when the dataset has both kinds of class,
+    reading ground truth with `load_sem_seg_gt` (numpy 1 and 2)."""
+
+    def __init__(self, dataset_name: str, distributed: bool = True, output_dir: Optional[str] = None, *,
+                 sem_seg_loading_fn=load_sem_seg_gt):
+        super().__init__(dataset_name, distributed=distributed, output_dir=output_dir,
+                         sem_seg_loading_fn=sem_seg_loading_fn)
+        self.dataset_name = dataset_name
 
     def evaluate(self):
         results = super().evaluate()
         if not results:
             return results
-        meta = MetadataCatalog.get(self._dataset_name)
+        meta = MetadataCatalog.get(self.dataset_name)
         seen, unseen = meta.get("seen_classes", []), meta.get("unseen_classes", [])
         if seen and unseen:
             results["sem_seg"].update(seen_unseen_miou(results["sem_seg"], seen, unseen))

@@ -6,15 +6,17 @@ wrapped by open_clip's `TimmModel` (EVA02-B-16, EVA02-L-14-336, ...).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import timm
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
-from timm.layers import apply_rot_embed_cat
+from timm.layers import RotaryEmbeddingCat, apply_rot_embed_cat
 from torch import nn
 
 from ..clip_model import load_open_clip, split_clip
@@ -41,6 +43,66 @@ def resize_pos_embed(pos: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tup
     grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos.dtype)
     grid = grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], channels)
     return torch.cat([prefix, grid], dim=0)
+
+
+# timm versions the EVA02 adapter below is tested with (setup.py declares the same range;
+# tests/test_library_versions.py runs the parity tests on both ends)
+TIMM_TESTED = ("1.0.17", "1.0.31")
+# RotaryEmbeddingCat constructor arguments that are also public attributes and shape the embedding; the coordinate
+# augmentations (shift/jitter/rescale_coords) are training-only in timm and our RoPE module is always in eval mode
+_ROPE_ARGS = ("dim", "max_res", "temperature", "in_pixels", "linear_bands", "ref_feat_shape", "grid_offset",
+              "grid_indexing", "rotate_half", "grid_type", "normalize_coords")
+
+
+class RopeAtAnyGrid:
+    """timm's EVA RoPE (`RotaryEmbeddingCat`) at any patch grid, through timm's public API only.
+
+    timm builds an EVA tower's RoPE for its native grid (`get_embed()` then ignores `shape`). For other grids this
+    keeps a second `RotaryEmbeddingCat` in timm's dynamic-size mode (`feat_shape=None`), made from the tower's
+    rope's constructor arguments, and asks it for `get_embed(shape=grid)`, as timm's own EVA does with
+    `dynamic_img_size=True`. At construction the twin must reproduce the native-grid embedding: a timm whose
+    RoPE semantics changed fails there with one clear error, never with wrong features.
+    """
+
+    def __init__(self, rope: nn.Module, native_grid: Tuple[int, int]):
+        if type(rope) is not RotaryEmbeddingCat:
+            raise NotImplementedError(f"EVA tower with {type(rope).__name__} RoPE; only timm's RotaryEmbeddingCat "
+                                      "(EVA02) is supported")
+        self.rope = rope
+        self.native_grid = tuple(native_grid)
+        params = inspect.signature(RotaryEmbeddingCat.__init__).parameters
+        kwargs = {k: getattr(rope, k) for k in _ROPE_ARGS if k in params and hasattr(rope, k)}
+        if rope.in_pixels and "linear_bands" in params and not hasattr(rope, "linear_bands"):
+            # older timm does not keep `linear_bands`; it only matters for pixel-frequency bands
+            raise NotImplementedError(self._version_message("a pixel-band RoPE whose `linear_bands` is not stored"))
+        with torch.no_grad():
+            self.twin = RotaryEmbeddingCat(**kwargs, feat_shape=None)
+            self.twin.eval()
+            native = rope.get_embed()
+            rebuilt = self.twin.get_embed(shape=list(self.native_grid))
+        if native.shape != rebuilt.shape or not torch.allclose(rebuilt.float(), native.float().cpu(), atol=1e-4):
+            raise RuntimeError(self._version_message("the rebuilt RoPE differs from timm's at the native grid"))
+
+    @staticmethod
+    def _version_message(problem: str) -> str:
+        return (f"timm {timm.__version__}: {problem}. ovseg's EVA02 support is tested with timm "
+                f"{TIMM_TESTED[0]}..{TIMM_TESTED[1]}; install a timm in that range (pip install "
+                f"'timm>={TIMM_TESTED[0]},<1.1').")
+
+    def __call__(self, grid: Tuple[int, int]) -> torch.Tensor:
+        """Concatenated (sin, cos) RoPE for a (h, w) patch grid: (h*w, 2 * head_dim), on the rope's device."""
+        native = self.rope.get_embed()
+        if tuple(grid) == self.native_grid:
+            return native
+        with torch.no_grad():
+            emb = self.twin.get_embed(shape=list(grid))
+        return emb.to(device=native.device, dtype=native.dtype)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor, half: bool) -> torch.Tensor:
+    """timm's `apply_rot_embed_cat` on (B, heads, N, hd); `half` (the rotate-half layout) exists in newer timm
+    only, so it is passed only when set."""
+    return apply_rot_embed_cat(x, rope, half=True) if half else apply_rot_embed_cat(x, rope)
 
 
 def neighbourhood_bias(grid: Tuple[int, int], sigma: float, num_prefix: int = 1,
@@ -146,6 +208,9 @@ class OpenCLIPViTTower(_Tower):
             raise NotImplementedError("only open_clip ViTs with standard blocks and token/avg pooling are supported")
         if not getattr(visual.transformer, "batch_first", True):
             raise NotImplementedError("open_clip ViT with batch_first=False is not supported")
+        if getattr(visual, "pool_type", None) not in ("tok", "avg") or not hasattr(visual, "final_ln_after_pool"):
+            raise NotImplementedError(f"open_clip ViT with pool_type={getattr(visual, 'pool_type', None)!r}; "
+                                      "only 'tok' and 'avg' pooling are supported")
         self.visual = visual
         self.patch_size = visual.patch_size[0]
         self.width = visual.class_embedding.shape[0]
@@ -205,8 +270,15 @@ class OpenCLIPViTTower(_Tower):
         return self.visual.ln_post(tokens) @ self.visual.proj
 
     def pool(self, x):
-        pooled, _ = self.visual._pool(x)
-        return pooled @ self.visual.proj
+        # open_clip's VisionTransformer pooling ("tok" / "avg", layer norm before or after pooling), written
+        # out from its public attributes
+        v = self.visual
+        if not v.final_ln_after_pool:
+            x = v.ln_post(x)
+        pooled = x[:, 0] if v.pool_type == "tok" else x[:, 1:].mean(dim=1)
+        if v.final_ln_after_pool:
+            pooled = v.ln_post(pooled)
+        return pooled @ v.proj
 
 
 class EvaTower(_Tower):
@@ -220,6 +292,8 @@ class EvaTower(_Tower):
         self.patch_size = trunk.patch_embed.patch_size[0]
         self.width = trunk.embed_dim
         self.native_grid = tuple(trunk.patch_embed.grid_size)
+        # a plain attribute holding no parameters or buffers of its own in the state dict
+        self.rope_at = RopeAtAnyGrid(trunk.rope, self.native_grid) if trunk.rope is not None else None
 
     # properties, not attributes: registering these modules twice would duplicate them in state dicts
     @property
@@ -245,11 +319,7 @@ class EvaTower(_Tower):
             x = torch.cat([cls, x], dim=1)
             x = x + pos if t.pos_embed is not None else x
         x = t.pos_drop(x)
-        rope = None
-        if t.rope is not None:
-            # timm caches RoPE for the native grid only (get_embed ignores `shape` then); other grids are
-            # built from the same frequency bands, rescaled to the reference grid as timm does for dynamic sizes
-            rope = t.rope.get_embed() if grid == self.native_grid else t.rope._build_embed_cat(list(grid), t.rope.bands)
+        rope = self.rope_at(grid) if self.rope_at is not None else None
         return t.norm_pre(x), {"grid": grid, "rope": rope}
 
     def run_block(self, block, x, ctx):
@@ -266,8 +336,9 @@ class EvaTower(_Tower):
             else:
                 v = attn.v_proj(y)
             v = attn.norm(v)
-            if attn.gate is not None:
-                v = v * attn.gate(y).sigmoid()
+            gate = getattr(attn, "gate", None)  # gated attention exists in newer timm only
+            if gate is not None:
+                v = v * gate(y).sigmoid()
             return attn.proj(v)
         return super().token_mixing(block, y, ctx, mode)
 
@@ -287,9 +358,9 @@ class EvaTower(_Tower):
         rope = ctx["rope"]
         if rope is not None:
             npt = attn.num_prefix_tokens
-            half = getattr(attn, "rotate_half", False)
-            q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
-            k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+            half = getattr(attn, "rotate_half", False)  # attribute of newer timm only
+            q = torch.cat([q[:, :, :npt], apply_rope(q[:, :, npt:], rope, half)], dim=2).type_as(v)
+            k = torch.cat([k[:, :, :npt], apply_rope(k[:, :, npt:], rope, half)], dim=2).type_as(v)
         return q, k, v
 
     def attn_scale(self, block):
@@ -299,8 +370,9 @@ class EvaTower(_Tower):
         attn = block.attn
         b, _, n, _ = o.shape
         o = attn.norm(o.transpose(1, 2).reshape(b, n, -1))
-        if attn.gate is not None:
-            o = o * attn.gate(y).sigmoid()
+        gate = getattr(attn, "gate", None)
+        if gate is not None:
+            o = o * gate(y).sigmoid()
         return attn.proj(o)
 
     def last_block(self, x, ctx, mode):
