@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
-from ..clip_model import load_open_clip, split_clip
+from ..clip_model import load_open_clip_from_cfg, split_clip
 from .vocabulary import Vocabulary, get_templates, parse_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class TextClassifier(nn.Module):
     @classmethod
     def from_config(cls, cfg, text_model: Optional[nn.Module] = None):
         if text_model is None:
-            _, text_model = split_clip(load_open_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED))
+            _, text_model = split_clip(load_open_clip_from_cfg(cfg))
         return {
             "text_model": text_model,
             "tokenizer": open_clip.get_tokenizer(cfg.MODEL.CLIP.MODEL_NAME),
