@@ -15,13 +15,13 @@ import time
 import cv2
 import numpy as np
 import torch
-from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from predictor import OVSegPredictor  # noqa: E402
 
 from ovseg.config import get_ovseg_cfg  # noqa: E402
+from ovseg.data.image_io import read_image  # noqa: E402
 from ovseg.modeling import WeightsUnavailableError  # noqa: E402
 from ovseg.modeling.backbone import DENSE_MODES  # noqa: E402
 from ovseg.modeling.text import parse_vocabulary  # noqa: E402
