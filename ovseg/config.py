@@ -14,6 +14,9 @@ def add_ovseg_config(cfg: CN) -> CN:
     # open_clip pretrained tag (e.g. "openai", downloaded on first use) or a local checkpoint path
     # (open_clip state dict or one exported by ovseg). "" = random initialisation (smoke tests only).
     cfg.MODEL.CLIP.PRETRAINED = "openai"
+    # Let a PRETRAINED file that needs full unpickling (Python objects beyond tensors, TorchScript) load. Such a
+    # file can run code: only for files from a source you trust. Plain state dicts and safetensors never need it.
+    cfg.MODEL.CLIP.TRUST_PICKLED_WEIGHTS = False
     # How the last ViT block builds the dense map `clip_dense`:
     #   "value": no token mixing, value path + residual + MLP (MaskCLIP / CLIPSelf);
     #   "attention": the stock block, i.e. exactly what open_clip computes;

@@ -9,7 +9,9 @@
         --output clipself_eva02_b16_official.pt
 
 The output loads with open_clip itself (`open_clip.create_model(name, pretrained=output)`) and as ovseg's
-MODEL.CLIP.PRETRAINED. Unknown, missing or unmatched keys are errors.
+MODEL.CLIP.PRETRAINED. Unknown, missing or unmatched keys are errors. A --input that holds more than tensors (a
+pickle that could run code) is refused unless --trust-pickled-weights is given; the output is always a plain
+state dict, loadable without that trust.
 """
 import argparse
 import logging
@@ -28,9 +30,12 @@ def main(argv=None) -> int:
     parser.add_argument("--model-name", required=True, help="open_clip architecture, e.g. EVA02-B-16, ViT-B-16")
     parser.add_argument("--input", required=True, help="checkpoint: ovseg training, EVA-CLIP/CLIPSelf, open_clip")
     parser.add_argument("--output", required=True, help="where to write the open_clip state dict")
+    parser.add_argument("--trust-pickled-weights", action="store_true",
+                        help="let --input unpickle Python objects beyond tensors (or be a TorchScript archive): such "
+                             "a file can run code, so only for files from a source you trust")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    model = load_open_clip(args.model_name, args.input)
+    model = load_open_clip(args.model_name, args.input, args.trust_pickled_weights)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     torch.save(model.state_dict(), args.output)
     print(f"wrote {args.output} ({len(model.state_dict())} tensors of {args.model_name})")

@@ -19,6 +19,56 @@ def test_parse_string_file_and_synonyms(tmp_path):
     assert parse_vocabulary(str(f)).classes == (("cat",), ("sofa", "couch"))
 
 
+def test_vocabulary_files_comments_bom_and_commas(tmp_path):
+    f = tmp_path / "classes.txt"
+    f.write_bytes("\ufeffcat  # our pet\nsofa|couch#furniture\n   # only a comment\ntv\n".encode("utf-8"))
+    assert parse_vocabulary(str(f)).classes == (("cat",), ("sofa", "couch"), ("tv",))
+    f.write_text("cat\na,b,c\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"line 2: 'a,b,c' has a comma.*one class per\s+line"):
+        parse_vocabulary(str(f))
+
+
+@pytest.mark.parametrize("spec", ["classes.txt", "data/my_classes", "./vocab.csv"])
+def test_missing_vocabulary_file_is_an_error(tmp_path, spec):
+    with pytest.raises(FileNotFoundError, match="looks like a file path.*no such file"):
+        parse_vocabulary(str(tmp_path / spec) if "/" in spec else spec)
+    # a '/' inside a real class list is a class name, not a path
+    assert parse_vocabulary("tv/monitor|tv,sky").names == ["tv/monitor", "sky"]
+
+
+def test_names_shared_between_classes_are_warned(caplog):
+    caplog.set_level("WARNING", logger="ovseg.modeling.text.vocabulary")
+    v = parse_vocabulary("cat|dog,dog")
+    assert v.classes == (("cat", "dog"), ("dog",))  # documented: both classes score "dog"
+    assert "'dog' in ['cat', 'dog']" in caplog.text
+    caplog.clear()
+    parse_vocabulary("cat|kitty,dog")
+    assert caplog.text == ""
+    with pytest.raises(ValueError, match="repeated within the class"):
+        parse_vocabulary("cat|Cat,dog")
+
+
+def test_dataset_lists_with_shared_names_load_quietly(caplog):
+    """The published ADE-150 list shares names (ADE's 'stool' class and the 'toilet|...|stool' class)."""
+    from detectron2.data import MetadataCatalog
+
+    caplog.set_level("WARNING", logger="ovseg.modeling.text.vocabulary")
+    v = parse_vocabulary("ade20k_150_sem_seg_val")
+    owners = {}
+    for c in v.classes:  # independent count of names in several classes
+        for name in c:
+            owners.setdefault(name.lower(), set()).add(c[0])
+    assert any(len(o) > 1 for o in owners.values())
+    assert caplog.text == "" and len(v) == len(MetadataCatalog.get("ade20k_150_sem_seg_val").stuff_classes)
+
+
+def test_summary_is_short_for_long_vocabularies():
+    long = make_vocabulary([f"class{i}" for i in range(2000)])
+    text = long.summary()
+    assert text.startswith("2000 classes: class0, class1") and "(+1980 more)" in text and len(text) < 400
+    assert make_vocabulary(["a", "b"]).summary() == "2 classes: a, b"
+
+
 def test_parse_registered_dataset():
     from detectron2.data import MetadataCatalog
 
@@ -94,6 +144,29 @@ def test_cache_avoids_text_forwards(tiny_clip):
         clf("cat,bird")  # only "bird" is new: 2 prompts, one batch
         assert spy.call_count == calls + 1
     assert clf.num_encoder_forwards == calls + 1
+
+
+def test_long_encodings_show_progress(tiny_clip, caplog):
+    import ovseg.modeling.text.text_classifier as tc
+
+    clf, _ = _classifier(tiny_clip)  # 2 templates, batches of 3 prompts
+    bars = []
+
+    def spy(iterable, **kwargs):
+        bars.append((len(iterable), kwargs.get("disable", False)))
+        return iterable
+
+    caplog.set_level("INFO", logger="ovseg.modeling.text.text_classifier")
+    short_classes = 3 * (tc.PROGRESS_MIN_FORWARDS - 1) // 2  # 2 prompts per class: just below the bar
+    long_classes = short_classes + 2
+    with mock.patch.object(tc, "tqdm", side_effect=spy):
+        clf([f"short{i}" for i in range(short_classes)])
+        clf([f"long{i}" for i in range(long_classes)])
+    forwards = [-(-2 * n // 3) for n in (short_classes, long_classes)]  # ceil(prompts / batch)
+    assert forwards[0] < tc.PROGRESS_MIN_FORWARDS <= forwards[1]
+    assert bars == [(forwards[0], True), (forwards[1], False)]
+    assert f"encoding {long_classes} classes ({2 * long_classes} prompts" in caplog.text
+    assert "short0" not in caplog.text and "long0" not in caplog.text  # counts, not names
 
 
 def test_template_sets():

@@ -50,6 +50,9 @@ class Benchmark:
     first_class: int = 0  # classes of the table before this index are not part of the benchmark (VOC-20)
     things_only: bool = False  # only the table's thing classes, in table order (COCO-Object)
     with_background: bool = False  # class 0 is `background` (not in the table), the table's classes follow (PC-60)
+    # image_dir also holds other splits' images (VOC's JPEGImages): the label folder alone defines the split, so an
+    # image without a label map cannot be told from another split's image
+    shared_image_dir: bool = False
 
 
 _ADE = "ADEChallengeData2016"
@@ -73,16 +76,17 @@ BENCHMARKS: Tuple[Benchmark, ...] = (
               sem_seg_dir="ADE20K_2021_17_01/annotations_detectron2/validation", label_ext="tif",
               ignore_label=65535),
     Benchmark("pascal_context_59_sem_seg_val", "pascal_context_59", "VOCdevkit/VOC2010/JPEGImages", _PC_PREP,
-              sem_seg_dir="VOCdevkit/VOC2010/annotations_detectron2/pc59_val"),
+              sem_seg_dir="VOCdevkit/VOC2010/annotations_detectron2/pc59_val", shared_image_dir=True),
     Benchmark("pascal_context_459_sem_seg_val", "pascal_context_459", "VOCdevkit/VOC2010/JPEGImages", _PC_PREP,
               sem_seg_dir="VOCdevkit/VOC2010/annotations_detectron2/pc459_val", label_ext="tif",
-              ignore_label=65535),
+              ignore_label=65535, shared_image_dir=True),
     Benchmark("pascal_context_60_sem_seg_val", "pascal_context_59", "VOCdevkit/VOC2010/JPEGImages", _PC_PREP,
-              sem_seg_dir="VOCdevkit/VOC2010/annotations_detectron2/pc60_val", with_background=True),
+              sem_seg_dir="VOCdevkit/VOC2010/annotations_detectron2/pc60_val", with_background=True,
+              shared_image_dir=True),
     Benchmark("pascal_voc_20_sem_seg_val", "pascal_voc_21", "VOCdevkit/VOC2012/JPEGImages", _VOC_PREP,
-              sem_seg_dir="VOCdevkit/VOC2012/annotations_detectron2/voc20_val", first_class=1),
+              sem_seg_dir="VOCdevkit/VOC2012/annotations_detectron2/voc20_val", first_class=1, shared_image_dir=True),
     Benchmark("pascal_voc_21_sem_seg_val", "pascal_voc_21", "VOCdevkit/VOC2012/JPEGImages", _VOC_PREP,
-              sem_seg_dir="VOCdevkit/VOC2012/annotations_detectron2/voc21_val"),
+              sem_seg_dir="VOCdevkit/VOC2012/annotations_detectron2/voc21_val", shared_image_dir=True),
     *(
         Benchmark(f"coco_2017_{split}_panoptic_with_sem_seg", "coco_panoptic_133", f"coco/{split}2017",
                   "python datasets/prepare_coco_panoptic.py",
@@ -172,13 +176,29 @@ def load_semantic(bench: Benchmark, root: str) -> List[dict]:
     if not gt_files:
         raise FileNotFoundError(f"dataset {bench.name!r}: no *{label_end} label maps in {gt_dir!r}; "
                                 f"run `{bench.prepare}`")
-    records = []
-    for gt in gt_files:
-        stem = gt[: -len(label_end)]
-        image = os.path.join(image_dir, f"{stem}{bench.image_suffix}.{bench.image_ext}")
-        records.append({"file_name": image, "sem_seg_file_name": os.path.join(gt_dir, gt),
-                        "image_id": os.path.basename(stem)})
-    _require(records[0]["file_name"], bench, f"image for label map {gt_files[0]!r}")
+    image_end = f"{bench.image_suffix}.{bench.image_ext}"
+    stems = [gt[: -len(label_end)] for gt in gt_files]
+    records = [{"file_name": os.path.join(image_dir, stem + image_end), "sem_seg_file_name": os.path.join(gt_dir, gt),
+                "image_id": os.path.basename(stem)} for stem, gt in zip(stems, gt_files)]
+    if bench.shared_image_dir:
+        without_image = [r["file_name"] for r in records if not os.path.isfile(r["file_name"])]
+        without_label = []
+    else:  # the folder holds exactly this split: every image needs its label map, or evaluation silently shrinks
+        image_stems = {f[: -len(image_end)] for f in files_under(image_dir, image_end)}
+        without_image = [r["file_name"] for s, r in zip(stems, records) if s not in image_stems]
+        without_label = sorted(image_stems.difference(stems))
+    if without_label:
+        raise FileNotFoundError(
+            f"dataset {bench.name!r}: {len(without_label)} image(s) in {image_dir!r} have no label map in {gt_dir!r}, "
+            f"e.g. {os.path.join(gt_dir, without_label[0] + label_end)!r} is missing for "
+            f"{os.path.join(image_dir, without_label[0] + image_end)!r}. Re-run `{bench.prepare}`, or remove the "
+            "unlabelled images from the image folder."
+        )
+    if without_image:
+        raise FileNotFoundError(
+            f"dataset {bench.name!r}: {len(without_image)} label map(s) in {gt_dir!r} have no image, e.g. "
+            f"{without_image[0]!r} is missing. Re-run `{bench.prepare}` (layouts: datasets/README.md)."
+        )
     logger.info("Loaded %d images with semantic labels from %s", len(records), gt_dir)
     return records
 

@@ -17,6 +17,8 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 
+from .image_io import check_label_size, read_image
+
 logger = logging.getLogger(__name__)
 
 
@@ -68,11 +70,13 @@ class MaskSemanticMapper:
         d = copy.deepcopy(dataset_dict)
         if "sem_seg_file_name" not in d:
             raise ValueError(f"{d.get('file_name')!r}: the 'mask_semantic' mapper needs 'sem_seg_file_name'")
-        image = utils.read_image(d["file_name"], format=self.image_format)
+        image = read_image(d["file_name"], format=self.image_format)
         utils.check_image_size(d, image)
-        sem_seg = utils.read_image(d.pop("sem_seg_file_name")).astype("float64")
+        label_path = d.pop("sem_seg_file_name")
+        sem_seg = utils.read_image(label_path).astype("float64")
         if sem_seg.ndim == 3:
             sem_seg = sem_seg[..., 0]
+        check_label_size(sem_seg, image, label_path, d["file_name"])
         aug = T.AugInput(image, sem_seg=sem_seg)
         self.augmentations(aug)
         image, sem_seg = aug.image, aug.sem_seg.round().astype(np.int64)
@@ -113,10 +117,13 @@ class MaskPanopticLSJMapper:
         if "pan_seg_file_name" not in d or "segments_info" not in d:
             raise ValueError(f"{d.get('file_name')!r}: the 'mask_panoptic_lsj' mapper needs 'pan_seg_file_name' "
                              "and 'segments_info' (a COCO-panoptic dataset)")
-        image = utils.read_image(d["file_name"], format=self.image_format)
+        image = read_image(d["file_name"], format=self.image_format)
         utils.check_image_size(d, image)
+        pan_path = d.pop("pan_seg_file_name")
+        pan_rgb = utils.read_image(pan_path, "RGB")
+        check_label_size(pan_rgb, image, pan_path, d["file_name"])
         # float64 holds every 24-bit id exactly, and detectron2 resizes non-uint8 maps with torch (nearest)
-        pan = rgb_to_id(utils.read_image(d.pop("pan_seg_file_name"), "RGB")).astype(np.float64)
+        pan = rgb_to_id(pan_rgb).astype(np.float64)
         aug = T.AugInput(image, sem_seg=pan)
         self.augmentations(aug)
         image, pan = aug.image, aug.sem_seg.round().astype(np.int64)

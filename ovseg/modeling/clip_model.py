@@ -16,6 +16,7 @@ import open_clip
 import torch
 from torch import nn
 
+from ..utils.safe_load import load_weights_file
 from .checkpoint_layouts import to_open_clip_layout
 from .tiny_models import register_tiny_models
 
@@ -78,19 +79,13 @@ def _open_clip_key(key: str) -> str:
     return key
 
 
-def _load_file(model: nn.Module, path: str, model_name: str) -> None:
+def _load_file(model: nn.Module, path: str, model_name: str, trust_pickled_weights: bool = False) -> None:
     """Load an open_clip (or ovseg-exported) state dict into `model`, reporting key mismatches."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any failure here means "not a readable checkpoint"
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            raise ValueError(f"MODEL.CLIP.PRETRAINED={path!r} is not a readable torch checkpoint: {e}") from e
-    if isinstance(state, torch.jit.ScriptModule):  # OpenAI's original JIT archives
-        state = state.state_dict()
+    state = load_weights_file(
+        path, trust_pickled=trust_pickled_weights, what=f"MODEL.CLIP.PRETRAINED={path!r}",
+        trust_hint="set MODEL.CLIP.TRUST_PICKLED_WEIGHTS True (scripts/convert_to_open_clip.py: "
+                   "--trust-pickled-weights)",
+    )
     if isinstance(state, dict):
         state = state.get("state_dict", state.get("model", state))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -129,13 +124,16 @@ def _load_file(model: nn.Module, path: str, model_name: str) -> None:
     logger.info("Loaded %d/%d tensors of %s from %s", len(matched), len(own), model_name, path)
 
 
-def load_open_clip(model_name: str, pretrained: str) -> nn.Module:
+def load_open_clip(model_name: str, pretrained: str, trust_pickled_weights: bool = False) -> nn.Module:
     """Build the open_clip model `model_name` with weights `pretrained`.
 
     Args:
         model_name: an open_clip architecture (``open_clip.list_models()``), including ovseg's tiny ones.
         pretrained: an open_clip pretrained tag (downloaded to the open_clip/HF cache on first use), a local
             checkpoint file, or "" for random initialisation.
+        trust_pickled_weights: let a local file that needs full unpickling (objects beyond tensors, TorchScript)
+            load; such a file can run code (MODEL.CLIP.TRUST_PICKLED_WEIGHTS). Safetensors and plain state dicts
+            load either way.
     Returns:
         the open_clip model (CLIP or CustomTextCLIP), fp32, on CPU, in eval mode.
     """
@@ -151,7 +149,7 @@ def load_open_clip(model_name: str, pretrained: str) -> nn.Module:
                 f"{model_name}, or an open_clip tag ({open_clip.list_pretrained_tags_by_model(model_name)})."
             )
         model = open_clip.create_model(model_name, pretrained=None)
-        _load_file(model, pretrained, model_name)
+        _load_file(model, pretrained, model_name, trust_pickled_weights)
     else:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         if pretrained not in tags:
@@ -181,3 +179,8 @@ def split_clip(model: nn.Module) -> Tuple[nn.Module, nn.Module]:
     visual = model.visual
     model.visual = None
     return visual, model
+
+
+def load_open_clip_from_cfg(cfg) -> nn.Module:
+    """`load_open_clip` with MODEL.CLIP.MODEL_NAME / PRETRAINED / TRUST_PICKLED_WEIGHTS: what every model builds."""
+    return load_open_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED, cfg.MODEL.CLIP.TRUST_PICKLED_WEIGHTS)

@@ -19,7 +19,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from timm.layers import RotaryEmbeddingCat, apply_rot_embed_cat
 from torch import nn
 
-from ..clip_model import load_open_clip, split_clip
+from ..clip_model import load_open_clip_from_cfg, split_clip
 
 logger = logging.getLogger(__name__)
 
@@ -465,7 +465,7 @@ class CLIPViTDenseEncoder(Backbone):
     @classmethod
     def from_config(cls, cfg, input_shape=None, visual: Optional[nn.Module] = None):
         if visual is None:
-            visual, _ = split_clip(load_open_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED))
+            visual, _ = split_clip(load_open_clip_from_cfg(cfg))
         return {
             "visual": visual,
             "feature_blocks": list(cfg.MODEL.CLIP.FEATURE_BLOCKS),

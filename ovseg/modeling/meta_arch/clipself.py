@@ -20,7 +20,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from ..backbone.clip_vit import CLIPViTDenseEncoder
-from ..clip_model import load_open_clip, split_clip
+from ..clip_model import load_open_clip_from_cfg, split_clip
 from ..region_pooling import pool_boxes, pool_masks
 from ..text import TextClassifier, Vocabulary, VocabularyMixin
 
@@ -74,7 +74,7 @@ class CLIPSelfDistiller(VocabularyMixin, nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        visual, text_model = split_clip(load_open_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED))
+        visual, text_model = split_clip(load_open_clip_from_cfg(cfg))
         teacher_visual = copy.deepcopy(visual)  # taken before any training step: the original weights
         return {
             "backbone": CLIPViTDenseEncoder(cfg, visual=visual),

@@ -11,7 +11,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from ..backbone.clip_vit import CLIPViTDenseEncoder
-from ..clip_model import load_open_clip, split_clip
+from ..clip_model import load_open_clip_from_cfg, split_clip
 from ..pamr import PAMR
 from ..text import TextClassifier, Vocabulary, VocabularyMixin
 
@@ -133,7 +133,7 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        visual, text_model = split_clip(load_open_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED))
+        visual, text_model = split_clip(load_open_clip_from_cfg(cfg))
         vocabulary = cfg.MODEL.TEXT.VOCABULARY or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
         d = cfg.MODEL.DENSE_SEG
         return {

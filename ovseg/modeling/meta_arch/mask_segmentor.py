@@ -19,7 +19,7 @@ from torch import nn
 
 from ..backbone.clip_vit import CLIPViTDenseEncoder
 from ..classifiers import ClassText, InVocabClassifier, geometric_ensemble, out_of_vocab_logits
-from ..clip_model import load_open_clip, split_clip
+from ..clip_model import load_open_clip_from_cfg, split_clip
 from ..criterion import SetCriterion
 from ..pixel_decoder import build_pixel_decoder
 from ..postprocessing import OutputMasks, instance_inference, panoptic_inference, resize_to_output, semantic_inference
@@ -152,7 +152,7 @@ class OpenVocabMaskSegmentor(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        visual, text_model = split_clip(load_open_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED))
+        visual, text_model = split_clip(load_open_clip_from_cfg(cfg))
         backbone = CLIPViTDenseEncoder(cfg, visual=visual)
         pixel_decoder = build_pixel_decoder(cfg, backbone.output_shape())
         pd, ms, clf = cfg.MODEL.MASK_SEG.PIXEL_DECODER, cfg.MODEL.MASK_SEG, cfg.MODEL.MASK_SEG.CLASSIFIER

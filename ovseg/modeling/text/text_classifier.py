@@ -8,12 +8,17 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.utils import comm
 from torch import nn
+from tqdm import tqdm
 
-from ..clip_model import load_open_clip, split_clip
+from ..clip_model import load_open_clip_from_cfg, split_clip
 from .vocabulary import Vocabulary, get_templates, parse_vocabulary
 
 logger = logging.getLogger(__name__)
+
+# encodings of at least this many text-encoder forwards show a progress bar (2,000 classes x 80 templates take minutes)
+PROGRESS_MIN_FORWARDS = 4
 
 
 class TextClassifier(nn.Module):
@@ -50,7 +55,7 @@ class TextClassifier(nn.Module):
     @classmethod
     def from_config(cls, cfg, text_model: Optional[nn.Module] = None):
         if text_model is None:
-            _, text_model = split_clip(load_open_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED))
+            _, text_model = split_clip(load_open_clip_from_cfg(cfg))
         return {
             "text_model": text_model,
             "tokenizer": open_clip.get_tokenizer(cfg.MODEL.CLIP.MODEL_NAME),
@@ -76,7 +81,13 @@ class TextClassifier(nn.Module):
                     prompts.append(t.format(name))
                     owner.append(i)
         embeds = []
-        for start in range(0, len(prompts), self.batch_size):
+        starts = range(0, len(prompts), self.batch_size)
+        long = len(starts) >= PROGRESS_MIN_FORWARDS
+        if long:
+            logger.info("encoding %d classes (%d prompts: synonyms x %d templates) in %d text-encoder forwards",
+                        len(classes), len(prompts), len(self.templates), len(starts))
+        # one bar per job, not per process
+        for start in tqdm(starts, desc="text encoding", unit="batch", disable=not (long and comm.is_main_process())):
             tokens = self.tokenizer(prompts[start:start + self.batch_size]).to(self.device)
             embeds.append(F.normalize(self.text_model.encode_text(tokens).float(), dim=-1))
             self.num_encoder_forwards += 1

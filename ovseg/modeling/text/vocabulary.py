@@ -4,14 +4,27 @@ Format (CLI strings, `MODEL.TEXT.VOCABULARY`, class-list files and dataset metad
   - classes are separated by commas in a string (``"cat,sofa|couch"``) or one per line in a text file;
   - a class's synonyms are separated by ``|`` (``sofa|couch``); their embeddings are averaged;
   - the first synonym is the display name.
+
+Text files (UTF-8; a byte-order mark is ignored): ``#`` starts a comment anywhere on a line, blank lines are
+skipped, and a comma in a line is an error (one class per line; a comma-separated list belongs on the command line).
+
+Errors: an empty vocabulary, a blank name, a display name used twice (case-insensitive), a synonym repeated within
+a class, and a spec that looks like a file path (contains ``/`` or ends in ``.txt``) when no such file exists.
+A name may be a synonym of several classes, or a synonym of one class and another class's display name: each of
+those classes then scores it (the published ADE-150/847 lists do this, e.g. ``stool`` is a class and a synonym of
+``toilet``). For vocabularies typed by the user (strings, files) such shared names are logged as a warning, since
+there they are more often a slip than intended.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
 import open_clip
+
+logger = logging.getLogger(__name__)
 
 # Prompt template sets, taken from open_clip (CLIP's 80 ImageNet prompts and its short selection).
 TEMPLATE_SETS = {
@@ -43,16 +56,39 @@ class Vocabulary:
     def to_strings(self) -> list:
         return ["|".join(c) for c in self.classes]
 
+    def summary(self, max_names: int = 20) -> str:
+        """For logs: the count and the first `max_names` display names, not a 20 KB line for 2,000 classes."""
+        names = self.names
+        more = f", ... (+{len(names) - max_names} more)" if len(names) > max_names else ""
+        return f"{len(names)} classes: {', '.join(names[:max_names])}{more}"
+
 
 def _parse_class(entry: str, where: str) -> Tuple[str, ...]:
     synonyms = tuple(s.strip() for s in entry.split("|"))
     if not entry.strip() or any(not s for s in synonyms):
         raise ValueError(f"vocabulary {where}: blank class name in {entry!r}")
+    if len({s.lower() for s in synonyms}) != len(synonyms):
+        raise ValueError(f"vocabulary {where}: a synonym is repeated within the class {entry!r}")
     return synonyms
 
 
-def make_vocabulary(entries: Sequence[str], where: str = "") -> Vocabulary:
-    """Build a vocabulary from class entries (``"sofa|couch"``), checking for blanks and duplicates."""
+def _shared_names(classes: Sequence[Tuple[str, ...]]) -> dict:
+    """name (lower case) -> display names of the classes it belongs to, for names in more than one class."""
+    owners: dict = {}
+    for c in classes:
+        for s in c:
+            owners.setdefault(s.lower(), []).append(c[0])
+    return {n: o for n, o in owners.items() if len(o) > 1}
+
+
+def make_vocabulary(entries: Sequence[str], where: str = "", warn_shared: bool = True) -> Vocabulary:
+    """Build a vocabulary from class entries (``"sofa|couch"``), checking for blanks and duplicates.
+
+    Args:
+        entries: one string per class, synonyms joined by ``|``.
+        where: how error messages name the source.
+        warn_shared: log a warning for names that belong to several classes (see the module docstring).
+    """
     if len(entries) == 0:
         raise ValueError(f"vocabulary {where} is empty: give at least one class, e.g. --vocab 'cat,sofa'")
     classes = tuple(_parse_class(e, where) for e in entries)
@@ -62,7 +98,39 @@ def make_vocabulary(entries: Sequence[str], where: str = "") -> Vocabulary:
         if key in seen:
             raise ValueError(f"vocabulary {where}: duplicate class name {c[0]!r}")
         seen[key] = c
+    shared = _shared_names(classes) if warn_shared else {}
+    if shared:
+        listed = "; ".join(f"{n!r} in {o}" for n, o in list(shared.items())[:5])
+        logger.warning("vocabulary %s: %d name(s) belong to several classes, each of which scores them: %s%s",
+                       where, len(shared), listed, " ..." if len(shared) > 5 else "")
     return Vocabulary(classes)
+
+
+_PATH_SUFFIXES = (".txt", ".csv", ".names", ".lst")
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec meant as a file: a path separator or a list-file suffix, and no class separators."""
+    if "," in spec or "|" in spec:
+        return False
+    return "/" in spec or os.sep in spec or spec.strip().lower().endswith(_PATH_SUFFIXES)
+
+
+def read_vocabulary_file(path: str) -> Vocabulary:
+    """One class per line (UTF-8, BOM ignored); ``#`` starts a comment anywhere; a comma in a line is an error."""
+    entries = []
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, 1):
+            entry = line.split("#", 1)[0].strip()
+            if not entry:
+                continue
+            if "," in entry:
+                raise ValueError(
+                    f"vocabulary file {path!r} line {lineno}: {entry!r} has a comma, but a file holds one class per "
+                    "line (synonyms joined by '|'); put each class on its own line"
+                )
+            entries.append(entry)
+    return make_vocabulary(entries, f"file {path!r}")
 
 
 def parse_vocabulary(spec: Union[str, Sequence[str], Vocabulary]) -> Vocabulary:
@@ -73,13 +141,16 @@ def parse_vocabulary(spec: Union[str, Sequence[str], Vocabulary]) -> Vocabulary:
     if not isinstance(spec, str):
         return make_vocabulary(list(spec), "(list)")
     if os.path.isfile(spec):
-        with open(spec, encoding="utf-8") as f:
-            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-        return make_vocabulary(lines, f"file {spec!r}")
+        return read_vocabulary_file(spec)
     from detectron2.data import MetadataCatalog
 
     if spec in MetadataCatalog.list():
         return vocabulary_from_metadata(MetadataCatalog.get(spec))
+    if _looks_like_path(spec):
+        raise FileNotFoundError(
+            f"vocabulary {spec!r} looks like a file path, but there is no such file (a one-class vocabulary "
+            "with '/' in its name: add a synonym with '|', e.g. 'tv/monitor|tv')"
+        )
     if not spec.strip():
         raise ValueError("vocabulary is empty: give at least one class, e.g. --vocab 'cat,sofa'")
     return make_vocabulary(spec.split(","), repr(spec))
@@ -89,7 +160,8 @@ def vocabulary_from_metadata(metadata) -> Vocabulary:
     entries = metadata.get("vocabulary", None) or metadata.get("stuff_classes", None)
     if not entries:
         raise ValueError(f"dataset {metadata.name!r} has no `vocabulary` or `stuff_classes` in its metadata")
-    return make_vocabulary(list(entries), f"of dataset {metadata.name!r}")
+    # the published lists share names between classes on purpose (ADE's "stool"): no warning for them
+    return make_vocabulary(list(entries), f"of dataset {metadata.name!r}", warn_shared=False)
 
 
 class VocabularyMixin:
