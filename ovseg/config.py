@@ -121,6 +121,13 @@ def add_clipself_config(cfg: CN) -> CN:
     # AdamW moments and epsilon (torch defaults; the CLIPSelf/open_clip recipe uses (0.9, 0.98), 1e-6).
     cfg.SOLVER.ADAMW_BETAS = [0.9, 0.999]
     cfg.SOLVER.ADAMW_EPS = 1e-8
+
+    # Weights files are loaded with torch.load(weights_only=True): tensors only, no code. True also accepts pickles
+    # (.pkl, files holding Python objects), which run code when loaded: set it only for files you trust.
+    cfg.MODEL.WEIGHTS_TRUST_PICKLE = False
+    # --eval-only without MODEL.WEIGHTS for a model with trainable parameters, or with weights that do not fit it,
+    # is an error; True evaluates the random / partly loaded parameters on purpose.
+    cfg.MODEL.ALLOW_RANDOM_WEIGHTS = False
     return cfg
 
 

@@ -43,7 +43,7 @@ def dataset(tmp_path):
 def test_training_learns_panoptic_and_semantic(tmp_path, dataset):
     train, val = dataset
     _, path = _cfg(tmp_path, train, val, iters=300)
-    before = train_net.main(_args(path, "--eval-only"))[val]  # random weights
+    before = train_net.main(_args(path, "--eval-only", "MODEL.ALLOW_RANDOM_WEIGHTS", "True"))[val]  # random weights
     train_net.main(_args(path))
     out = tmp_path / "out"
     after = train_net.main(_args(path, "--eval-only", "MODEL.WEIGHTS", str(out / "model_final.pth")))[val]

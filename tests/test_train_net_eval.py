@@ -1,4 +1,5 @@
 """train_net.py --eval-only end to end: a table-registered benchmark, two GLOO processes vs one in-process run."""
+import json
 import os
 import subprocess
 import sys
@@ -73,3 +74,30 @@ def test_unregistered_test_dataset_is_a_clear_error(tmp_path):
     cfg.DATASETS.TEST = ("no_such_dataset_val",)
     with pytest.raises(KeyError, match="no_such_dataset_val.*not registered"):
         train_net.Trainer.test(cfg, build_model(cfg))
+
+
+def test_eval_all_runs_shipped_cuda_config_on_cpu(tmp_path, tiny_clip, monkeypatch):
+    """tools/eval_all.py with a shipped config (MODEL.DEVICE cuda) on a machine without CUDA: no extra options."""
+    import importlib.util
+
+    from ovseg.data import register_all_ovseg_datasets
+
+    spec = importlib.util.spec_from_file_location("eval_all", ROOT / "tools" / "eval_all.py")
+    eval_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_all)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU-only machine, even on a GPU one
+    make_fake_ade150(tmp_path / "data")
+    weights = tmp_path / "tiny_clip.pt"
+    torch.save(tiny_clip(seed=4).state_dict(), weights)
+    register_all_ovseg_datasets(str(tmp_path / "data"))
+    try:
+        scores = eval_all.main([
+            "--config-file", str(ROOT / "configs" / "clip_dense_vitb16.yaml"), "--columns", "A-150",
+            "--output", str(tmp_path / "results"), "MODEL.CLIP.MODEL_NAME", "ovseg-tiny-ViT-16",
+            "MODEL.CLIP.PRETRAINED", str(weights), "MODEL.TEXT.TEMPLATES", "single", "INPUT.MIN_SIZE_TEST", "48",
+            "DATALOADER.NUM_WORKERS", "0"])
+    finally:
+        register_all_ovseg_datasets()
+    details = json.loads((tmp_path / "results" / "results.json").read_text())["details"]["A-150"]
+    assert isinstance(scores.get("A-150"), float), details
+    assert scores["A-150"] == details["results"]["sem_seg"]["mIoU"]

@@ -50,13 +50,12 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS model.pth")
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, ROOT)  # train_net.py lives at the repository root
-    from detectron2.checkpoint import DetectionCheckpointer
+    sys.path.insert(0, ROOT)  # the ovseg package of this checkout, when it is not installed
     from detectron2.data import MetadataCatalog
     from detectron2.modeling import build_model
 
-    import train_net
     from ovseg.config import get_ovseg_cfg
+    from ovseg.engine import Trainer, UserError, load_eval_weights, resolve_device
 
     scores, details = {}, {}
     model, model_key = None, None
@@ -69,15 +68,17 @@ def main(argv=None):
         cfg.DATASETS.TEST = tuple(eval_cfg.DATASETS.TEST)  # the eval config only chooses the benchmark
         cfg.merge_from_list(args.opts)
         cfg.OUTPUT_DIR = os.path.join(args.output, column.replace(" ", "_"))
+        cfg = resolve_device(cfg)  # a CPU-only machine runs the shipped (cuda) configs on CPU
         dataset = cfg.DATASETS.TEST[0]
         try:
             if model is None or model_key != cfg.MODEL.dump():
                 model, model_key = build_model(cfg).eval(), cfg.MODEL.dump()
-                if cfg.MODEL.WEIGHTS:
-                    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-            result = train_net.Trainer.test(cfg, model)[dataset]
+                load_eval_weights(cfg, model)  # safe and strict, as train_net.py --eval-only
+            result = Trainer.test(cfg, model)[dataset]
             details[column] = {"dataset": dataset, "results": result}
             scores[column] = float(result[task][metric])
+        except UserError:  # the model or its weights: every column would fail the same way
+            raise
         except (FileNotFoundError, KeyError, ValueError) as e:
             details[column] = {"dataset": dataset, "error": f"{type(e).__name__}: {e}"}
         details[column]["evaluator_type"] = MetadataCatalog.get(dataset).get("evaluator_type", None)
@@ -94,4 +95,12 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception as e:  # a user's mistake (config, weights) is one line, anything else a traceback
+        from ovseg.engine import UserError
+
+        if not isinstance(e, UserError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

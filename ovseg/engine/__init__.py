@@ -1,16 +1,26 @@
+from .checkpoint import SafeCheckpointer, is_intact_checkpoint
+from .data import ResumableTrainLoader
+from .errors import NonFiniteLossError, UserError
 from .trainer import (
     DATASET_MAPPERS,
+    SaveOnSignal,
     Trainer,
     build_mapper,
+    check_inputs,
     default_argument_parser,
     full_model_clipping,
     launch,
     launched_main,
+    load_config,
+    load_eval_weights,
     main,
+    resolve_device,
     run,
     set_test_vocabulary,
     setup,
 )
 
-__all__ = ["DATASET_MAPPERS", "Trainer", "build_mapper", "default_argument_parser", "full_model_clipping", "launch",
-           "launched_main", "main", "run", "set_test_vocabulary", "setup"]
+__all__ = ["DATASET_MAPPERS", "NonFiniteLossError", "ResumableTrainLoader", "SafeCheckpointer", "SaveOnSignal",
+           "Trainer", "UserError", "build_mapper", "check_inputs", "default_argument_parser", "full_model_clipping",
+           "is_intact_checkpoint", "launch", "launched_main", "load_config", "load_eval_weights", "main",
+           "resolve_device", "run", "set_test_vocabulary", "setup"]

@@ -1,16 +1,30 @@
 """The training / evaluation engine behind `train_net.py`: detectron2's `DefaultTrainer` with ovseg's data
 mappers, optimizer parameter groups and per-dataset vocabulary switch, and the `main` that `launch` runs in each
 process (multi-GPU / multi-machine through detectron2's `launch`)."""
+import difflib
 import itertools
 import logging
 import os
+import signal
+import sys
+import weakref
 from collections import OrderedDict
 
 import detectron2.utils.comm as comm
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    HookBase,
+    SimpleTrainer,
+    TrainerBase,
+    create_ddp_model,
+    default_argument_parser,
+    default_setup,
+    launch,
+)
 from detectron2.evaluation import verify_results
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.solver.build import maybe_add_gradient_clipping
@@ -21,9 +35,14 @@ from ..data.clipself_mapper import CLIPSelfDatasetMapper, RegionRecognitionDatas
 from ..data.datasets import check_benchmark_files
 from ..data.mappers import TRAIN_MAPPERS
 from ..evaluation import build_benchmark_evaluator
+from ..modeling.matcher import HungarianMatcher
+from .checkpoint import SafeCheckpointer
+from .data import ResumableTrainLoader, capture_rng_state, resolve_data_seed, restore_rng_state
+from .errors import NonFiniteLossError, UserError
 
-__all__ = ["DATASET_MAPPERS", "Trainer", "build_mapper", "default_argument_parser", "full_model_clipping", "launch",
-           "launched_main", "main", "run", "set_test_vocabulary", "setup"]
+__all__ = ["DATASET_MAPPERS", "SaveOnSignal", "Trainer", "build_mapper", "check_inputs", "default_argument_parser",
+           "full_model_clipping", "launch", "launched_main", "load_config", "load_eval_weights", "main",
+           "resolve_device", "run", "set_test_vocabulary", "setup"]
 
 # INPUT.DATASET_MAPPER_NAME / INPUT.TEST_DATASET_MAPPER_NAME -> mapper class, built as cls(cfg, is_train)
 DATASET_MAPPERS = {
@@ -53,7 +72,138 @@ def set_test_vocabulary(model, cfg, dataset_name: str) -> None:
         model.set_vocabulary(cfg.MODEL.TEXT.VOCABULARY or dataset_name)
 
 
+def resolve_device(cfg: CfgNode) -> CfgNode:
+    """The config as it can run here: MODEL.DEVICE "cuda" becomes "cpu" on a machine without CUDA, and AMP (CUDA
+    float16 autocast + grad scaler in detectron2's AMPTrainer) is turned off on CPU, each with one warning. Returns
+    `cfg` itself when nothing changes, else a changed copy (frozen if `cfg` was)."""
+    logger = logging.getLogger("ovseg")
+    to_cpu = cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()
+    device = "cpu" if to_cpu else cfg.MODEL.DEVICE
+    amp_off = cfg.SOLVER.AMP.ENABLED and not device.startswith("cuda")
+    if not (to_cpu or amp_off):
+        return cfg
+    frozen = cfg.is_frozen()
+    cfg = cfg.clone()
+    cfg.defrost()
+    if to_cpu:
+        logger.warning("MODEL.DEVICE is %s but CUDA is not available: running on CPU", cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
+    if amp_off:
+        logger.warning("SOLVER.AMP.ENABLED is ignored on %s (detectron2's AMP needs CUDA): training in float32",
+                       device)
+        cfg.SOLVER.AMP.ENABLED = False
+    if frozen:
+        cfg.freeze()
+    return cfg
+
+
+class SaveOnSignal(HookBase):
+    """On SIGINT / SIGTERM (a user's Ctrl-C, a cluster's pre-emption) finish the current iteration, save a checkpoint
+    of it and exit with 128 + the signal number. A second signal interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, checkpointer):
+        self.checkpointer = checkpointer
+        self.received = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt(f"second signal {signal.Signals(signum).name}")
+        self.received = signum
+        logging.getLogger("ovseg").warning("%s received: saving a checkpoint after this iteration",
+                                           signal.Signals(signum).name)
+
+    def before_train(self):
+        try:
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        except ValueError:  # not the main thread: signals cannot be handled here
+            self._previous = {}
+
+    def after_step(self):
+        if self.received is None:
+            return
+        it = self.trainer.iter
+        self.checkpointer.save(f"model_{it:07d}", iteration=it)
+        comm.synchronize()
+        raise SystemExit(128 + self.received)
+
+    def after_train(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+
 class Trainer(DefaultTrainer):
+    """detectron2's `DefaultTrainer` made exact and safe: a resumable data stream and the RNG states in every
+    checkpoint (a resumed run equals an uninterrupted one), atomic and safely loaded checkpoints
+    (`SafeCheckpointer`), a checkpoint on SIGINT / SIGTERM, a clear stop on non-finite predictions or losses, and
+    CPU runs (AMP off, DDP without device ids) as well as CUDA ones."""
+
+    def __init__(self, cfg: CfgNode):
+        # DefaultTrainer.__init__'s steps, with the CPU-aware DDP wrapper, our data stream and our checkpointer
+        TrainerBase.__init__(self)
+        cfg = DefaultTrainer.auto_scale_workers(resolve_device(cfg), comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        for m in model.modules():
+            if isinstance(m, HungarianMatcher):
+                m.register_forward_pre_hook(self._check_predictions_finite)
+        # DDP on CPU (GLOO) takes no device ids; detectron2 passes the local rank as one by default
+        ddp_kwargs = {} if cfg.MODEL.DEVICE.startswith("cuda") else {"device_ids": None}
+        model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        checkpointables = {"data": data_loader} if isinstance(data_loader, ResumableTrainLoader) else {}
+        self.checkpointer = SafeCheckpointer(model, cfg.OUTPUT_DIR, trust_pickle=cfg.MODEL.WEIGHTS_TRUST_PICKLE,
+                                             trainer=weakref.proxy(self), **checkpointables)
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        return super().build_hooks() + [SaveOnSignal(self.checkpointer)]
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["rng"] = capture_rng_state()  # the model's own randomness (point sampling, dropout) continues exactly
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "rng" in state_dict:
+            restore_rng_state(state_dict["rng"])
+
+    def _last_good_checkpoint(self) -> str:
+        if comm.is_main_process() and self.checkpointer.has_checkpoint():
+            return self.checkpointer.get_checkpoint_file()
+        return "none saved yet"
+
+    def _non_finite(self, what: str) -> NonFiniteLossError:
+        return NonFiniteLossError(f"loss is NaN at iteration {self.iter} ({what}); last good checkpoint: "
+                                  f"{self._last_good_checkpoint()}. Lower SOLVER.BASE_LR or enable "
+                                  "SOLVER.CLIP_GRADIENTS, then resume from it")
+
+    def _check_predictions_finite(self, module, args):
+        """Forward pre-hook of the matcher: scipy's assignment fails on NaN costs with an unrelated message."""
+        outputs = args[0]
+        for key in ("pred_logits", "pred_masks"):
+            v = outputs.get(key) if isinstance(outputs, dict) else None
+            if isinstance(v, torch.Tensor) and not torch.isfinite(v).all():
+                raise self._non_finite(f"the predictions {key} are not finite")
+
+    def run_step(self):
+        self._trainer.iter = self.iter
+        try:
+            self._trainer.run_step()
+        except NonFiniteLossError:
+            raise
+        except FloatingPointError as e:  # detectron2's check of the loss values
+            raise self._non_finite(str(e).strip()) from None
+
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         """detectron2's evaluators for the dataset's `evaluator_type`, limited to what the model outputs."""
@@ -64,8 +214,17 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        """The training stream (`ResumableTrainLoader`): detectron2's TrainingSampler order and batching, with each
+        sample's augmentation seeded by (SEED, its position), so that a checkpoint can restore the rest exactly."""
         register_image_folders(cfg.DATASETS.TRAIN)  # plain folders listed in DATASETS.TRAIN
-        return build_detection_train_loader(cfg, mapper=build_mapper(cfg, is_train=True))
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            raise UserError(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN!r}: ovseg's resumable training "
+                            "stream implements 'TrainingSampler' only")
+        dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        return ResumableTrainLoader(
+            dicts, build_mapper(cfg, is_train=True), seed=resolve_data_seed(cfg.SEED),
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH, rank=comm.get_rank(), world_size=comm.get_world_size(),
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING, num_workers=cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -132,12 +291,78 @@ def full_model_clipping(optimizer_class, max_norm: float):
     return FullModelGradientClipping
 
 
-def setup(args):
+def _config_keys(cfg: CfgNode, prefix: str = ""):
+    for k, v in cfg.items():
+        yield from _config_keys(v, f"{prefix}{k}.") if isinstance(v, CfgNode) else [f"{prefix}{k}"]
+
+
+def _unknown_key(cfg: CfgNode, key: str, where: str) -> UserError:
+    close = difflib.get_close_matches(key, list(_config_keys(cfg)), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return UserError(f"unknown config key {key} ({where}){hint}")
+
+
+def load_config(args) -> CfgNode:
+    """The config of the command line (file, then `opts`), with one clear error for a user's mistake: an unknown key
+    (with the closest known ones), an odd number of `opts`, a missing config file."""
     cfg = get_ovseg_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
-        cfg.MODEL.DEVICE = "cpu"
+    if not os.path.isfile(args.config_file):
+        raise UserError(f"config file not found: {args.config_file}")
+    try:
+        cfg.merge_from_file(args.config_file)
+    except KeyError as e:  # detectron2: "Non-existent config key: X"
+        raise _unknown_key(cfg, str(e.args[0]).rsplit(" ", 1)[-1], args.config_file) from None
+    opts = list(args.opts)
+    if len(opts) % 2:
+        raise UserError(f"config overrides come in KEY VALUE pairs; got an odd number ({len(opts)}): "
+                        f"{' '.join(opts)}")
+    known = set(_config_keys(cfg))
+    for key in opts[0::2]:
+        if key not in known:
+            raise _unknown_key(cfg, key, "command line")
+    cfg.merge_from_list(opts)
+    return resolve_device(cfg)
+
+
+def check_inputs(cfg: CfgNode, eval_only: bool) -> None:
+    """The user's inputs exist before any model is built: datasets (registered, files present) and MODEL.WEIGHTS."""
+    if not eval_only:
+        register_image_folders(cfg.DATASETS.TRAIN)
+    names = (() if eval_only else tuple(cfg.DATASETS.TRAIN)) + tuple(cfg.DATASETS.TEST)
+    registered = DatasetCatalog.list()
+    for name in names:
+        if name not in registered:
+            close = difflib.get_close_matches(name, registered, n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise UserError(f"dataset {name!r} is not registered{hint} (see datasets/README.md)")
+        check_benchmark_files(name)
+    weights = cfg.MODEL.WEIGHTS
+    if weights and "://" not in weights:
+        if not os.path.isfile(weights):
+            raise UserError(f"MODEL.WEIGHTS file not found: {weights}")
+        if os.path.getsize(weights) == 0:
+            raise UserError(f"MODEL.WEIGHTS file {weights} is empty (0 bytes): an interrupted save or download?")
+
+
+def load_eval_weights(cfg: CfgNode, model: torch.nn.Module, resume: bool = False) -> None:
+    """Load MODEL.WEIGHTS (or, with `resume`, OUTPUT_DIR's last checkpoint) for evaluation: safely, and strictly
+    (shapes must fit, trainable parameters must be in the file); no weights for a model with trainable parameters
+    is an error too. MODEL.ALLOW_RANDOM_WEIGHTS True lifts both checks (random parameters on purpose)."""
+    allow_random = cfg.MODEL.ALLOW_RANDOM_WEIGHTS
+    checkpointer = SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR, trust_pickle=cfg.MODEL.WEIGHTS_TRUST_PICKLE,
+                                    strict=not allow_random)
+    if cfg.MODEL.WEIGHTS or (resume and checkpointer.has_checkpoint()):
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+        return
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable and not allow_random:
+        raise UserError(f"{cfg.MODEL.META_ARCHITECTURE} has {trainable} trainable parameters but MODEL.WEIGHTS is "
+                        "empty: give the trained weights, or set MODEL.ALLOW_RANDOM_WEIGHTS True to evaluate random "
+                        "ones on purpose")
+
+
+def setup(args):
+    cfg = load_config(args)
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="ovseg")
@@ -146,15 +371,13 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
-    # missing data is reported before the weights load or training starts (test sets are used at its end)
-    for name in (() if args.eval_only else cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST):
-        check_benchmark_files(name)
+    # missing data / weights are reported before the model is built or training starts
+    check_inputs(cfg, args.eval_only)
     if args.eval_only:
         if not cfg.DATASETS.TEST:
-            raise ValueError("--eval-only needs DATASETS.TEST, e.g. DATASETS.TEST \"('ade20k_150_sem_seg_val',)\"")
+            raise UserError("--eval-only needs DATASETS.TEST, e.g. DATASETS.TEST \"('ade20k_150_sem_seg_val',)\"")
         model = Trainer.build_model(cfg)
-        if cfg.MODEL.WEIGHTS:
-            DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        load_eval_weights(cfg, model, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
@@ -177,8 +400,15 @@ def launched_main(args):
 
 
 def run(argv=None):
-    """The command line of `train_net.py`: detectron2's arguments, then `launch` over the processes."""
+    """The command line of `train_net.py`: detectron2's arguments, then `launch` over the processes. A user's
+    mistake (config, data, weights, a non-finite loss) ends with one line on stderr and exit status 2."""
     args = default_argument_parser().parse_args(argv)
     logging.getLogger("ovseg").info("Command line arguments: %s", args)
-    return launch(launched_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                  dist_url=args.dist_url, args=(args,))
+    try:
+        # checked once here, before processes start, so that a mistake is one line and not one traceback per rank
+        check_inputs(load_config(args), args.eval_only)
+        return launch(launched_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                      dist_url=args.dist_url, args=(args,))
+    except (UserError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
