@@ -34,9 +34,10 @@ def test_constant_features_give_a_seamless_constant_map(model, hw):
     torch.testing.assert_close(probs, expected.view(3, 1, 1).expand_as(probs), atol=1e-5, rtol=1e-5)
 
 
-def test_slide_equals_manual_window_average(model):
-    """Two overlapping windows: their patch-resolution logits averaged where they overlap."""
+def test_slide_equals_manual_window_average_patch_merge(model):
+    """"patch" merge, two overlapping windows: their patch-resolution logits averaged where they overlap."""
     image = torch.rand(3, 32, 48) * 255
+    model.window_merge = "patch"
     model.inference_mode, model.window_size, model.window_stride = "slide", 32, 16
     with torch.no_grad():
         out = model([{"image": image}])[0]["sem_seg"]
@@ -50,6 +51,23 @@ def test_slide_equals_manual_window_average(model):
         low[:, :, 1] /= 2
         ref = F.interpolate(low[None], size=(32, 48), mode="bilinear", align_corners=False)[0].softmax(0)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_slide_equals_manual_window_average_image_merge(model):
+    """"image" merge, two overlapping 32x32 windows at x = 0 and 16 of a 32x48 image: each window's logits
+    upsampled to its 32x32 pixels, averaged per pixel where both cover it."""
+    image = torch.rand(3, 32, 48) * 255
+    model.inference_mode, model.window_size, model.window_stride = "slide", 32, 16
+    with torch.no_grad():
+        out = model([{"image": image}])[0]["sem_seg"]
+        x = (image - model.pixel_mean) / model.pixel_std
+        text = model.text_classifier(model.vocabulary)
+        total = torch.zeros(3, 32, 48)
+        for x0 in (0, 16):
+            low = model.low_res_logits(x[None, :, :, x0:x0 + 32], text)  # (1, 3, 2, 2)
+            total[:, :, x0:x0 + 32] += F.interpolate(low, size=(32, 32), mode="bilinear", align_corners=False)[0]
+        total[:, :, 16:32] /= 2
+    torch.testing.assert_close(out, total.softmax(0), atol=1e-5, rtol=1e-5)
 
 
 def test_background_threshold(model):
