@@ -207,9 +207,9 @@ def test_presets_use_the_authors_class_lists(method):
     compared loosely, >= 80 % alike: the authors write "chestofdrawers", "ship" for boat), and the background rule
     finds the
     class at index 0."""
-    import ovseg.data  # noqa: F401  (registers the benchmarks)
     from detectron2.data import MetadataCatalog
 
+    import ovseg.data  # noqa: F401  (registers the benchmarks)
     from ovseg.config import get_ovseg_cfg
     from ovseg.modeling.text import parse_vocabulary
 
