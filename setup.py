@@ -12,7 +12,8 @@ setup(
     description="Open-vocabulary semantic/panoptic segmentation with CLIP(Self) on Detectron2",
     python_requires=">=3.9",
     packages=find_packages(include=["ovseg", "ovseg.*"]),
-    package_data={"ovseg": ["model_configs/*.json", "data/class_lists/*.json", "data/class_lists/*.txt", "assets/*"]},
+    package_data={"ovseg": ["model_configs/*.json", "data/class_lists/*.json", "data/class_lists/*.txt",
+                            "data/class_lists/authors/*/*.txt", "assets/*"]},
     install_requires=[
         "open_clip_torch>=2.24",
         "timm",  # open_clip builds EVA02 towers through timm
