@@ -26,6 +26,9 @@ def add_ovseg_config(cfg: CN) -> CN:
     cfg.MODEL.CLIP.DENSE_MODE = "value"
     # Std. deviation (in patches) of NACLIP's Gaussian neighbourhood bias; 5 in the NACLIP paper and code.
     cfg.MODEL.CLIP.NACLIP_SIGMA = 5.0
+    # Positional embeddings at grids other than the native one, bicubic: "size" (interpolate to the grid) or
+    # "scale_factor" (SCLIP / ClearCLIP / NACLIP: by the factor (grid + 0.1) / native grid; open_clip ViTs only).
+    cfg.MODEL.CLIP.POS_EMBED_RESIZE = "size"
     # 0-based indices of the blocks whose outputs are exported as res2, res3, ... (all at the patch stride).
     # Empty: four evenly spaced blocks ending with the second-to-last one.
     cfg.MODEL.CLIP.FEATURE_BLOCKS = []
@@ -45,13 +48,24 @@ def add_ovseg_config(cfg: CN) -> CN:
     cfg.MODEL.DENSE_SEG = CN()
     # Multiplier of the cosine similarities before the softmax over classes (CLIP's learned scale is 100).
     cfg.MODEL.DENSE_SEG.LOGIT_SCALE = 100.0
-    # "whole": one forward over the (resized) image; "slide": overlapping windows, logits averaged on the patch
-    # grid. The test-time short side is INPUT.MIN_SIZE_TEST (long side capped by INPUT.MAX_SIZE_TEST).
+    # "whole": one forward over the (resized) image; "slide": overlapping windows. The test-time short side is
+    # INPUT.MIN_SIZE_TEST (long side capped by INPUT.MAX_SIZE_TEST).
     cfg.MODEL.DENSE_SEG.INFERENCE_MODE = "whole"
-    # Sliding-window geometry in input pixels (rounded down to multiples of the patch size, so that windows
-    # share one patch grid and their logits add up at feature resolution).
+    # Sliding-window geometry in input pixels.
     cfg.MODEL.DENSE_SEG.WINDOW_SIZE = 448
     cfg.MODEL.DENSE_SEG.WINDOW_STRIDE = 224
+    # How windows combine: "image" (SCLIP / ClearCLIP / NACLIP: windows on the image's pixel grid, last one flush
+    # with the border, each window's logits upsampled to its pixels and averaged there, then resized to the
+    # output) or "patch" (image padded to the patch size, size/stride rounded down to it, logits averaged on the
+    # patch grid, one resampling to the output). "whole" is the one-window case of either.
+    cfg.MODEL.DENSE_SEG.WINDOW_MERGE = "image"
+    # ("image" merge) a window side that is not a multiple of the patch size: "truncate" (SCLIP / NACLIP: the
+    # patch convolution drops the remainder, the logit grid is stretched over the window) or "pad" (ClearCLIP:
+    # zero-padded evenly on both sides, logits cropped back).
+    cfg.MODEL.DENSE_SEG.UNALIGNED_WINDOWS = "truncate"
+    # A class's synonyms ("sofa|couch"): "max" (SCLIP / ClearCLIP / NACLIP: each synonym its own query, softmax
+    # over all queries, maximum over the class's synonyms) or "mean" (their text embeddings averaged).
+    cfg.MODEL.DENSE_SEG.SYNONYMS = "max"
     # Windows encoded per backbone forward (speed vs memory; results do not depend on it).
     cfg.MODEL.DENSE_SEG.WINDOW_BATCH_SIZE = 4
     # Background rule (VOC-21, PC-60, COCO-Object): pixels whose highest class probability is below this go to

@@ -23,7 +23,9 @@ def test_config_builds(path):
     assert model.backbone.dense_mode == cfg.MODEL.CLIP.DENSE_MODE
     for name in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST:  # datasets named by configs are registered
         assert name in DatasetCatalog.list(), name
-    if cfg.MODEL.DENSE_SEG.BG_THRESHOLD > 0:  # the background rule needs a class of that name in each test set
-        for name in cfg.DATASETS.TEST:
-            classes = [c.lower() for c in MetadataCatalog.get(name).stuff_classes]
+    if cfg.MODEL.DENSE_SEG.BG_THRESHOLD > 0:  # the background rule needs a class of that name in the vocabulary
+        for name in cfg.DATASETS.TEST:  # the test set's own, or the class list the config names (authors' lists)
+            vocab = cfg.MODEL.TEXT.VOCABULARY or name
+            classes = [c.lower() for c in model.set_vocabulary(vocab).names]
             assert cfg.MODEL.DENSE_SEG.BACKGROUND_CLASS.lower() in classes, name
+            assert len(classes) == len(MetadataCatalog.get(name).stuff_classes), name

@@ -199,3 +199,31 @@ def test_bad_dense_mode_and_sigma(tiny_clip):
         enc.forward_tokens(torch.randn(1, 3, 32, 32), dense_mode="maskclip")
     with pytest.raises(ValueError, match="NACLIP_SIGMA"):
         CLIPViTDenseEncoder(visual=visual, dense_mode="naclip", naclip_sigma=0)
+
+
+def test_pos_embed_scale_factor_rule_is_the_authors(tiny_clip):
+    """MODEL.CLIP.POS_EMBED_RESIZE="scale_factor" against the authors' interpolate_pos_encoding call (square
+    native grid, factor (g + 0.1) / sqrt(N) per axis); the encoder applies it only when asked, ViT towers only."""
+    from ovseg.modeling.backbone.clip_vit import resize_pos_embed
+
+    visual, _ = split_clip(tiny_clip(TINY_VIT))
+    pos = visual.positional_embedding.detach()  # (1 + 4*4, C)
+    n = 4
+    for grid in ((2, 3), (5, 7), (3, 3)):
+        got = resize_pos_embed(pos, (n, n), grid, 1, rule="scale_factor")
+        # SCLIP / ClearCLIP / NACLIP interpolate_pos_encoding, with sqrt(N) = n
+        ref = F.interpolate(pos[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2),
+                            scale_factor=((grid[0] + 0.1) / math.sqrt(n * n), (grid[1] + 0.1) / math.sqrt(n * n)),
+                            mode="bicubic", align_corners=False, recompute_scale_factor=False)
+        torch.testing.assert_close(got[1:], ref.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1))
+        torch.testing.assert_close(got[:1], pos[:1])
+        assert not torch.allclose(got, resize_pos_embed(pos, (n, n), grid, 1, rule="size"))  # a different rule
+    assert resize_pos_embed(pos, (n, n), (n, n), 1, rule="scale_factor") is pos
+    with pytest.raises(ValueError, match="POS_EMBED_RESIZE"):
+        resize_pos_embed(pos, (n, n), (2, 2), 1, rule="nearest")
+    x = torch.randn(1, 3, 48, 80)
+    size = CLIPViTDenseEncoder(visual=visual, dense_mode="sclip")(x)["clip_dense"]
+    scaled = CLIPViTDenseEncoder(visual=visual, dense_mode="sclip", pos_embed_resize="scale_factor")(x)["clip_dense"]
+    assert not torch.allclose(size, scaled)
+    with pytest.raises(ValueError, match="open_clip ViT"):
+        CLIPViTDenseEncoder(visual=split_clip(tiny_clip(TINY_MODELS[1]))[0], pos_embed_resize="scale_factor")

@@ -20,8 +20,10 @@ def model():
 
 
 @pytest.mark.parametrize("in_hw,out_hw", [((48, 80), (96, 160)), ((40, 70), (80, 140))])
-def test_sem_seg_equals_manual_computation(model, in_hw, out_hw):
-    """Logits at patch resolution, one bilinear upsampling of the padded map to the output scale, crop, softmax."""
+def test_sem_seg_equals_manual_computation_patch_merge(model, in_hw, out_hw):
+    """"patch" merge: logits at patch resolution, one bilinear upsampling of the padded map to the output scale,
+    crop, softmax."""
+    model.window_merge = "patch"
     image = torch.randint(0, 256, (3, *in_hw)).float()
     with torch.no_grad():
         out = model([{"image": image, "height": out_hw[0], "width": out_hw[1]}])[0]["sem_seg"]
@@ -37,6 +39,22 @@ def test_sem_seg_equals_manual_computation(model, in_hw, out_hw):
     assert out.shape == (3, *out_hw)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out.sum(0), torch.ones(out_hw), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("in_hw,out_hw", [((48, 80), (96, 160)), ((40, 70), (80, 140))])
+def test_sem_seg_equals_manual_computation_image_merge(model, in_hw, out_hw):
+    """"image" merge (default), whole image: the patch convolution reads the top-left 16-multiple part, the logit
+    grid is stretched over the whole image, then resized to the output size."""
+    image = torch.randint(0, 256, (3, *in_hw)).float()
+    with torch.no_grad():
+        out = model([{"image": image, "height": out_hw[0], "width": out_hw[1]}])[0]["sem_seg"]
+        x = (image - model.pixel_mean) / model.pixel_std
+        gh, gw = in_hw[0] // 16, in_hw[1] // 16
+        dense = model.backbone(x[None, :, :16 * gh, :16 * gw])["clip_dense"][0]  # (D, gh, gw)
+        logits = 100.0 * torch.einsum("dhw,cd->chw", dense, model.text_classifier("red,green,blue"))
+        up = F.interpolate(logits[None], size=in_hw, mode="bilinear", align_corners=False)
+        ref = F.interpolate(up, size=out_hw, mode="bilinear", align_corners=False)[0].softmax(0)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
 
 def test_vocabulary_switch_without_rebuild(model):

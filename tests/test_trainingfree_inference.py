@@ -1,5 +1,6 @@
 """Sliding windows, the background rule and PAMR on small hand-built cases."""
 import math
+import os
 
 import pytest
 import torch
@@ -34,9 +35,10 @@ def test_constant_features_give_a_seamless_constant_map(model, hw):
     torch.testing.assert_close(probs, expected.view(3, 1, 1).expand_as(probs), atol=1e-5, rtol=1e-5)
 
 
-def test_slide_equals_manual_window_average(model):
-    """Two overlapping windows: their patch-resolution logits averaged where they overlap."""
+def test_slide_equals_manual_window_average_patch_merge(model):
+    """"patch" merge, two overlapping windows: their patch-resolution logits averaged where they overlap."""
     image = torch.rand(3, 32, 48) * 255
+    model.window_merge = "patch"
     model.inference_mode, model.window_size, model.window_stride = "slide", 32, 16
     with torch.no_grad():
         out = model([{"image": image}])[0]["sem_seg"]
@@ -50,6 +52,23 @@ def test_slide_equals_manual_window_average(model):
         low[:, :, 1] /= 2
         ref = F.interpolate(low[None], size=(32, 48), mode="bilinear", align_corners=False)[0].softmax(0)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_slide_equals_manual_window_average_image_merge(model):
+    """"image" merge, two overlapping 32x32 windows at x = 0 and 16 of a 32x48 image: each window's logits
+    upsampled to its 32x32 pixels, averaged per pixel where both cover it."""
+    image = torch.rand(3, 32, 48) * 255
+    model.inference_mode, model.window_size, model.window_stride = "slide", 32, 16
+    with torch.no_grad():
+        out = model([{"image": image}])[0]["sem_seg"]
+        x = (image - model.pixel_mean) / model.pixel_std
+        text = model.text_classifier(model.vocabulary)
+        total = torch.zeros(3, 32, 48)
+        for x0 in (0, 16):
+            low = model.low_res_logits(x[None, :, :, x0:x0 + 32], text)  # (1, 3, 2, 2)
+            total[:, :, x0:x0 + 32] += F.interpolate(low, size=(32, 32), mode="bilinear", align_corners=False)[0]
+        total[:, :, 16:32] /= 2
+    torch.testing.assert_close(out, total.softmax(0), atol=1e-5, rtol=1e-5)
 
 
 def test_background_threshold(model):
@@ -138,3 +157,78 @@ def test_pamr_respects_image_edges():
     assert math.isclose(out.sum().item(), scores.sum().item(), rel_tol=0.05)  # weights sum to 1 per pixel
     with pytest.raises(ValueError, match="differ"):
         PAMR()(torch.zeros(1, 3, 4, 4), torch.zeros(1, 2, 5, 5))
+
+
+# ---------------------------------------------------------------- synonyms, chunks, presets' class lists
+
+
+@pytest.mark.parametrize("merge", ["image", "patch"])
+def test_synonyms_and_class_chunks(merge, monkeypatch):
+    """One query per synonym, softmax over all, max per class: against the same done by hand on the full logits,
+    and unchanged when classes are processed one chunk at a time (with PAMR on)."""
+    from ovseg.modeling.meta_arch import dense_segmentor
+
+    torch.manual_seed(0)
+    m = build_model(tiny_cfg(MODEL__TEXT__VOCABULARY="background|sky|wall,cat|kitty,dog,car|automobile|truck",
+                             MODEL__DENSE_SEG__WINDOW_MERGE=merge, MODEL__DENSE_SEG__INFERENCE_MODE="slide",
+                             MODEL__DENSE_SEG__WINDOW_SIZE=32, MODEL__DENSE_SEG__WINDOW_STRIDE=16)).eval()
+    m.pamr = PAMR(2, (1, 2))
+    image = torch.rand(3, 40, 56) * 255
+    x = (image - m.pixel_mean) / m.pixel_std
+    with torch.no_grad():
+        text, owner = m.text_classifier.synonym_embeddings(m.vocabulary)
+        assert len(text) == 9 and owner.tolist() == [0, 0, 0, 1, 1, 2, 3, 3, 3]
+        got = m([{"image": image, "height": 50, "width": 70}])[0]["sem_seg"]
+        m.synonyms = "mean"  # one query per synonym given by hand: the per-query probabilities
+        per_query = m.segment(x, text, (50, 70))
+        ref = torch.stack([per_query[owner == c].amax(0) for c in range(4)])
+        monkeypatch.setattr(dense_segmentor, "_CHUNK_ELEMENTS", 50 * 70)  # one class per chunk
+        m.synonyms = "max"
+        chunked = m([{"image": image, "height": 50, "width": 70}])[0]["sem_seg"]
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(chunked, ref, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="owner"):
+        m.segment(x, text, (50, 70), owner=torch.tensor([0, 0, 2, 2, 2, 2, 2, 3, 3]))  # class 1 missing
+
+
+def _norm(name):
+    return name.lower().replace(" ", "").replace("-", "").replace("_", "")
+
+
+BENCHMARKS = {"ade20k": "ade20k_150_sem_seg_val", "cityscapes": "cityscapes_19_sem_seg_val",
+              "coco_object": "coco_object_sem_seg_val", "coco_stuff": "coco_stuff_164k_sem_seg_val",
+              "pc59": "pascal_context_59_sem_seg_val", "pc60": "pascal_context_60_sem_seg_val",
+              "voc20": "pascal_voc_20_sem_seg_val", "voc21": "pascal_voc_21_sem_seg_val"}
+
+
+@pytest.mark.parametrize("method", ["sclip", "clearclip", "naclip"])
+def test_presets_use_the_authors_class_lists(method):
+    """Each benchmark preset names its authors' file; the file has the benchmark's classes in its order (names
+    compared loosely, >= 80 % alike: the authors write "chestofdrawers", "ship" for boat), and the background rule
+    finds the
+    class at index 0."""
+    from detectron2.data import MetadataCatalog
+
+    import ovseg.data  # noqa: F401  (registers the benchmarks)
+    from ovseg.config import get_ovseg_cfg
+    from ovseg.modeling.text import parse_vocabulary
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = "clearclip" if method == "clearclip" else "sclip"  # NACLIP's files are SCLIP's
+    for bench, dataset in BENCHMARKS.items():
+        cfg = get_ovseg_cfg()
+        cfg.merge_from_file(os.path.join(root, "configs", "trainingfree", method, f"{bench}.yaml"))
+        assert cfg.MODEL.TEXT.VOCABULARY.startswith(f"ovseg/data/class_lists/authors/{folder}/cls_"), bench
+        vocab = parse_vocabulary(os.path.join(root, cfg.MODEL.TEXT.VOCABULARY))
+        meta = MetadataCatalog.get(dataset)
+        names = meta.stuff_classes
+        assert len(vocab) == len(names), bench
+        ours = [{_norm(s) for s in entry.split("|")} for entry in meta.vocabulary]
+        same = [bool(o & {_norm(s) for s in c}) for o, c in zip(ours, vocab.classes)]
+        assert sum(same) >= 0.8 * len(same), (bench, [c[0] for c, ok in zip(vocab.classes, same) if not ok])
+        if cfg.MODEL.DENSE_SEG.BG_THRESHOLD > 0 or cfg.MODEL.DENSE_SEG.AREA_THRESHOLD > 0:
+            assert names[0] == "background" and cfg.MODEL.DENSE_SEG.BACKGROUND_CLASS == vocab.names[0], bench
+        if method == "naclip":
+            assert cfg.MODEL.DENSE_SEG.INFERENCE_MODE == ("whole" if bench in ("voc20", "voc21") else "slide")
+        assert cfg.MODEL.CLIP.POS_EMBED_RESIZE == "scale_factor"
+        assert cfg.MODEL.DENSE_SEG.UNALIGNED_WINDOWS == ("pad" if method == "clearclip" else "truncate")

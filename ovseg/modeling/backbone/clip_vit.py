@@ -29,19 +29,34 @@ DENSE_MODES = ("value", "attention", "sclip", "clearclip", "naclip")
 RESIDUAL_MODES = ("value", "attention", "sclip")
 
 
+POS_EMBED_RESIZE_RULES = ("size", "scale_factor")
+
+
 def resize_pos_embed(pos: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int],
-                     num_prefix: int) -> torch.Tensor:
+                     num_prefix: int, rule: str = "size") -> torch.Tensor:
     """Bicubically resize a (num_prefix + h0*w0, C) positional embedding to a (h, w) patch grid.
 
+    `rule` says how output cells map onto the native grid:
+      - "size": interpolation to the target size (output cell i reads (i + 0.5) * h0 / h - 0.5);
+      - "scale_factor": SCLIP / ClearCLIP / NACLIP's rule, interpolation by the factor (h + 0.1) / h0 (cell i
+        reads (i + 0.5) * h0 / (h + 0.1) - 0.5: a slightly different sampling, ~3e-3 in cosine).
     Returns the (num_prefix + h*w, C) embedding; the prefix (class token) rows are kept as they are.
     """
+    if rule not in POS_EMBED_RESIZE_RULES:
+        raise ValueError(f"MODEL.CLIP.POS_EMBED_RESIZE={rule!r}; valid rules: {list(POS_EMBED_RESIZE_RULES)}")
     if tuple(old_grid) == tuple(new_grid):
         return pos
     prefix, grid = pos[:num_prefix], pos[num_prefix:]
     channels = grid.shape[-1]
-    grid = grid.reshape(1, old_grid[0], old_grid[1], channels).permute(0, 3, 1, 2)  # (1, C, h0, w0)
-    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos.dtype)
-    grid = grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], channels)
+    grid = grid.reshape(1, old_grid[0], old_grid[1], channels).permute(0, 3, 1, 2).float()  # (1, C, h0, w0)
+    if rule == "size":
+        grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
+    else:
+        factor = tuple((n + 0.1) / o for n, o in zip(new_grid, old_grid))
+        grid = F.interpolate(grid, scale_factor=factor, mode="bicubic", align_corners=False)
+        if tuple(grid.shape[-2:]) != tuple(new_grid):  # floor(o * (n + 0.1) / o) = n unless rounding bites
+            raise RuntimeError(f"positional embedding resized to {tuple(grid.shape[-2:])}, expected {new_grid}")
+    grid = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], channels)
     return torch.cat([prefix, grid], dim=0)
 
 
@@ -153,6 +168,7 @@ class _Tower(nn.Module):
 
     patch_size: int
     width: int
+    pos_embed_resize: str = "size"  # rule of `resize_pos_embed` at grids other than the native one
 
     def embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, dict]:
         """(B, 3, H, W) -> tokens (B, 1 + h*w, C) with the class token first, and per-forward context."""
@@ -227,7 +243,7 @@ class OpenCLIPViTTower(_Tower):
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
         cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + h*w, C)
-        x = x + resize_pos_embed(v.positional_embedding, self.native_grid, grid, 1).to(x.dtype)
+        x = x + resize_pos_embed(v.positional_embedding, self.native_grid, grid, 1, self.pos_embed_resize).to(x.dtype)
         x = v.patch_dropout(x)
         return v.ln_pre(x), {"grid": grid}
 
@@ -417,7 +433,7 @@ class CLIPViTDenseEncoder(Backbone):
 
     @configurable
     def __init__(self, *, visual: nn.Module, feature_blocks: Sequence[int] = (), dense_mode: str = "value",
-                 unlock_last_blocks: int = 0, naclip_sigma: float = 5.0):
+                 unlock_last_blocks: int = 0, naclip_sigma: float = 5.0, pos_embed_resize: str = "size"):
         """
         Args:
             visual: an open_clip visual tower (`model.visual`).
@@ -426,11 +442,20 @@ class CLIPViTDenseEncoder(Backbone):
             dense_mode: how the last block mixes tokens for `clip_dense`; one of DENSE_MODES.
             unlock_last_blocks: number of final blocks left trainable (0 = all frozen).
             naclip_sigma: standard deviation, in patches, of NACLIP's Gaussian neighbourhood bias.
+            pos_embed_resize: how positional embeddings are resized to other grids (see `resize_pos_embed`);
+                "scale_factor" is implemented for open_clip ViT towers.
         """
         super().__init__()
         if dense_mode not in DENSE_MODES:
             raise ValueError(f"MODEL.CLIP.DENSE_MODE={dense_mode!r}; valid modes: {list(DENSE_MODES)}")
         self.tower = build_tower(visual)
+        if pos_embed_resize not in POS_EMBED_RESIZE_RULES:
+            raise ValueError(f"MODEL.CLIP.POS_EMBED_RESIZE={pos_embed_resize!r}; valid rules: "
+                             f"{list(POS_EMBED_RESIZE_RULES)}")
+        if pos_embed_resize != "size" and not isinstance(self.tower, OpenCLIPViTTower):
+            raise ValueError(f"MODEL.CLIP.POS_EMBED_RESIZE={pos_embed_resize!r} is implemented for open_clip ViT "
+                             f"towers only, not {type(self.tower).__name__}; use 'size'")
+        self.tower.pos_embed_resize = pos_embed_resize
         depth = len(self.tower.blocks)
         if not feature_blocks:
             # ends of the four quarters of the tower; the last block is the dense block, so its neighbour
@@ -472,6 +497,7 @@ class CLIPViTDenseEncoder(Backbone):
             "dense_mode": cfg.MODEL.CLIP.DENSE_MODE,
             "unlock_last_blocks": cfg.MODEL.CLIP.UNLOCK_LAST_BLOCKS,
             "naclip_sigma": cfg.MODEL.CLIP.NACLIP_SIGMA,
+            "pos_embed_resize": cfg.MODEL.CLIP.POS_EMBED_RESIZE,
         }
 
     def unlocked_blocks(self) -> List[nn.Module]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from torch import nn
 from ..backbone.clip_vit import CLIPViTDenseEncoder
 from ..clip_model import load_open_clip_from_cfg, split_clip
 from ..pamr import PAMR
-from ..text import TextClassifier, Vocabulary, VocabularyMixin
+from ..text import TextClassifier, Vocabulary, VocabularyMixin, max_over_synonyms
 
 logger = logging.getLogger(__name__)
 
@@ -22,9 +22,17 @@ logger = logging.getLogger(__name__)
 _CHUNK_ELEMENTS = 1 << 24
 
 
+# How window logits are combined (MODEL.DENSE_SEG.WINDOW_MERGE), how a window whose side is not a multiple of the
+# patch size is encoded (UNALIGNED_WINDOWS), and how a class's synonyms are scored (SYNONYMS).
+WINDOW_MERGES = ("image", "patch")
+UNALIGNED_WINDOWS = ("truncate", "pad")
+SYNONYM_RULES = ("max", "mean")
+
+
 def sliding_windows(size: Tuple[int, int], window: int, stride: int) -> List[Tuple[int, int, int, int]]:
-    """(y0, x0, y1, x1) windows covering an (H, W) image; the last row/column is flush with the border.
-    A window larger than the image shrinks to the image."""
+    """(y0, x0, y1, x1) windows covering an (H, W) image: offsets at multiples of `stride`, plus one flush with
+    the far border where they do not reach it (mmseg's slide inference). A window larger than the image shrinks to
+    the image."""
     if window <= 0 or stride <= 0:
         raise ValueError(f"window ({window}) and stride ({stride}) must be positive")
     out = []
@@ -58,30 +66,35 @@ def bilinear_matrix(n_out: int, n_in: int, step: float, device=None) -> torch.Te
     return m
 
 
-def softmax_(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Softmax in place (no second tensor of x's size)."""
-    x.sub_(x.amax(dim, keepdim=True)).exp_()
-    return x.div_(x.sum(dim, keepdim=True))
+def centre_padding(size: Tuple[int, int], multiple: int) -> Tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding that brings an (H, W) window to multiples of `multiple`, split
+    evenly with the odd pixel at the right/bottom (ClearCLIP's rule for windows not aligned to the patches)."""
+    ph, pw = (-size[0]) % multiple, (-size[1]) % multiple
+    return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
 
 
 @META_ARCH_REGISTRY.register()
 class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
-    """Per-pixel logits = scale * <clip_dense, class text embedding>, upsampled to the output size.
+    """Per-pixel class probabilities from scale * <clip_dense, text embedding of each query>.
 
     No trainable parameters: any CLIP / CLIPSelf checkpoint runs as is, in any `MODEL.CLIP.DENSE_MODE`
     (SCLIP / ClearCLIP / NACLIP presets: configs/trainingfree/). Output per image: ``{"sem_seg": (C, height,
     width)}`` class probabilities, the format `SemSegEvaluator` reads.
 
-    Inference: patch-resolution logits (whole image, or sliding windows averaged on the patch grid) are upsampled
-    once, straight to the output size, a chunk of classes at a time (each chunk PAMR-refined if asked); the only
-    full-resolution (C, H, W) tensor is the output, made into probabilities in place.
+    Inference, by default the pipeline of the SCLIP / ClearCLIP / NACLIP code: every synonym of a class is a query
+    of its own; the image (whole, or windows placed on its pixel grid) is encoded, each window's patch logits are
+    bilinearly upsampled to the window's pixels and averaged where windows overlap, the average is resized to the
+    output size (and PAMR-refined if asked); softmax over all queries, maximum over each class's synonyms, then
+    SCLIP's area rule and the background rule. Everything after the encoder runs a chunk of classes at a time, so
+    the only full-resolution (C, H, W) tensor is the output.
     """
 
     @configurable
     def __init__(self, *, backbone: CLIPViTDenseEncoder, text_classifier: TextClassifier,
                  pixel_mean: Tuple[float, ...], pixel_std: Tuple[float, ...], vocabulary=None,
                  logit_scale: float = 100.0, inference_mode: str = "whole", window_size: int = 448,
-                 window_stride: int = 224, window_batch_size: int = 4, bg_threshold: float = 0.0,
+                 window_stride: int = 224, window_batch_size: int = 4, window_merge: str = "image",
+                 unaligned_windows: str = "truncate", synonyms: str = "max", bg_threshold: float = 0.0,
                  area_threshold: float = 0.0, background_class: str = "background", pamr: Optional[PAMR] = None):
         """
         Args:
@@ -91,9 +104,17 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
             vocabulary: initial vocabulary (anything `parse_vocabulary` accepts); `set_vocabulary` changes it.
             logit_scale: multiplier of the cosine similarities before the softmax.
             inference_mode: "whole" or "slide".
-            window_size, window_stride: sliding-window geometry in input pixels (rounded down to multiples of the
-                patch size, so that windows share one patch grid and their logits add up at feature resolution).
+            window_size, window_stride: sliding-window geometry in input pixels.
             window_batch_size: windows encoded per backbone forward.
+            window_merge: "image" (the authors': windows on the pixel grid, each window's logits upsampled to its
+                pixels, averaged in image space, resized once more to the output) or "patch" (ovseg's former rule:
+                image padded to the patch size, window size/stride rounded down to it, windows averaged on the
+                patch grid, one resampling to the output).
+            unaligned_windows: ("image" merge) a window whose side is not a multiple of the patch size is
+                "truncate"d (SCLIP / NACLIP: the patch convolution drops the remainder, the smaller logit grid is
+                stretched over the window) or zero-"pad"ded evenly on both sides (ClearCLIP; logits cropped back).
+            synonyms: "max" (each synonym its own query; softmax over all queries, then the maximum over a class's
+                synonyms, as the authors) or "mean" (one query per class, its synonyms' embeddings averaged).
             bg_threshold: pixels whose highest class probability is below it go to `background_class`; 0 = off.
             area_threshold: SCLIP's rule, before the background rule: a foreground class whose argmax area is at
                 most this fraction of all foreground-argmax pixels gets probability 0 everywhere; 0 = off.
@@ -101,8 +122,13 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
             pamr: optional PAMR refinement of the logits with the image.
         """
         super().__init__()
-        if inference_mode not in ("whole", "slide"):
-            raise ValueError(f"MODEL.DENSE_SEG.INFERENCE_MODE={inference_mode!r}; use 'whole' or 'slide'")
+        choices = {"INFERENCE_MODE": (inference_mode, ("whole", "slide")),
+                   "WINDOW_MERGE": (window_merge, WINDOW_MERGES),
+                   "UNALIGNED_WINDOWS": (unaligned_windows, UNALIGNED_WINDOWS),
+                   "SYNONYMS": (synonyms, SYNONYM_RULES)}
+        for key, (value, valid) in choices.items():
+            if value not in valid:
+                raise ValueError(f"MODEL.DENSE_SEG.{key}={value!r}; use one of {list(valid)}")
         if window_size <= 0 or window_stride <= 0:
             raise ValueError(f"MODEL.DENSE_SEG.WINDOW_SIZE={window_size} and WINDOW_STRIDE={window_stride} must be "
                              "positive")
@@ -124,6 +150,9 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
         self.window_size = window_size
         self.window_stride = window_stride
         self.window_batch_size = window_batch_size
+        self.window_merge = window_merge
+        self.unaligned_windows = unaligned_windows
+        self.synonyms = synonyms
         self.bg_threshold = bg_threshold
         self.area_threshold = area_threshold
         self.background_class = background_class
@@ -147,6 +176,9 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
             "window_size": d.WINDOW_SIZE,
             "window_stride": d.WINDOW_STRIDE,
             "window_batch_size": d.WINDOW_BATCH_SIZE,
+            "window_merge": d.WINDOW_MERGE,
+            "unaligned_windows": d.UNALIGNED_WINDOWS,
+            "synonyms": d.SYNONYMS,
             "bg_threshold": d.BG_THRESHOLD,
             "area_threshold": d.AREA_THRESHOLD,
             "background_class": d.BACKGROUND_CLASS,
@@ -162,63 +194,152 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-
     def low_res_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised images, H and W multiples of the patch size -> (B, C, H/p, W/p) logits."""
+        """(B, 3, H, W) normalised images, H and W multiples of the patch size, (S, D) query embeddings ->
+        (B, S, H/p, W/p) logits."""
         dense = self.backbone(images)["clip_dense"]  # (B, D, H/p, W/p)
         return self.logit_scale * torch.einsum("bdhw,cd->bchw", dense, text.to(dense.dtype)).float()
 
-    def _window_logits(self, padded: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Sliding windows over a padded (3, Hp, Wp) image, averaged at feature resolution: (C, Hp/p, Wp/p).
+    def _windows(self, size: Tuple[int, int], multiple: int = 1) -> List[Tuple[int, int, int, int]]:
+        """The windows of an image of `size`, size and stride rounded down to `multiple` (at least one)."""
+        if self.inference_mode == "whole":
+            return [(0, 0, size[0], size[1])]
+        window = max(multiple, self.window_size // multiple * multiple)
+        stride = max(multiple, self.window_stride // multiple * multiple)
+        return sliding_windows(size, window, stride)
 
-        Windows lie on the patch grid (offsets are multiples of p, the last row/column flush with the padded
-        border, a window larger than the image shrinks to it), so each window's patch logits add onto grid
-        cells exactly. One window covering the image gives the whole-image result.
+    def _image_space_logits(self, image: torch.Tensor, text: torch.Tensor, out_size: Tuple[int, int]
+                            ) -> Tuple[Callable[[int, int], torch.Tensor], int]:
+        """The authors' combination of windows ("image" merge) for a (3, h, w) image and (S, D) queries.
+
+        Encodes every window once; returns `logits(q0, q1)`, which gives queries q0:q1 as (q1 - q0, out_h,
+        out_w): each window's patch logits bilinearly upsampled to the window's pixels (or to its padded size,
+        then cropped), summed in image space, divided by the per-pixel window count, resized to `out_size`;
+        and the number of elements per query its temporaries take (to size the chunks).
         """
         p = self.backbone.patch_size
-        window = max(p, self.window_size // p * p)
-        stride = max(p, self.window_stride // p * p)
+        h, w = image.shape[-2:]
+        windows = self._windows((h, w))
+        placed = []  # (window, size its logits are upsampled to, (top, left) of the window in that size, logits)
+        for i in range(0, len(windows), self.window_batch_size):
+            batch = windows[i:i + self.window_batch_size]
+            crops, geometry = [], []
+            for y0, x0, y1, x1 in batch:
+                crop = image[:, y0:y1, x0:x1]
+                if self.unaligned_windows == "pad":
+                    left, right, top, bottom = centre_padding((y1 - y0, x1 - x0), p)
+                    crop = F.pad(crop, (left, right, top, bottom))
+                    geometry.append((tuple(crop.shape[-2:]), (top, left)))
+                else:
+                    gh, gw = (y1 - y0) // p, (x1 - x0) // p
+                    if gh == 0 or gw == 0:
+                        raise ValueError(f"a {y1 - y0}x{x1 - x0} window is smaller than one {p}x{p} patch; "
+                                         "use a larger INPUT.MIN_SIZE_TEST or UNALIGNED_WINDOWS='pad'")
+                    crop = crop[:, :gh * p, :gw * p]  # what the stride-p patch convolution reads
+                    geometry.append(((y1 - y0, x1 - x0), (0, 0)))
+                crops.append(crop)
+            # windows of one image share one size (sliding_windows), so they stack
+            for win, geo, lg in zip(batch, geometry, self.low_res_logits(torch.stack(crops), text)):
+                placed.append((win, *geo, lg))  # lg: (S, gh, gw)
+        count = image.new_zeros((1, h, w), dtype=torch.float32)
+        for y0, x0, y1, x1 in windows:
+            count[:, y0:y1, x0:x1] += 1
+
+        def logits(q0: int, q1: int) -> torch.Tensor:
+            acc = count.new_zeros((q1 - q0, h, w))
+            for (y0, x0, y1, x1), up_size, (top, left), lg in placed:
+                up = F.interpolate(lg[None, q0:q1], size=up_size, mode="bilinear", align_corners=False)[0]
+                acc[:, y0:y1, x0:x1] += up[:, top:top + y1 - y0, left:left + x1 - x0]
+            acc.div_(count)
+            if (h, w) == tuple(out_size):
+                return acc
+            return F.interpolate(acc[None], size=out_size, mode="bilinear", align_corners=False)[0]
+
+        largest_window = max(s[0] * s[1] for _, s, _, _ in placed)
+        return logits, h * w + largest_window + out_size[0] * out_size[1]
+
+    def _window_logits(self, padded: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """("patch" merge) windows over a padded (3, Hp, Wp) image, averaged at feature resolution: (S, Hp/p, Wp/p).
+
+        Windows lie on the patch grid (size and stride rounded down to multiples of p, the last row/column flush
+        with the padded border), so each window's patch logits add onto grid cells exactly.
+        """
+        p = self.backbone.patch_size
         hp, wp = padded.shape[-2:]
-        logits = padded.new_zeros((text.shape[0], hp // p, wp // p), dtype=torch.float32)
+        low = padded.new_zeros((text.shape[0], hp // p, wp // p), dtype=torch.float32)
         count = padded.new_zeros((1, hp // p, wp // p), dtype=torch.float32)
-        windows = sliding_windows((hp, wp), window, stride)  # all multiples of p, all of one size
+        windows = self._windows((hp, wp), p)  # all multiples of p, all of one size
         for i in range(0, len(windows), self.window_batch_size):
             batch = windows[i:i + self.window_batch_size]
             crops = torch.stack([padded[:, y0:y1, x0:x1] for y0, x0, y1, x1 in batch])  # (b, 3, wh, ww)
             for (y0, x0, y1, x1), lg in zip(batch, self.low_res_logits(crops, text)):
-                logits[:, y0 // p:y1 // p, x0 // p:x1 // p] += lg
+                low[:, y0 // p:y1 // p, x0 // p:x1 // p] += lg
                 count[:, y0 // p:y1 // p, x0 // p:x1 // p] += 1
-        return logits.div_(count)
+        return low.div_(count)
 
-    def segment(self, image: torch.Tensor, text: torch.Tensor, out_size: Optional[Tuple[int, int]] = None
-                ) -> torch.Tensor:
-        """(3, H, W) normalised image -> (C, out_h, out_w) class probabilities (default out size: H, W).
-
-        The patch-resolution logits are bilinearly resampled once, from the padded patch grid straight to the
-        output pixels (the padding cut off on the way), a chunk of classes at a time, each chunk PAMR-refined
-        against the image at the output size; then softmax in place and the background rule.
-        """
-        h, w = image.shape[-2:]
-        out_h, out_w = out_size or (h, w)
-        padded = self.backbone.pad(image[None])[0]  # (3, Hp, Wp)
-        if self.inference_mode == "whole":
-            low = self.low_res_logits(padded[None], text)[0]
-        else:
-            low = self._window_logits(padded, text)  # (C, Hp/p, Wp/p)
+    def _patch_grid_logits(self, image: torch.Tensor, text: torch.Tensor, out_size: Tuple[int, int]
+                           ) -> Tuple[Callable[[int, int], torch.Tensor], int]:
+        """ovseg's former combination ("patch" merge): the image padded to the patch size, windows on the patch
+        grid averaged there, then one bilinear resampling from the padded grid straight to the output pixels (the
+        padding cut off on the way). Same contract as `_image_space_logits`."""
         p = self.backbone.patch_size
+        h, w = image.shape[-2:]
+        low = self._window_logits(self.backbone.pad(image[None])[0], text)  # (S, Hp/p, Wp/p)
+        out_h, out_w = out_size
         # output pixel i samples image position (i + 0.5) * h / out_h - 0.5, i.e. that position's patch coordinate
         ry = bilinear_matrix(out_h, low.shape[1], h / (out_h * p), device=low.device)  # (out_h, Hp/p)
         rx = bilinear_matrix(out_w, low.shape[2], w / (out_w * p), device=low.device)  # (out_w, Wp/p)
+
+        def logits(q0: int, q1: int) -> torch.Tensor:
+            return torch.matmul(ry, low[q0:q1] @ rx.T)  # (q, out_h, out_w)
+
+        return logits, 2 * out_h * out_w
+
+    def segment(self, image: torch.Tensor, text: torch.Tensor, out_size: Optional[Tuple[int, int]] = None,
+                owner: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(3, H, W) normalised image -> (C, out_h, out_w) class probabilities (default out size: H, W).
+
+        Args:
+            image: the normalised image.
+            text: (S, D) normalised query embeddings.
+            out_size: output (height, width).
+            owner: (S,) class index of each query, non-decreasing, every class 0..C-1 present (as
+                `TextClassifier.synonym_embeddings` returns it); None = one query per class.
+        Returns:
+            (C, out_h, out_w): per class, the highest softmax probability (softmax over all S queries) among its
+            queries, after the area and background rules.
+        """
+        out_h, out_w = out_size or tuple(image.shape[-2:])
+        num_queries = text.shape[0]
+        owner = torch.arange(num_queries) if owner is None else owner.detach().cpu().long()
+        if owner.shape != (num_queries,) or owner[0] != 0 or not ((owner.diff() == 0) | (owner.diff() == 1)).all():
+            raise ValueError("owner must give each of the S queries its class, classes 0..C-1 in order, each with "
+                             "at least one query")
+        num_classes = int(owner[-1]) + 1
+        starts = torch.searchsorted(owner, torch.arange(num_classes + 1)).tolist()  # class c: starts[c]:starts[c+1]
+        build = self._image_space_logits if self.window_merge == "image" else self._patch_grid_logits
+        logits_of, per_query = build(image, text, (out_h, out_w))
         affinities = None
         if self.pamr is not None:
             rgb = F.interpolate(image[None].float(), size=(out_h, out_w), mode="bilinear", align_corners=False)
             affinities = self.pamr.affinities(rgb)  # (1, K, out_h, out_w)
-        out = low.new_empty((low.shape[0], out_h, out_w))
-        step = max(1, _CHUNK_ELEMENTS // (out_h * out_w))
-        for c in range(0, low.shape[0], step):
-            chunk = torch.matmul(ry, low[c:c + step] @ rx.T)  # (c, out_h, out_w)
-            out[c:c + step] = chunk if affinities is None else self.pamr.propagate(chunk[None], affinities)[0]
-        probs = softmax_(out, 0)
+        out = image.new_empty((num_classes, out_h, out_w), dtype=torch.float32)
+        lse = None  # (out_h, out_w) log of the softmax denominator over all queries, accumulated chunk by chunk
+        c0 = 0
+        while c0 < num_classes:
+            c1 = c0 + 1
+            while c1 < num_classes and (starts[c1 + 1] - starts[c0]) * per_query <= _CHUNK_ELEMENTS:
+                c1 += 1
+            q0, q1 = starts[c0], starts[c1]
+            chunk = logits_of(q0, q1)  # (q, out_h, out_w)
+            if affinities is not None:
+                chunk = self.pamr.propagate(chunk[None], affinities)[0]
+            part = torch.logsumexp(chunk, 0)
+            lse = part if lse is None else torch.logaddexp(lse, part)
+            # softmax is monotone in the logit under one denominator: max of probabilities = exp(max logit - lse)
+            out[c0:c1] = max_over_synonyms(chunk, owner[q0:q1] - c0, c1 - c0, dim=0)
+            c0 = c1
+        probs = out.sub_(lse).exp_()
         if self.area_threshold > 0 or self.bg_threshold > 0:
             bg = self._background_index()
         if self.area_threshold > 0:
@@ -246,10 +367,16 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
             )
         return names.index(self.background_class.lower())
 
+    def queries(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(S, D) query embeddings of the vocabulary and the (S,) class of each (None: one query per class)."""
+        if self.synonyms == "max":
+            return self.text_classifier.synonym_embeddings(self.vocabulary)
+        return self.text_classifier(self.vocabulary), None
+
     def forward(self, batched_inputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:
         if self.training:
             raise RuntimeError("CLIPDenseSegmentor is training-free: use it with --eval-only or the demo")
-        text = self.text_classifier(self.vocabulary)  # (C, D)
+        text, owner = self.queries()
         if self.bg_threshold > 0 or self.area_threshold > 0:
             self._background_index()  # fail before any image work
         results = []
@@ -261,5 +388,6 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
             if min(h, w) < 1:
                 raise ValueError(f"empty image of shape {tuple(image.shape)}")
             normed = (image.float() - self.pixel_mean) / self.pixel_std
-            results.append({"sem_seg": self.segment(normed, text, (inp.get("height", h), inp.get("width", w)))})
+            out_size = (inp.get("height", h), inp.get("width", w))
+            results.append({"sem_seg": self.segment(normed, text, out_size, owner)})
         return results
