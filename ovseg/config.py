@@ -164,6 +164,9 @@ def add_mask_segmentor_config(cfg: CN) -> CN:
     cfg.MODEL.MASK_SEG.DECODER.DROPOUT = 0.0
     # Pre-norm (LayerNorm before each sub-layer) instead of post-norm.
     cfg.MODEL.MASK_SEG.DECODER.PRE_NORM = False
+    # In-vocabulary class head: "fcclip" (FC-CLIP's: 3-layer MLP over the normed query plus LayerNorm + Linear of
+    # the mask features averaged over the query's predicted mask) or "linear" (one Linear on the normed query).
+    cfg.MODEL.MASK_SEG.DECODER.CLASS_HEAD = "fcclip"
 
     cfg.MODEL.MASK_SEG.CLASSIFIER = CN()
     # In-vocabulary classifier: logit = scale * cos(query embedding, text embedding or learned void embedding).
