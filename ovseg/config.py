@@ -228,6 +228,10 @@ def add_mask_segmentor_config(cfg: CN) -> CN:
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     # Weight decay of embeddings (queries, level embeddings, the void embedding) and of norm layers.
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    # Which parameters get WEIGHT_DECAY_NORM / WEIGHT_DECAY_EMBED instead of WEIGHT_DECAY: "ndim" (open_clip /
+    # CLIPSelf: every tensor with fewer than 2 dims, and embeddings) or "fcclip" (FC-CLIP: norm layers and
+    # embeddings only; biases and the logit scale are decayed). See ovseg.engine.trainer.weight_decay_of.
+    cfg.SOLVER.WEIGHT_DECAY_RULE = "ndim"
     return cfg
 
 

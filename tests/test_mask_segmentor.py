@@ -258,7 +258,7 @@ def test_optimizer_groups_backbone_multiplier_and_full_model_clipping():
     assert any(n.startswith("backbone.") for n, p in m.named_parameters() if id(p) in lr)
     assert wd[id(m.transformer_decoder.query_feat.weight)] == 0.0
     assert wd[id(m.transformer_decoder.norm.weight)] == 0.0
-    assert wd[id(m.transformer_decoder.class_embed.weight)] == 0.05
+    assert wd[id(m.transformer_decoder.class_embed[0].weight)] == 0.05
 
     params = [p for g in opt.param_groups for p in g["params"]]
     for p in params:
@@ -273,6 +273,44 @@ def test_optimizer_groups_backbone_multiplier_and_full_model_clipping():
     opt = train_net.Trainer.build_optimizer(cfg, m)
     kept = {id(p) for g in opt.param_groups for p in g["params"]}
     assert not any(id(p) in kept for p in m.backbone.parameters())
+
+
+def _fcclip_weight_decay(model, wd, wd_norm, wd_embed):
+    """FC-CLIP's train_net.py rule, written out: per module, norm layers -> wd_norm, nn.Embedding -> wd_embed,
+    the rest (biases and logit scales included) -> wd. ovseg's void embedding is FC-CLIP's nn.Embedding(1, D)."""
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.BatchNorm2d)
+    out = {}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if isinstance(module, norms):
+                out[id(p)] = wd_norm
+            elif isinstance(module, torch.nn.Embedding) or name == "void_embedding":
+                out[id(p)] = wd_embed
+            else:
+                out[id(p)] = wd
+    return out
+
+
+def test_weight_decay_rules():
+    cfg = tiny_mask_cfg(MODEL__TEXT__VOCABULARY="a,b", SOLVER__WEIGHT_DECAY=0.05, SOLVER__WEIGHT_DECAY_NORM=0.01,
+                        SOLVER__WEIGHT_DECAY_EMBED=0.02, SOLVER__WEIGHT_DECAY_RULE="fcclip",
+                        SOLVER__CLIP_GRADIENTS__ENABLED=False)
+    m = build_model(cfg)
+    opt = train_net.Trainer.build_optimizer(cfg, m)
+    wd = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert wd == _fcclip_weight_decay(m, 0.05, 0.01, 0.02)
+    assert wd[id(m.in_vocab.log_scale)] == 0.05 and wd[id(m.transformer_decoder.class_embed[0].bias)] == 0.05
+
+    cfg.SOLVER.WEIGHT_DECAY_RULE = "ndim"  # open_clip's: every vector exempt
+    wd = {id(p): g["weight_decay"] for g in train_net.Trainer.build_optimizer(cfg, m).param_groups
+          for p in g["params"]}
+    assert wd[id(m.in_vocab.log_scale)] == 0.01 and wd[id(m.transformer_decoder.class_embed[0].bias)] == 0.01
+
+    cfg.SOLVER.WEIGHT_DECAY_RULE = "timm"
+    with pytest.raises(ValueError, match="WEIGHT_DECAY_RULE"):
+        train_net.Trainer.build_optimizer(cfg, m)
 
 
 def test_evaluators_follow_evaluator_type_and_model_outputs(dataset, tmp_path):
