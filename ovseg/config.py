@@ -30,8 +30,8 @@ def add_ovseg_config(cfg: CN) -> CN:
     cfg.MODEL.CLIP.UNLOCK_LAST_BLOCKS = 0
 
     cfg.MODEL.TEXT = CN()
-    # Prompt templates: "imagenet" (CLIP's 80 ImageNet prompts), "simple" (open_clip's short set of 7)
-    # or "single" ("a photo of a {}.").
+    # Prompt templates: "imagenet" (CLIP's 80 ImageNet prompts), "simple" (open_clip's short set of 7),
+    # "vild" (FC-CLIP's 14 ViLD-style prompts) or "single" ("a photo of a {}.").
     cfg.MODEL.TEXT.TEMPLATES = "imagenet"
     # Test vocabulary: "" = the test dataset's classes; else "cat,sofa|couch" or a text file (one class a line,
     # synonyms separated by "|").
