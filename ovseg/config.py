@@ -36,8 +36,8 @@ def add_ovseg_config(cfg: CN) -> CN:
     cfg.MODEL.CLIP.UNLOCK_LAST_BLOCKS = 0
 
     cfg.MODEL.TEXT = CN()
-    # Prompt templates: "imagenet" (CLIP's 80 ImageNet prompts), "simple" (open_clip's short set of 7)
-    # or "single" ("a photo of a {}.").
+    # Prompt templates: "imagenet" (CLIP's 80 ImageNet prompts), "simple" (open_clip's short set of 7),
+    # "vild" (FC-CLIP's 14 ViLD-style prompts) or "single" ("a photo of a {}.").
     cfg.MODEL.TEXT.TEMPLATES = "imagenet"
     # Test vocabulary: "" = the test dataset's classes; else "cat,sofa|couch" or a text file (one class a line,
     # synonyms separated by "|").
@@ -188,6 +188,9 @@ def add_mask_segmentor_config(cfg: CN) -> CN:
     cfg.MODEL.MASK_SEG.DECODER.DROPOUT = 0.0
     # Pre-norm (LayerNorm before each sub-layer) instead of post-norm.
     cfg.MODEL.MASK_SEG.DECODER.PRE_NORM = False
+    # In-vocabulary class head: "fcclip" (FC-CLIP's: 3-layer MLP over the normed query plus LayerNorm + Linear of
+    # the mask features averaged over the query's predicted mask) or "linear" (one Linear on the normed query).
+    cfg.MODEL.MASK_SEG.DECODER.CLASS_HEAD = "fcclip"
 
     cfg.MODEL.MASK_SEG.CLASSIFIER = CN()
     # In-vocabulary classifier: logit = scale * cos(query embedding, text embedding or learned void embedding).
@@ -259,6 +262,10 @@ def add_mask_segmentor_config(cfg: CN) -> CN:
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     # Weight decay of embeddings (queries, level embeddings, the void embedding) and of norm layers.
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    # Which parameters get WEIGHT_DECAY_NORM / WEIGHT_DECAY_EMBED instead of WEIGHT_DECAY: "ndim" (open_clip /
+    # CLIPSelf: every tensor with fewer than 2 dims, and embeddings) or "fcclip" (FC-CLIP: norm layers and
+    # embeddings only; biases and the logit scale are decayed). See ovseg.engine.trainer.weight_decay_of.
+    cfg.SOLVER.WEIGHT_DECAY_RULE = "ndim"
     return cfg
 
 

@@ -99,3 +99,43 @@ def test_point_sampled_losses_prefer_correct_masks():
     losses = crit({"pred_logits": logits[None], "pred_masks": masks[None]}, [{"labels": labels, "masks": tgt}])
     sum(losses.values()).backward()
     assert masks.grad.abs().sum() > 0
+
+
+def _mask2former_matching(logits, masks, targets, num_points, wc=2.0, wm=5.0, wd=5.0):
+    """Mask2Former's `memory_efficient_forward`, written out: per image, the points are drawn first, whether or
+    not the image has targets."""
+    from detectron2.projects.point_rend.point_features import point_sample
+    from scipy.optimize import linear_sum_assignment
+
+    out = []
+    for b, tgt in enumerate(targets):
+        prob = logits[b].softmax(-1)
+        points = torch.rand(1, num_points, 2)
+        t = point_sample(tgt["masks"][:, None].float(), points.repeat(len(tgt["masks"]), 1, 1),
+                         align_corners=False)[:, 0]
+        p = point_sample(masks[b][:, None], points.repeat(len(masks[b]), 1, 1), align_corners=False)[:, 0]
+        bce = torch.stack([torch.stack([F.binary_cross_entropy_with_logits(p[i], t[j]) for j in range(len(t))])
+                           if len(t) else torch.zeros(0) for i in range(len(p))])
+        s = p.sigmoid()
+        dice = 1 - (2 * s @ t.t() + 1) / (s.sum(-1)[:, None] + t.sum(-1)[None, :] + 1)
+        cost = wm * bce + wc * -prob[:, tgt["labels"]] + wd * dice
+        rows, cols = linear_sum_assignment(cost.reshape(len(p), -1).numpy())
+        out.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+    return out
+
+
+def test_matcher_random_points_follow_mask2former_order():
+    """An image without targets still draws its points, so the next image matches on Mask2Former's points."""
+    cases = [_case(s, 6, n) for s, n in ((10, 3), (11, 0), (12, 4), (13, 2))]
+    logits = torch.stack([c[0] for c in cases])
+    masks = torch.stack([c[1] for c in cases])
+    targets = [{"labels": c[2], "masks": c[3]} for c in cases]
+    torch.manual_seed(0)
+    ours = HungarianMatcher(num_points=5)({"pred_logits": logits, "pred_masks": masks}, targets)
+    after_ours = torch.rand(3)
+    torch.manual_seed(0)
+    ref = _mask2former_matching(logits, masks, targets, num_points=5)
+    after_ref = torch.rand(3)
+    for (r, c), (rr, rc) in zip(ours, ref):
+        assert torch.equal(r, rr) and torch.equal(c, rc)
+    assert torch.equal(after_ours, after_ref)  # the same amount of the random stream was used

@@ -87,8 +87,11 @@ def test_inference_equals_full_resolution_reference(model, semantic_resolution):
     model.eval()
     default, model.semantic_resolution = model.semantic_resolution, semantic_resolution
     dec = model.transformer_decoder
+    void = model.in_vocab.void_embedding.detach().clone()
     try:
         with torch.no_grad():
+            # untrained, every query resembles the void embedding; a zero one (logit 0) lets classes win somewhere
+            model.in_vocab.void_embedding.zero_()
             out = model(batch)
             images = model.preprocess(batch)
             feats = model.encode(images.tensor)
@@ -102,6 +105,8 @@ def test_inference_equals_full_resolution_reference(model, semantic_resolution):
     finally:
         dec.eval()
         model.semantic_resolution = default
+        with torch.no_grad():
+            model.in_vocab.void_embedding.copy_(void)
     blocked = 0
     for i, inp in enumerate(batch):
         size, out_size = images.image_sizes[i], (inp.get("height", 70 if i == 0 else 48), inp.get("width", 64))
@@ -261,7 +266,7 @@ def test_optimizer_groups_backbone_multiplier_and_full_model_clipping():
     assert any(n.startswith("backbone.") for n, p in m.named_parameters() if id(p) in lr)
     assert wd[id(m.transformer_decoder.query_feat.weight)] == 0.0
     assert wd[id(m.transformer_decoder.norm.weight)] == 0.0
-    assert wd[id(m.transformer_decoder.class_embed.weight)] == 0.05
+    assert wd[id(m.transformer_decoder.class_embed[0].weight)] == 0.05
 
     params = [p for g in opt.param_groups for p in g["params"]]
     for p in params:
@@ -276,6 +281,44 @@ def test_optimizer_groups_backbone_multiplier_and_full_model_clipping():
     opt = train_net.Trainer.build_optimizer(cfg, m)
     kept = {id(p) for g in opt.param_groups for p in g["params"]}
     assert not any(id(p) in kept for p in m.backbone.parameters())
+
+
+def _fcclip_weight_decay(model, wd, wd_norm, wd_embed):
+    """FC-CLIP's train_net.py rule, written out: per module, norm layers -> wd_norm, nn.Embedding -> wd_embed,
+    the rest (biases and logit scales included) -> wd. ovseg's void embedding is FC-CLIP's nn.Embedding(1, D)."""
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.BatchNorm2d)
+    out = {}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if isinstance(module, norms):
+                out[id(p)] = wd_norm
+            elif isinstance(module, torch.nn.Embedding) or name == "void_embedding":
+                out[id(p)] = wd_embed
+            else:
+                out[id(p)] = wd
+    return out
+
+
+def test_weight_decay_rules():
+    cfg = tiny_mask_cfg(MODEL__TEXT__VOCABULARY="a,b", SOLVER__WEIGHT_DECAY=0.05, SOLVER__WEIGHT_DECAY_NORM=0.01,
+                        SOLVER__WEIGHT_DECAY_EMBED=0.02, SOLVER__WEIGHT_DECAY_RULE="fcclip",
+                        SOLVER__CLIP_GRADIENTS__ENABLED=False)
+    m = build_model(cfg)
+    opt = train_net.Trainer.build_optimizer(cfg, m)
+    wd = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert wd == _fcclip_weight_decay(m, 0.05, 0.01, 0.02)
+    assert wd[id(m.in_vocab.log_scale)] == 0.05 and wd[id(m.transformer_decoder.class_embed[0].bias)] == 0.05
+
+    cfg.SOLVER.WEIGHT_DECAY_RULE = "ndim"  # open_clip's: every vector exempt
+    wd = {id(p): g["weight_decay"] for g in train_net.Trainer.build_optimizer(cfg, m).param_groups
+          for p in g["params"]}
+    assert wd[id(m.in_vocab.log_scale)] == 0.01 and wd[id(m.transformer_decoder.class_embed[0].bias)] == 0.01
+
+    cfg.SOLVER.WEIGHT_DECAY_RULE = "timm"
+    with pytest.raises(ValueError, match="WEIGHT_DECAY_RULE"):
+        train_net.Trainer.build_optimizer(cfg, m)
 
 
 def test_evaluators_follow_evaluator_type_and_model_outputs(dataset, tmp_path):
@@ -308,3 +351,62 @@ def test_configs_parse_and_build_with_the_tiny_clip(name):
     with torch.no_grad():
         out = m([{"image": torch.rand(3, 32, 48) * 255}])[0]
     assert set(out) == {"sem_seg", "panoptic_seg"} | ({"instances"} if cfg.MODEL.MASK_SEG.TEST.INSTANCE_ON else set())
+
+
+def _fcclip_lsj_targets(png: np.ndarray, segments, tfms):
+    """FC-CLIP's panoptic LSJ targets, written out with PIL / numpy: the RGB PNG flipped, resized with PIL NEAREST,
+    cropped and zero-padded; ids read afterwards; one mask per non-crowd segment, empty or not."""
+    from detectron2.data.transforms import CropTransform, HFlipTransform, NoOpTransform, PadTransform, ResizeTransform
+
+    img = png
+    for t in tfms:
+        if isinstance(t, NoOpTransform):
+            continue
+        if isinstance(t, HFlipTransform):
+            img = img[:, ::-1]
+        elif isinstance(t, ResizeTransform):
+            img = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((t.new_w, t.new_h), Image.NEAREST))
+        elif isinstance(t, CropTransform):
+            img = img[t.y0:t.y0 + t.h, t.x0:t.x0 + t.w]
+        elif isinstance(t, PadTransform):
+            img = np.pad(img, ((t.y0, t.y1), (t.x0, t.x1), (0, 0)))
+        else:
+            raise AssertionError(f"unexpected transform {t}")
+    ids = img[..., 0].astype(np.int64) + 256 * img[..., 1] + 65536 * img[..., 2].astype(np.int64)
+    keep = [s for s in segments if not s.get("iscrowd", 0)]
+    return [s["category_id"] for s in keep], [ids == s["id"] for s in keep]
+
+
+def test_panoptic_lsj_targets_follow_fcclip(tmp_path):
+    from detectron2.data import transforms as T
+
+    rng = np.random.default_rng(0)
+    h, w = 70, 90
+    ids = np.zeros((h, w), np.int64)
+    segments = []
+    for k in range(12):  # blocks of random size and place, some of a pixel or two
+        y, x = rng.integers(0, h - 2), rng.integers(0, w - 2)
+        ids[y:y + rng.integers(1, 30), x:x + rng.integers(1, 30)] = 1000 + 77 * k
+    for k, sid in enumerate(np.unique(ids)[1:]):
+        segments.append({"id": int(sid), "category_id": k % 5, "iscrowd": int(k == 3)})
+    png = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
+    Image.fromarray(png).save(tmp_path / "pan.png")
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / "img.png")
+    record = {"file_name": str(tmp_path / "img.png"), "pan_seg_file_name": str(tmp_path / "pan.png"),
+              "height": h, "width": w, "segments_info": segments}
+    augs = [T.RandomFlip(horizontal=True), T.ResizeScale(0.2, 1.6, 64, 64),
+            T.FixedSizeCrop(crop_size=(64, 64), seg_pad_value=0)]
+    mapper = MaskPanopticLSJMapper(augmentations=augs, image_format="RGB")
+    emptied = 0
+    for seed in range(12):
+        np.random.seed(seed)
+        out = mapper(record)
+        np.random.seed(seed)  # the same draws (they depend on the image size only)
+        tfms = T.AugmentationList(augs)(T.AugInput(np.zeros((h, w, 3), np.uint8)))
+        classes, masks = _fcclip_lsj_targets(png, segments, tfms)
+        inst = out["instances"]
+        assert inst.gt_classes.tolist() == classes
+        for m, ref in zip(inst.gt_masks.tensor, masks):
+            assert torch.equal(m, torch.from_numpy(ref))
+        emptied += sum(not m.any() for m in masks)
+    assert emptied > 0  # the draws did cut segments away, and they stayed as empty targets

@@ -20,7 +20,6 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from PIL import Image
-from torchvision.ops import roi_align
 
 logger = logging.getLogger(__name__)
 
@@ -50,21 +49,6 @@ def grid_boxes(height: float, width: float, rows: int, cols: int) -> torch.Tenso
     return torch.stack([x0, y0, x1, y1], dim=-1).reshape(-1, 4).float()
 
 
-def filter_proposals(boxes: torch.Tensor, height: float, width: float, min_size: float,
-                     max_size: float) -> torch.Tensor:
-    """Clip (K, 4) xyxy proposals to the image and keep those whose clipped area lies in
-    [min_size^2, max_size^2] (a box entirely outside the image has area 0 and is dropped)."""
-    if boxes.numel() == 0:
-        return boxes.reshape(0, 4)
-    b = boxes.clone()
-    b[:, 0::2] = b[:, 0::2].clamp(0, width)
-    b[:, 1::2] = b[:, 1::2].clamp(0, height)
-    w, h = (b[:, 2] - b[:, 0]).clamp(min=0), (b[:, 3] - b[:, 1]).clamp(min=0)
-    area = w * h
-    keep = (w > 0) & (h > 0) & (area >= min_size ** 2) & (area <= max_size ** 2)
-    return b[keep]
-
-
 def scale_boxes(boxes: torch.Tensor, factor: float, height: float, width: float) -> torch.Tensor:
     """Enlarge boxes by `factor` about their centres, clipped to the image."""
     if factor == 1.0:
@@ -77,31 +61,54 @@ def scale_boxes(boxes: torch.Tensor, factor: float, height: float, width: float)
     return out
 
 
-def crop_regions(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Cut boxes out of an image and resize each to size x size.
-
-    RoIAlign with adaptive sampling averages every input pixel a bin covers, so large regions are shrunk
-    without aliasing and fractional (grid) boxes are cut exactly.
+def crop_regions(image: np.ndarray, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """The teacher's view of each region, as CLIPSelf makes it: the image cut at the box rounded to whole pixels,
+    its longest side resized to `size` (bicubic, aspect kept), centred on a black size x size square
+    (open_clip's `ResizeMaxSize`).
 
     Args:
-        image: (3, H, W) image, any dtype (0-255 values).
+        image: (H, W, 3) uint8 RGB.
         boxes: (K, 4) xyxy boxes in pixels of `image`.
     Returns:
         (K, 3, size, size) uint8 crops.
     """
-    if boxes.numel() == 0:
-        return torch.zeros((0, 3, size, size), dtype=torch.uint8)
-    crops = roi_align(image[None].float(), [boxes.float()], output_size=size, spatial_scale=1.0, sampling_ratio=-1,
-                      aligned=True)  # (K, 3, size, size)
-    return crops.round().clamp(0, 255).to(torch.uint8)
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    crops = np.zeros((len(boxes), size, size, 3), dtype=np.uint8)
+    for k, box in enumerate(boxes.tolist()):
+        x0, y0, x1, y1 = (int(round(v)) for v in box)  # PIL's own rounding of a fractional crop box
+        crop = pil.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)))  # at least one pixel
+        w, h = crop.size
+        scale = size / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        top, left = (size - nh) // 2, (size - nw) // 2
+        crops[k, top:top + nh, left:left + nw] = np.asarray(crop.resize((nw, nh), Image.BICUBIC))
+    return torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()
+
+
+def letterbox(image: np.ndarray, size: int) -> Tuple[np.ndarray, float]:
+    """The student's input, as CLIPSelf makes it: longest side resized to `size` (bicubic, aspect kept), padded at
+    the bottom / right to a black size x size square.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+    Returns:
+        (size, size, 3) uint8 and the factor from original to new pixels (boxes are multiplied by it).
+    """
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    out[:nh, :nw] = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((nw, nh), Image.BICUBIC))
+    return out, scale
 
 
 def load_proposals(path: str) -> Tuple[Dict[int, torch.Tensor], Dict[str, int]]:
     """Read a COCO-style proposals file.
 
     Returns:
-        boxes by image id ((K, 4) xyxy), and image id by file basename (from "images", when present) so that
-        datasets without COCO ids (image folders) can be matched by file name.
+        boxes by image id ((K, 4) xyxy; (0, 4) for an image listed in "images" without proposals), and image id
+        by file basename (from "images", when present) so that datasets without COCO ids (image folders) can be
+        matched by file name.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"INPUT.CLIPSELF.PROPOSAL_FILE={path!r}: no such file")
@@ -116,13 +123,16 @@ def load_proposals(path: str) -> Tuple[Dict[int, torch.Tensor], Dict[str, int]]:
             raise ValueError(f"proposals file {path!r}: annotation {i} needs 'image_id' and 'bbox' [x, y, w, h]")
         x, y, w, h = a["bbox"]
         by_image[a["image_id"]].append([x, y, x + w, y + h])
-    boxes = {k: torch.tensor(v, dtype=torch.float32) for k, v in by_image.items()}
+    boxes = {k: torch.tensor(v, dtype=torch.float32).reshape(-1, 4) for k, v in by_image.items()}
+    for im in data.get("images", []):
+        if "id" in im:
+            boxes.setdefault(im["id"], torch.zeros(0, 4))
     ids_by_name = {os.path.basename(im["file_name"]): im["id"] for im in data.get("images", []) if "file_name" in im}
     return boxes, ids_by_name
 
 
 def resize_longest(height: int, width: int, size: int) -> T.ResizeTransform:
-    """The resize making the longest side `size` (up or down), aspect kept."""
+    """The resize making the longest side `size` (up or down), aspect kept (region-recognition test images)."""
     scale = size / max(height, width)
     new_h, new_w = max(1, int(round(height * scale))), max(1, int(round(width * scale)))
     return T.ResizeTransform(height, width, new_h, new_w, Image.BILINEAR)
@@ -138,9 +148,10 @@ def _read_rgb(dataset_dict: dict, image_format: str) -> np.ndarray:
 class CLIPSelfDatasetMapper:
     """Training mapper of `CLIPSelfDistiller`.
 
-    Output per image: "image" (3, h, w) uint8 resized so that its longest side is one of `sizes`,
-    "region_boxes" (K, 4) float xyxy in that image's pixels, "crops" (K, 3, S, S) uint8 teacher crops of the same
-    regions cut from the original image. K <= max_regions, possibly 0 (no valid proposal).
+    Output per image, as CLIPSelf's data pipeline: "image" (3, s, s) uint8, the image with its longest side
+    resized to one of `sizes` (s) on a black square (`letterbox`), "region_boxes" (K, 4) float xyxy in that
+    image's pixels, "crops" (K, 3, S, S) uint8 teacher crops of the same regions (enlarged by `crop_scale`) cut
+    from the original image (`crop_regions`). 1 <= K <= max_regions.
     """
 
     @configurable
@@ -170,6 +181,7 @@ class CLIPSelfDatasetMapper:
             if not proposal_file:
                 raise ValueError("INPUT.CLIPSELF.REGION_SOURCE='proposals' needs INPUT.CLIPSELF.PROPOSAL_FILE")
             self.proposals, self.proposal_ids_by_name = load_proposals(proposal_file)
+        self.proposal_file = proposal_file
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
@@ -182,33 +194,52 @@ class CLIPSelfDatasetMapper:
             "proposal_max_size": c.PROPOSAL_MAX_SIZE,
         }
 
-    def regions(self, dataset_dict: dict, height: int, width: int) -> torch.Tensor:
-        """The distillation regions of one image, (K, 4) xyxy in original pixels, K <= max_regions."""
+    def proposals_of(self, dataset_dict: dict) -> torch.Tensor:
+        """The (K, 4) xyxy proposals of an image, found by image id, else by file name."""
+        key = dataset_dict.get("image_id")
+        if key not in self.proposals:
+            key = self.proposal_ids_by_name.get(os.path.basename(dataset_dict["file_name"]), key)
+        if key not in self.proposals:
+            raise KeyError(f"image {dataset_dict['file_name']!r} (image_id {dataset_dict.get('image_id')!r}) is not "
+                           f"in INPUT.CLIPSELF.PROPOSAL_FILE={self.proposal_file!r}: the file must list every training "
+                           "image, by COCO image id or (in its 'images') by file name")
+        return self.proposals[key]
+
+    def shuffled(self, boxes: torch.Tensor) -> torch.Tensor:
+        """At most max_regions of (K, 4) boxes in random order (CLIPSelf: `random.shuffle`, then the first ones)."""
+        order = list(range(len(boxes)))
+        random.shuffle(order)
+        return boxes[torch.tensor(order[:self.max_regions], dtype=torch.int64)].reshape(-1, 4)
+
+    def regions(self, dataset_dict: dict, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The distillation regions of one image in original pixels: (K, 4) xyxy boxes the student pools and the
+        (K, 4) boxes the teacher's crops are cut at; 1 <= K <= max_regions.
+
+        Patches: cells of a random grid, at most max_regions of them drawn. Proposals (CLIPSelf's order): draw
+        max_regions, then drop those whose area w * h is outside [min_size^2, max_size^2]; if none is left, the
+        image's top-left quarter.
+        """
         if self.region_source == "patches":
             rows, cols = random.choice(self.choices)
-            boxes = grid_boxes(height, width, rows, cols)
-        else:
-            key = dataset_dict.get("image_id")
-            if key not in self.proposals:
-                key = self.proposal_ids_by_name.get(os.path.basename(dataset_dict["file_name"]), key)
-            boxes = filter_proposals(self.proposals.get(key, torch.zeros(0, 4)), height, width,
-                                     self.proposal_min_size, self.proposal_max_size)
-        if len(boxes) > self.max_regions:
-            boxes = boxes[torch.tensor(random.sample(range(len(boxes)), self.max_regions))]
-        return boxes
+            boxes = self.shuffled(grid_boxes(height, width, rows, cols))
+            return boxes, scale_boxes(boxes, self.crop_scale, height, width)
+        boxes = self.shuffled(self.proposals_of(dataset_dict))
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        boxes = boxes[(area >= self.proposal_min_size ** 2) & (area <= self.proposal_max_size ** 2)]
+        if len(boxes) == 0:  # CLIPSelf's fallback: the crop's corner is whole pixels, the student's box is not
+            return (torch.tensor([[0.0, 0.0, width / 4, height / 4]]),
+                    torch.tensor([[0.0, 0.0, float(width // 4), float(height // 4)]]))
+        return boxes, scale_boxes(boxes, self.crop_scale, height, width)
 
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = dict(dataset_dict)
         image = _read_rgb(dataset_dict, self.image_format)
         h, w = image.shape[:2]
-        boxes = self.regions(dataset_dict, h, w)  # (K, 4), original pixels
-        full = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))  # (3, H, W)
-        crops = crop_regions(full, scale_boxes(boxes, self.crop_scale, h, w), self.crop_size)
-
-        tfm = resize_longest(h, w, random.choice(self.sizes))
-        resized = tfm.apply_image(image)
-        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        dataset_dict["region_boxes"] = torch.as_tensor(tfm.apply_box(boxes.numpy()), dtype=torch.float32).reshape(-1, 4)
+        boxes, crop_boxes = self.regions(dataset_dict, h, w)  # (K, 4), original pixels
+        crops = crop_regions(image, crop_boxes, self.crop_size)
+        student, scale = letterbox(image, random.choice(self.sizes))
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(student.transpose(2, 0, 1)))
+        dataset_dict["region_boxes"] = (boxes * scale).float()
         dataset_dict["crops"] = crops
         dataset_dict.pop("annotations", None)
         return dataset_dict

@@ -90,7 +90,8 @@ class MaskSemanticMapper:
 class MaskPanopticLSJMapper:
     """Panoptic data (COCO-panoptic PNG + segments_info) with large-scale jitter: flip, resize by a random
     factor of INPUT.IMAGE_SIZE within [MIN_SCALE, MAX_SCALE], then crop / pad to IMAGE_SIZE squared.
-    One target per non-crowd segment; padding is unlabelled."""
+    One target per non-crowd segment, also when the crop left it empty (FC-CLIP's targets); padding is
+    unlabelled."""
 
     @configurable
     def __init__(self, *, augmentations: List[T.Augmentation], image_format: str = "RGB"):
@@ -122,20 +123,20 @@ class MaskPanopticLSJMapper:
         pan_path = d.pop("pan_seg_file_name")
         pan_rgb = utils.read_image(pan_path, "RGB")
         check_label_size(pan_rgb, image, pan_path, d["file_name"])
-        # float64 holds every 24-bit id exactly, and detectron2 resizes non-uint8 maps with torch (nearest)
-        pan = rgb_to_id(pan_rgb).astype(np.float64)
-        aug = T.AugInput(image, sem_seg=pan)
+        # FC-CLIP resizes the RGB PNG itself (uint8: PIL NEAREST) and reads the ids afterwards; resizing an id map
+        # as floats goes through torch's nearest, which samples half a pixel elsewhere
+        aug = T.AugInput(image, sem_seg=pan_rgb)
         self.augmentations(aug)
-        image, pan = aug.image, aug.sem_seg.round().astype(np.int64)
+        image, pan = aug.image, rgb_to_id(aug.sem_seg)
         d["image"] = _image_tensor(image)
         classes, masks = [], []
         for seg in d.pop("segments_info"):
             if seg.get("iscrowd", 0):
                 continue
-            m = pan == seg["id"]
-            if m.any():  # the crop may have cut the segment away
-                classes.append(int(seg["category_id"]))
-                masks.append(m)
+            # a segment the crop cut away stays, as an empty-mask target (FC-CLIP / Mask2Former): it is matched
+            # and counts in the mask-loss normaliser
+            classes.append(int(seg["category_id"]))
+            masks.append(pan == seg["id"])
         d["instances"] = _instances(image.shape[:2], classes, masks)
         d.pop("sem_seg_file_name", None)
         return d

@@ -26,6 +26,7 @@ from detectron2.engine import (
     launch,
 )
 from detectron2.evaluation import verify_results
+from detectron2.layers.batch_norm import LayerNorm as ChannelLayerNorm
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.logger import setup_logger
@@ -135,6 +136,34 @@ class SaveOnSignal(HookBase):
         self._previous = {}
 
 
+WEIGHT_DECAY_RULES = ("ndim", "fcclip")
+# Norm layers as FC-CLIP's train_net.py lists them, plus detectron2's channels-first LayerNorm ("LN" norm)
+NORM_MODULES = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
+                torch.nn.GroupNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d,
+                torch.nn.LayerNorm, torch.nn.LocalResponseNorm, ChannelLayerNorm)
+
+
+def weight_decay_of(cfg, module: torch.nn.Module, name: str, param: torch.nn.Parameter) -> float:
+    """Weight decay of `module`'s own parameter `name` under SOLVER.WEIGHT_DECAY_RULE:
+    "ndim" (open_clip / CLIPSelf): embeddings (nn.Embedding, the void and level embeddings) at WEIGHT_DECAY_EMBED,
+        every other tensor with fewer than 2 dimensions (norm gains, biases, logit scale) at WEIGHT_DECAY_NORM;
+    "fcclip" (FC-CLIP's train_net.py): parameters of norm layers at WEIGHT_DECAY_NORM, of nn.Embedding (and the
+        void embedding, an nn.Embedding there) at WEIGHT_DECAY_EMBED; biases and the logit scale are decayed.
+    Everything else at WEIGHT_DECAY."""
+    s = cfg.SOLVER
+    if s.WEIGHT_DECAY_RULE == "fcclip":
+        if isinstance(module, NORM_MODULES):
+            return s.WEIGHT_DECAY_NORM
+        if isinstance(module, torch.nn.Embedding) or name == "void_embedding":
+            return s.WEIGHT_DECAY_EMBED
+        return s.WEIGHT_DECAY
+    if isinstance(module, torch.nn.Embedding) or name in ("void_embedding", "level_embed"):
+        return s.WEIGHT_DECAY_EMBED
+    if param.ndim < 2:
+        return s.WEIGHT_DECAY_NORM
+    return s.WEIGHT_DECAY
+
+
 class Trainer(DefaultTrainer):
     """detectron2's `DefaultTrainer` made exact and safe: a resumable data stream and the RNG states in every
     checkpoint (a resumed run equals an uninterrupted one), atomic and safely loaded checkpoints
@@ -233,25 +262,23 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         """AdamW over the trainable parameters: backbone ones at SOLVER.BACKBONE_MULTIPLIER x the base LR (left out
-        at 0); vectors (norm gains, biases, layer scales) at SOLVER.WEIGHT_DECAY_NORM and embeddings (queries, void,
-        level embeddings) at SOLVER.WEIGHT_DECAY_EMBED, as open_clip / CLIPSelf and Mask2Former do; matrices at
-        SOLVER.WEIGHT_DECAY. CLIP_TYPE "full_model" clips one gradient norm over the whole model."""
+        at 0); weight decay per SOLVER.WEIGHT_DECAY_RULE (`weight_decay_of`). CLIP_TYPE "full_model" clips one
+        gradient norm over the whole model."""
+        if cfg.SOLVER.WEIGHT_DECAY_RULE not in WEIGHT_DECAY_RULES:
+            raise ValueError(f"SOLVER.WEIGHT_DECAY_RULE={cfg.SOLVER.WEIGHT_DECAY_RULE!r}; "
+                             f"use one of {list(WEIGHT_DECAY_RULES)}")
         groups = []
         for module_name, module in model.named_modules():
             for name, p in module.named_parameters(recurse=False):
                 if not p.requires_grad:
                     continue
-                lr, wd = cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY
+                lr = cfg.SOLVER.BASE_LR
                 full = f"{module_name}.{name}" if module_name else name
                 if full.startswith(("backbone.", "module.backbone.")):
                     lr *= cfg.SOLVER.BACKBONE_MULTIPLIER
                     if lr == 0:
                         continue
-                if isinstance(module, torch.nn.Embedding) or name in ("void_embedding", "level_embed"):
-                    wd = cfg.SOLVER.WEIGHT_DECAY_EMBED
-                elif p.ndim < 2:
-                    wd = cfg.SOLVER.WEIGHT_DECAY_NORM
-                groups.append({"params": [p], "lr": lr, "weight_decay": wd})
+                groups.append({"params": [p], "lr": lr, "weight_decay": weight_decay_of(cfg, module, name, p)})
         if not groups:
             raise ValueError(
                 f"{cfg.MODEL.META_ARCHITECTURE} has no trainable parameters: evaluate it with --eval-only"

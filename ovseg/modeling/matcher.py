@@ -1,7 +1,7 @@
 """Hungarian matching of predicted masks to ground-truth segments (class + mask BCE + dice costs)."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -67,20 +67,25 @@ class HungarianMatcher(nn.Module):
         return {"class_weight": loss.CLASS_WEIGHT, "mask_weight": loss.MASK_WEIGHT, "dice_weight": loss.DICE_WEIGHT,
                 "num_points": loss.NUM_POINTS}
 
+    def sample_points(self, masks: torch.Tensor) -> torch.Tensor:
+        """(1, P, 2) normalised (x, y) points shared by every query and target of one image with (Q, h, w) masks."""
+        if self.num_points > 0:
+            return torch.rand(1, self.num_points, 2, device=masks.device)
+        return pixel_center_points(*masks.shape[-2:], device=masks.device)[None]
+
     @torch.no_grad()
     def cost_matrix(self, logits: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
-                    target_masks: torch.Tensor) -> torch.Tensor:
+                    target_masks: torch.Tensor, points: Optional[torch.Tensor] = None) -> torch.Tensor:
         """
         Args:
             logits: (Q, K + 1) class logits (last = void); masks: (Q, h, w) mask logits.
             labels: (N,) target classes; target_masks: (N, H, W) binary, same extent as `masks`.
+            points: (1, P, 2) where the mask costs are measured; None draws them (`sample_points`).
         Returns:
             (Q, N) matching cost.
         """
-        if self.num_points > 0:
-            points = torch.rand(1, self.num_points, 2, device=masks.device)
-        else:
-            points = pixel_center_points(*masks.shape[-2:], device=masks.device)[None]
+        if points is None:
+            points = self.sample_points(masks)
         pred = point_sample(masks[:, None].float(), points.expand(len(masks), -1, -1), align_corners=False)[:, 0]
         tgt = point_sample(target_masks[:, None].float(), points.expand(len(target_masks), -1, -1),
                            align_corners=False)[:, 0]  # (N, P)
@@ -100,11 +105,13 @@ class HungarianMatcher(nn.Module):
         """
         out = []
         for logits, masks, tgt in zip(outputs["pred_logits"], outputs["pred_masks"], targets):
+            # drawn for every image, also one without targets, so that the random stream follows Mask2Former's
+            points = self.sample_points(masks)
             if len(tgt["labels"]) == 0:
                 empty = torch.zeros(0, dtype=torch.int64)
                 out.append((empty, empty))
                 continue
-            cost = self.cost_matrix(logits, masks, tgt["labels"], tgt["masks"])
+            cost = self.cost_matrix(logits, masks, tgt["labels"], tgt["masks"], points)
             rows, cols = linear_sum_assignment(cost.cpu().numpy())
             out.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return out

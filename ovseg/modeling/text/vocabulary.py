@@ -26,11 +26,29 @@ import open_clip
 
 logger = logging.getLogger(__name__)
 
-# Prompt template sets, taken from open_clip (CLIP's 80 ImageNet prompts and its short selection).
+# Prompt template sets: CLIP's 80 ImageNet prompts and its short selection (from open_clip), and the 14 ViLD-style
+# prompts FC-CLIP trains and tests with (VILD_PROMPT in github.com/bytedance/fc-clip fcclip/fcclip.py, commit
+# 2b0bbe213070d44da9182530fa2e826fef03f974; data, kept verbatim, punctuation included).
 TEMPLATE_SETS = {
     "imagenet": tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES),
     "simple": tuple(t("{}") for t in open_clip.SIMPLE_IMAGENET_TEMPLATES),
     "single": ("a photo of a {}.",),
+    "vild": (
+        "a photo of a {}.",
+        "This is a photo of a {}",
+        "There is a {} in the scene",
+        "There is the {} in the scene",
+        "a photo of a {} in the scene",
+        "a photo of a small {}.",
+        "a photo of a medium {}.",
+        "a photo of a large {}.",
+        "This is a photo of a small {}.",
+        "This is a photo of a medium {}.",
+        "This is a photo of a large {}.",
+        "There is a small {} in the scene.",
+        "There is a medium {} in the scene.",
+        "There is a large {} in the scene.",
+    ),
 }
 
 

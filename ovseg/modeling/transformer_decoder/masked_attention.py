@@ -1,17 +1,22 @@
 """Masked-attention transformer decoder (Mask2Former's design): learned queries attend to one pyramid level per
 layer, restricted to the foreground of the mask the previous layer predicted; every layer predicts masks and
-CLIP-space class embeddings (deep supervision)."""
+CLIP-space class embeddings (deep supervision), by default with FC-CLIP's class head (decoder output plus the
+mask features pooled in the query's own mask, through a 3-layer MLP)."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
+import fvcore.nn.weight_init as weight_init  # detectron2's own dependency
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
 from ..position_encoding import sine_position_encoding
+from ..region_pooling import pool_masks
 from .build import TRANSFORMER_DECODER_REGISTRY
+
+CLASS_HEADS = ("fcclip", "linear")
 
 
 class _SubLayer(nn.Module):
@@ -60,6 +65,10 @@ class DecoderLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
                                  nn.Linear(ffn_dim, dim))
         self.sub = nn.ModuleList(_SubLayer(dim, pre_norm, dropout) for _ in range(3))
+        # Mask2Former: every matrix of the attention and FFN sub-layers xavier-uniform (norms and biases as built)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
 
     def forward(self, q: torch.Tensor, query_pos: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor,
                 allowed: Optional[torch.Tensor]) -> torch.Tensor:
@@ -75,6 +84,8 @@ class DecoderLayer(nn.Module):
 
 
 class MLP(nn.Sequential):
+    """`layers` Linear layers with ReLU between them."""
+
     def __init__(self, in_dim: int, hidden: int, out_dim: int, layers: int):
         dims = [in_dim] + [hidden] * (layers - 1) + [out_dim]
         mods: List[nn.Module] = []
@@ -92,7 +103,7 @@ class MaskedAttentionDecoder(nn.Module):
     @configurable
     def __init__(self, *, in_channels: int, mask_dim: int, embed_dim: int, hidden_dim: int = 256,
                  num_queries: int = 100, heads: int = 8, ffn_dim: int = 2048, layers: int = 9,
-                 num_levels: int = 3, dropout: float = 0.0, pre_norm: bool = False):
+                 num_levels: int = 3, dropout: float = 0.0, pre_norm: bool = False, class_head: str = "fcclip"):
         """
         Args:
             in_channels: channels of the pixel decoder's multi-scale levels.
@@ -100,6 +111,9 @@ class MaskedAttentionDecoder(nn.Module):
             embed_dim: size of the CLIP text embeddings the class embeddings are compared with.
             hidden_dim, num_queries, heads, ffn_dim, layers, dropout, pre_norm: decoder shape.
             num_levels: levels attended, round robin from the coarsest.
+            class_head: "fcclip" (3-layer MLP over the normed query plus LayerNorm + Linear of the mask features
+                averaged over the query's predicted mask, FC-CLIP's in-vocabulary head) or "linear" (one Linear
+                on the normed query, ovseg's earlier head).
         """
         super().__init__()
         if layers < 1 or num_queries < 1 or num_levels < 1:
@@ -107,19 +121,31 @@ class MaskedAttentionDecoder(nn.Module):
                              f"NUM_LEVELS={num_levels} must be positive")
         if hidden_dim % 4:
             raise ValueError(f"MODEL.MASK_SEG.DECODER.HIDDEN_DIM={hidden_dim} must be divisible by 4")
+        if class_head not in CLASS_HEADS:
+            raise ValueError(f"MODEL.MASK_SEG.DECODER.CLASS_HEAD={class_head!r}; use one of {list(CLASS_HEADS)}")
         self.num_levels = num_levels
         self.num_queries = num_queries
-        self.input_proj = nn.ModuleList(
-            nn.Conv2d(in_channels, hidden_dim, kernel_size=1) if in_channels != hidden_dim else nn.Identity()
-            for _ in range(num_levels)
-        )
+        self.class_head = class_head
+        self.input_proj = nn.ModuleList(self._input_proj(in_channels, hidden_dim) for _ in range(num_levels))
         self.level_embed = nn.Embedding(num_levels, hidden_dim)
         self.query_feat = nn.Embedding(num_queries, hidden_dim)
         self.query_pos = nn.Embedding(num_queries, hidden_dim)
         self.layers = nn.ModuleList(DecoderLayer(hidden_dim, heads, ffn_dim, dropout, pre_norm) for _ in range(layers))
         self.norm = nn.LayerNorm(hidden_dim)
-        self.class_embed = nn.Linear(hidden_dim, embed_dim)  # into CLIP text space
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+        if class_head == "fcclip":
+            self.mask_pooling_proj = nn.Sequential(nn.LayerNorm(mask_dim), nn.Linear(mask_dim, hidden_dim))
+            self.class_embed = MLP(hidden_dim, hidden_dim, embed_dim, 3)  # into CLIP text space
+        else:
+            self.class_embed = nn.Linear(hidden_dim, embed_dim)
+
+    @staticmethod
+    def _input_proj(in_channels: int, hidden_dim: int) -> nn.Module:
+        if in_channels == hidden_dim:
+            return nn.Identity()
+        conv = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
+        weight_init.c2_xavier_fill(conv)  # Mask2Former's initialisation of its input projections
+        return conv
 
     @classmethod
     def from_config(cls, cfg, in_channels: int, mask_dim: int, embed_dim: int):
@@ -128,12 +154,18 @@ class MaskedAttentionDecoder(nn.Module):
             "in_channels": in_channels, "mask_dim": mask_dim, "embed_dim": embed_dim,
             "hidden_dim": d.HIDDEN_DIM, "num_queries": d.NUM_QUERIES, "heads": d.HEADS, "ffn_dim": d.FFN_DIM,
             "layers": d.LAYERS, "num_levels": d.NUM_LEVELS, "dropout": d.DROPOUT, "pre_norm": d.PRE_NORM,
+            "class_head": d.CLASS_HEAD,
         }
 
-    def embed(self, q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Class embeddings (B, Q, D) and mask embeddings (B, Q, mask_dim) of the current queries."""
-        q = self.norm(q)
-        return self.class_embed(q), self.mask_embed(q)
+    def class_embeddings(self, q: torch.Tensor, masks: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
+        """(B, Q, C) normed queries, their (B, Q, h, w) mask logits and the (B, mask_dim, h, w) mask features ->
+        (B, Q, D) class embeddings."""
+        if self.class_head == "linear":
+            return self.class_embed(q)
+        # FC-CLIP: average the mask features over each query's predicted foreground; the mask only selects
+        # (no gradient through it), the features carry the gradient
+        pooled = pool_masks(mask_features, (masks.detach() > 0).to(mask_features.dtype))  # (B, Q, mask_dim)
+        return self.class_embed(q + self.mask_pooling_proj(pooled))
 
     @staticmethod
     def attention_mask(mask_logits: torch.Tensor) -> torch.Tensor:
@@ -161,9 +193,11 @@ class MaskedAttentionDecoder(nn.Module):
             x = self.input_proj[i](multi_scale[i])  # (B, C, h_l, w_l)
             h, w = x.shape[-2:]
             sizes.append((h, w))
-            memories.append(x.flatten(2).transpose(1, 2))  # (B, h_l*w_l, C)
+            # Mask2Former adds the level embedding to the memory itself, i.e. to keys and values: added to the
+            # keys only it would be a constant shift inside the level's softmax and do nothing
+            memories.append(x.flatten(2).transpose(1, 2) + self.level_embed.weight[i].to(x.dtype))  # (B, hw, C)
             pos = sine_position_encoding(h, w, x.shape[1], x.device, x.dtype).flatten(1).t()
-            poses.append((pos + self.level_embed.weight[i].to(x.dtype))[None])
+            poses.append(pos[None])
         if not self.training:
             # Resizing is linear, so masks predicted on resized mask features equal the resized full masks:
             # at inference, where only the last layer's masks are output, the others stay at the level's size.
@@ -173,11 +207,12 @@ class MaskedAttentionDecoder(nn.Module):
         qpos = self.query_pos.weight[None].expand(b, -1, -1)
         predictions = []
         for i in range(len(self.layers) + 1):  # step i predicts from the input to layer i (the last: the output)
-            embeds, mask_embeds = self.embed(q)
+            normed = self.norm(q)
+            mask_embeds = self.mask_embed(normed)  # (B, Q, mask_dim)
             last = i == len(self.layers)
             if self.training or last:
                 masks = torch.einsum("bqc,bchw->bqhw", mask_embeds, mask_features)
-                predictions.append((embeds, masks))
+                predictions.append((self.class_embeddings(normed, masks, mask_features), masks))
             if last:
                 break
             lvl = i % self.num_levels
