@@ -18,6 +18,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import get_ovseg_cfg
 from ..data.clipself_mapper import CLIPSelfDatasetMapper, RegionRecognitionDatasetMapper, register_image_folders
+from ..data.custom import register_dataset_names
 from ..data.datasets import check_benchmark_files
 from ..data.mappers import TRAIN_MAPPERS
 from ..evaluation import build_benchmark_evaluator
@@ -146,6 +147,7 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
+    register_dataset_names(tuple(cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST))  # folder: / coco: / custom:
     # missing data is reported before the weights load or training starts (test sets are used at its end)
     for name in (() if args.eval_only else cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST):
         check_benchmark_files(name)
