@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
 from detectron2.data.detection_utils import read_image
@@ -26,6 +27,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 
 from .config import get_ovseg_cfg
+from .data.custom import PREFIXES, register_dataset_names
 from .modeling.text import Vocabulary, parse_vocabulary
 
 __all__ = ["Prediction", "Predictor", "config_roots", "resolve_config", "shipped_configs"]
@@ -206,6 +208,8 @@ class Predictor:
         cfg.MODEL.DEVICE = device or ("cuda" if torch.cuda.is_available() else "cpu")
         cfg.freeze()
         self.cfg = cfg
+        # a model trained on `folder:` / `coco:` data names them in DATASETS.*: its vocabulary comes from there
+        register_dataset_names(tuple(cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST))
         self.model = build_model(cfg).eval()
         if cfg.MODEL.WEIGHTS:
             DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
@@ -213,6 +217,7 @@ class Predictor:
         if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT={cfg.INPUT.FORMAT!r}: the predictor feeds RGB or BGR images")
         self._vocabulary: Optional[Vocabulary] = None
+        self._vocabulary_key: Optional[Tuple[Vocabulary, Optional[str]]] = None
         if vocabulary is not None:
             self.set_vocabulary(vocabulary)
 
@@ -228,11 +233,17 @@ class Predictor:
         return self._vocabulary
 
     def set_vocabulary(self, vocabulary: Union[str, Sequence[str], Vocabulary]) -> Vocabulary:
-        """Switch the classes to segment; the model is told only when they differ from the current ones."""
+        """Switch the classes to segment; the model is told only when they differ from the current ones. A dataset
+        name (a benchmark, `folder:<dir>`, `coco:<json>`) gives its classes, and its thing classes to a panoptic
+        model."""
+        if isinstance(vocabulary, str) and vocabulary.startswith(PREFIXES):
+            register_dataset_names([vocabulary])
         vocab = parse_vocabulary(vocabulary)
-        if vocab != self._vocabulary:
-            self.model.set_vocabulary(vocab)
-            self._vocabulary = vocab
+        dataset = vocabulary if isinstance(vocabulary, str) and vocabulary in MetadataCatalog.list() else None
+        # the same classes from a dataset and from a list differ in their thing flags: both are part of the key
+        if (vocab, dataset) != self._vocabulary_key:
+            self.model.set_vocabulary(dataset or vocab)
+            self._vocabulary, self._vocabulary_key = vocab, (vocab, dataset)
         return vocab
 
     def _model_input(self, image: np.ndarray) -> Dict:

@@ -114,6 +114,19 @@ def test_malformed_folders(tmp_path, registered):
         registered("folder:")
 
 
+def test_predictor_vocabulary_from_a_folder_dataset(tmp_path, registered):
+    from ovseg import Predictor
+
+    root = make_folder(tmp_path / "data", n=1)
+    name = f"folder:{root}"
+    p = Predictor(tiny_mask_cfg(), vocabulary=name)
+    registered(name)  # for the cleanup
+    assert p.vocabulary.names == ["sky", "grass", "house"] and p.vocabulary.classes[1] == ("grass", "lawn")
+    assert not p.model.is_thing.any()  # a folder dataset is all stuff
+    p.set_vocabulary(["sky", "grass|lawn", "house"])  # the same classes as a list: things, as any user list
+    assert p.model.is_thing.all()
+
+
 def make_coco(root: Path, panoptic: bool, n: int = 3) -> Path:
     """COCO panoptic (PNGs in <json stem>/) or instances JSON over images/; two things (ids 5, 7), one stuff (9)."""
     from pycocotools import mask as mask_utils
@@ -202,11 +215,14 @@ def _train_net(args, tmp_path):
     return torch.load(found[0], weights_only=False)
 
 
-def _predictions(cfg, weights, records):
+def _predictions(cfg, weights, name, registered):
+    """Predictions of the Predictor (which registers the config's dataset names itself) on a dataset's images."""
     from ovseg import Predictor
 
     p = Predictor(cfg, weights=weights, device="cpu")
-    return {r["sem_seg_file_name"]: p(r["file_name"]).sem_seg.numpy() for r in records}
+    assert name in DatasetCatalog.list()
+    registered(name)  # for the cleanup
+    return {r["sem_seg_file_name"]: p(r["file_name"]).sem_seg.numpy() for r in DatasetCatalog.get(name)}
 
 
 @pytest.mark.slow
@@ -219,11 +235,10 @@ def test_folder_eval_only_dense_miou_matches_confusion_matrix(tmp_path, tiny_cli
             "MODEL.TEXT.TEMPLATES", "single", "INPUT.MIN_SIZE_TEST", "48", "DATASETS.TEST", f"('{name}',)"]
     res = _train_net(["--config-file", "configs/clip_dense_vitb16.yaml", "--eval-only", *opts], tmp_path)
 
-    registered(name)
     cfg = tiny_cfg()
     cfg.merge_from_file(str(ROOT / "configs" / "clip_dense_vitb16.yaml"))
     cfg.merge_from_list(opts)
-    preds = _predictions(cfg, None, DatasetCatalog.get(name))
+    preds = _predictions(cfg, None, name, registered)
     assert res["mIoU"] == pytest.approx(confusion_miou(preds, sorted(preds), len(CLASSES)), abs=1e-6)
 
 
@@ -244,9 +259,8 @@ def test_folder_trains_mask_segmentor_and_evaluates(tmp_path, registered):
     final = tmp_path / "out" / "model_final.pth"
     assert final.is_file()
 
-    registered(name)
     cfg.OUTPUT_DIR = str(tmp_path / "again")
-    preds = _predictions(cfg, str(final), DatasetCatalog.get(name))
+    preds = _predictions(cfg, str(final), name, registered)
     assert res["mIoU"] == pytest.approx(confusion_miou(preds, sorted(preds), len(CLASSES)), abs=1e-6)
 
 
