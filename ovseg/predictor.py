@@ -188,7 +188,7 @@ class Predictor:
             config: a shipped config's name (`naclip_vitb16`, see `resolve_config`), a yaml path, or a config.
             weights: a checkpoint for the whole model (MODEL.WEIGHTS); default: the config's (CLIP weights alone
                 come from MODEL.CLIP.PRETRAINED).
-            device: "cpu", "cuda", "cuda:1", ...; default: CUDA when available, else CPU.
+            device: "cpu", "cuda", "cuda:1", ...; default: the config's MODEL.DEVICE (CPU when CUDA is missing).
             opts: config overrides, KEY VALUE ... as on the command line.
             vocabulary: the initial classes (a "cat,sofa|couch" string, a list, a text file or a dataset name).
             batch_size: the most images of one size per model forward.
@@ -205,7 +205,10 @@ class Predictor:
         cfg.merge_from_list(list(opts))
         if weights is not None:
             cfg.MODEL.WEIGHTS = weights
-        cfg.MODEL.DEVICE = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device is not None:
+            cfg.MODEL.DEVICE = device
+        elif cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+            cfg.MODEL.DEVICE = "cpu"
         cfg.freeze()
         self.cfg = cfg
         # a model trained on `folder:` / `coco:` data names them in DATASETS.*: its vocabulary comes from there
