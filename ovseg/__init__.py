@@ -5,4 +5,13 @@ __version__ = "0.1.0"
 from . import data, modeling  # noqa: E402,F401
 from .config import add_ovseg_config, get_ovseg_cfg  # noqa: E402
 
-__all__ = ["add_ovseg_config", "get_ovseg_cfg", "modeling"]
+__all__ = ["Prediction", "Predictor", "add_ovseg_config", "get_ovseg_cfg", "modeling"]
+
+
+def __getattr__(name):
+    # the predictor pulls in detectron2's Visualizer (matplotlib): imported on first use, not by train_net.py
+    if name in ("Predictor", "Prediction"):
+        from . import predictor
+
+        return getattr(predictor, name)
+    raise AttributeError(f"module 'ovseg' has no attribute {name!r}")

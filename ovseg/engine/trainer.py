@@ -33,6 +33,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import get_ovseg_cfg
 from ..data.clipself_mapper import CLIPSelfDatasetMapper, RegionRecognitionDatasetMapper, register_image_folders
+from ..data.custom import register_dataset_names
 from ..data.datasets import check_benchmark_files
 from ..data.mappers import TRAIN_MAPPERS
 from ..evaluation import build_benchmark_evaluator
@@ -398,6 +399,7 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
+    register_dataset_names(tuple(cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST))  # folder: / coco: / custom:
     # missing data / weights are reported before the model is built or training starts
     check_inputs(cfg, args.eval_only)
     if args.eval_only:

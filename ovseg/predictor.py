@@ -1,0 +1,290 @@
+"""`ovseg.Predictor`: segment images for any vocabulary from Python, with a shipped config named in one word.
+
+    from ovseg import Predictor
+    p = Predictor("naclip_vitb16")
+    out = p("photo.jpg", vocabulary=["cat", "sofa|couch"])
+    out.sem_seg          # (H, W) int64 class indices
+    out.visualize()      # (H, W, 3) uint8 RGB drawing with the class names
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.data.catalog import Metadata
+from detectron2.data.detection_utils import read_image
+from detectron2.modeling import build_model
+from detectron2.utils.visualizer import ColorMode, Visualizer
+from PIL import Image
+
+from .config import get_ovseg_cfg
+from .data.custom import PREFIXES, register_dataset_names
+from .modeling.text import Vocabulary, parse_vocabulary
+
+__all__ = ["Prediction", "Predictor", "config_roots", "resolve_config", "shipped_configs"]
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def config_roots() -> List[Path]:
+    """Folders holding the shipped configs, searched in order: package data (`ovseg/configs`, present in an
+    installed package) first, then the source checkout's `configs/` next to the package. The one place to change
+    when the configs move."""
+    return [p for p in (_PACKAGE_DIR / "configs", _PACKAGE_DIR.parent / "configs") if p.is_dir()]
+
+
+def shipped_configs() -> Dict[str, List[Path]]:
+    """Every shipped config by its path relative to its root without `.yaml` (e.g. `trainingfree/naclip_vitb16`);
+    a relative path found under two roots keeps the first root's file."""
+    found: Dict[str, List[Path]] = {}
+    for root in config_roots():
+        for path in sorted(root.rglob("*.yaml")):
+            rel = path.relative_to(root).with_suffix("").as_posix()
+            found.setdefault(rel, []).append(path)
+    return found
+
+
+def resolve_config(name: Union[str, os.PathLike]) -> Path:
+    """A yaml path as given, or a shipped config by name: its file name without `.yaml` (`naclip_vitb16`) or
+    the trailing part of its relative path (`naclip/ade20k`, `trainingfree/naclip/ade20k`)."""
+    text = os.fspath(name)
+    if os.path.isfile(text):
+        return Path(text)
+    key = text[:-5] if text.endswith(".yaml") else text
+    key = key.strip("/")
+    configs = shipped_configs()
+    matches = [paths[0] for rel, paths in configs.items() if rel == key or rel.endswith("/" + key)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ValueError(f"config name {text!r} is ambiguous: {sorted(str(m) for m in matches)}; name it by its "
+                         "folder too, e.g. 'naclip/ade20k'")
+    names = sorted({rel.rsplit("/", 1)[-1] for rel in configs})
+    close = difflib.get_close_matches(key, names, n=5, cutoff=0.5)
+    roots = ", ".join(str(r) for r in config_roots()) or "none found"
+    raise FileNotFoundError(f"no config file or shipped config named {text!r} (searched {roots})"
+                            + (f"; close names: {close}" if close else f"; shipped: {names}"))
+
+
+def _as_rgb_array(image: ImageInput, where: str) -> np.ndarray:
+    """Any accepted image -> (H, W, 3) uint8 RGB array; one clear error otherwise."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            return read_image(os.fspath(image), format="RGB")  # EXIF rotation; gray / RGBA / palette -> RGB
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+            raise ValueError(f"{where}: cannot read image {os.fspath(image)!r}: {type(e).__name__}: {e}") from e
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"{where}: an image tensor must be (3, H, W) RGB, got shape {tuple(image.shape)}")
+        image = image.detach().cpu().permute(1, 2, 0).numpy()
+        if image.dtype != np.uint8:  # float 0-255, as detectron2's inputs
+            image = np.clip(np.round(image.astype(np.float64)), 0, 255).astype(np.uint8)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"{where}: an image array must be (H, W, 3) uint8 RGB, got shape {image.shape} "
+                             f"dtype {image.dtype}")
+        if min(image.shape[:2]) < 1:
+            raise ValueError(f"{where}: empty image of shape {image.shape}")
+        return np.ascontiguousarray(image)
+    raise TypeError(f"{where}: expected a path, PIL image, (H, W, 3) uint8 array or (3, H, W) tensor, got "
+                    f"{type(image).__name__}")
+
+
+def _class_colors(n: int) -> List[Tuple[int, int, int]]:
+    # fixed seed: class i has the same colour in every call and process
+    rng = np.random.RandomState(2024)
+    return [tuple(int(c) for c in rng.randint(40, 256, size=3)) for _ in range(n)]
+
+
+def vocabulary_metadata(vocabulary: Vocabulary) -> Metadata:
+    """Visualizer metadata naming the vocabulary's classes (not registered in the global MetadataCatalog)."""
+    colors = _class_colors(len(vocabulary))
+    return Metadata(name="ovseg_vocabulary", stuff_classes=vocabulary.names, stuff_colors=colors,
+                    thing_classes=vocabulary.names, thing_colors=colors)
+
+
+@dataclass
+class Prediction:
+    """The result for one image, at the image's own size.
+
+    Attributes:
+        image: (H, W, 3) uint8 RGB input as read.
+        vocabulary: the classes the indices refer to.
+        outputs: the model's detectron2 output dict ("sem_seg" (C, H, W) scores, "panoptic_seg", "instances").
+    """
+
+    image: np.ndarray
+    vocabulary: Vocabulary
+    outputs: Dict = field(repr=False)
+
+    @property
+    def sem_seg(self) -> Optional[torch.Tensor]:
+        """(H, W) int64 class indices (argmax of the class scores); None when the model makes no semantic output."""
+        scores = self.outputs.get("sem_seg")
+        return None if scores is None else scores.argmax(0).to(torch.int64).cpu()
+
+    @property
+    def panoptic(self) -> Optional[Tuple[torch.Tensor, List[Dict]]]:
+        """((H, W) int segment ids, segments_info) as detectron2 gives it, or None when the model makes none."""
+        pan = self.outputs.get("panoptic_seg")
+        return None if pan is None else (pan[0].cpu(), pan[1])
+
+    @property
+    def instances(self):
+        """detectron2 `Instances` (pred_masks, pred_classes, scores) on the CPU, or None."""
+        inst = self.outputs.get("instances")
+        return None if inst is None else inst.to("cpu")
+
+    def class_areas(self) -> Dict[str, float]:
+        """Fraction of the image given to each class by `sem_seg`, largest first (classes with no pixel left out)."""
+        labels = self.sem_seg
+        if labels is None:
+            return {}
+        counts = torch.bincount(labels.flatten(), minlength=len(self.vocabulary)).numpy()
+        order = np.argsort(-counts, kind="stable")
+        return {self.vocabulary.names[i]: float(counts[i] / labels.numel()) for i in order if counts[i] > 0}
+
+    def visualize(self) -> np.ndarray:
+        """(H, W, 3) uint8 RGB: detectron2's Visualizer drawing of the panoptic result if any, else the semantic
+        one, else the instances, labelled with the class names."""
+        vis = Visualizer(self.image, vocabulary_metadata(self.vocabulary), instance_mode=ColorMode.IMAGE)
+        if self.panoptic is not None:
+            out = vis.draw_panoptic_seg(*self.panoptic)
+        elif self.sem_seg is not None:
+            out = vis.draw_sem_seg(self.sem_seg)
+        elif self.instances is not None:
+            out = vis.draw_instance_predictions(self.instances)
+        else:
+            raise ValueError(f"nothing to draw: the model gave {sorted(self.outputs)}")
+        return out.get_image()
+
+
+class Predictor:
+    """An ovseg model in inference mode behind a plain call: images in, `Prediction`s out.
+
+    The config's test resize (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST) is applied, as in `train_net.py --eval-only`;
+    the results come back at each image's own size. The vocabulary is kept between calls and re-set on the model
+    only when it changes (the text classifier caches the embeddings of every class it has seen).
+    """
+
+    def __init__(self, config: Union[str, os.PathLike, CfgNode] = "naclip_vitb16", *, weights: Optional[str] = None,
+                 device: Optional[str] = None, opts: Sequence[str] = (),
+                 vocabulary: Union[None, str, Sequence[str], Vocabulary] = None, batch_size: int = 8):
+        """
+        Args:
+            config: a shipped config's name (`naclip_vitb16`, see `resolve_config`), a yaml path, or a config.
+            weights: a checkpoint for the whole model (MODEL.WEIGHTS); default: the config's (CLIP weights alone
+                come from MODEL.CLIP.PRETRAINED).
+            device: "cpu", "cuda", "cuda:1", ...; default: the config's MODEL.DEVICE (CPU when CUDA is missing).
+            opts: config overrides, KEY VALUE ... as on the command line.
+            vocabulary: the initial classes (a "cat,sofa|couch" string, a list, a text file or a dataset name).
+            batch_size: the most images of one size per model forward.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        if isinstance(config, CfgNode):
+            cfg = config.clone()
+            cfg.defrost()
+        else:
+            cfg = get_ovseg_cfg()
+            cfg.merge_from_file(str(resolve_config(config)))
+        cfg.merge_from_list(list(opts))
+        if weights is not None:
+            cfg.MODEL.WEIGHTS = weights
+        if device is not None:
+            cfg.MODEL.DEVICE = device
+        elif cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+            cfg.MODEL.DEVICE = "cpu"
+        cfg.freeze()
+        self.cfg = cfg
+        # a model trained on `folder:` / `coco:` data names them in DATASETS.*: its vocabulary comes from there
+        register_dataset_names(tuple(cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST))
+        self.model = build_model(cfg).eval()
+        if cfg.MODEL.WEIGHTS:
+            DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+        if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
+            raise ValueError(f"INPUT.FORMAT={cfg.INPUT.FORMAT!r}: the predictor feeds RGB or BGR images")
+        self._vocabulary: Optional[Vocabulary] = None
+        self._vocabulary_key: Optional[Tuple[Vocabulary, Optional[str]]] = None
+        if vocabulary is not None:
+            self.set_vocabulary(vocabulary)
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """The current classes: the last one given, else the config's (MODEL.TEXT.VOCABULARY / DATASETS.TEST)."""
+        if self._vocabulary is None:
+            try:
+                self._vocabulary = self.model.vocabulary
+            except ValueError as e:
+                raise ValueError("no vocabulary: pass vocabulary=['cat', 'sofa|couch'] (or 'cat,sofa|couch') to "
+                                 "the call or to Predictor(...)") from e
+        return self._vocabulary
+
+    def set_vocabulary(self, vocabulary: Union[str, Sequence[str], Vocabulary]) -> Vocabulary:
+        """Switch the classes to segment; the model is told only when they differ from the current ones. A dataset
+        name (a benchmark, `folder:<dir>`, `coco:<json>`) gives its classes, and its thing classes to a panoptic
+        model."""
+        if isinstance(vocabulary, str) and vocabulary.startswith(PREFIXES):
+            register_dataset_names([vocabulary])
+        vocab = parse_vocabulary(vocabulary)
+        dataset = vocabulary if isinstance(vocabulary, str) and vocabulary in MetadataCatalog.list() else None
+        # the same classes from a dataset and from a list differ in their thing flags: both are part of the key
+        if (vocab, dataset) != self._vocabulary_key:
+            self.model.set_vocabulary(dataset or vocab)
+            self._vocabulary, self._vocabulary_key = vocab, (vocab, dataset)
+        return vocab
+
+    def _model_input(self, image: np.ndarray) -> Dict:
+        resized = self.resize.get_transform(image).apply_image(image)
+        if self.cfg.INPUT.FORMAT == "BGR":
+            resized = resized[:, :, ::-1]
+        chw = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype("float32"))
+        return {"image": chw, "height": image.shape[0], "width": image.shape[1]}
+
+    @torch.no_grad()
+    def __call__(self, images: Union[ImageInput, Sequence[ImageInput]],
+                 vocabulary: Union[None, str, Sequence[str], Vocabulary] = None
+                 ) -> Union[Prediction, List[Prediction]]:
+        """Segment one image (a path, PIL image, (H, W, 3) uint8 RGB array or (3, H, W) RGB tensor) or a list of
+        them. Images whose resized sizes agree go through the model together (up to `batch_size` per forward),
+        the others one size at a time.
+
+        Returns:
+            a `Prediction` for one image, a list of them (in input order) for a list.
+        """
+        if vocabulary is not None:
+            self.set_vocabulary(vocabulary)
+        vocab = self.vocabulary
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        if not items:
+            raise ValueError("no images given")
+        arrays = [_as_rgb_array(im, f"image {i}") for i, im in enumerate(items)]
+        inputs = [self._model_input(a) for a in arrays]
+        by_size: Dict[Tuple[int, int], List[int]] = {}
+        for i, inp in enumerate(inputs):
+            by_size.setdefault(tuple(inp["image"].shape[-2:]), []).append(i)
+        outputs: List[Optional[Dict]] = [None] * len(inputs)
+        for same_size in by_size.values():
+            # same size: no padding, so the batch gives what each image gives alone
+            for start in range(0, len(same_size), self.batch_size):
+                idx = same_size[start:start + self.batch_size]
+                for i, out in zip(idx, self.model([inputs[i] for i in idx])):
+                    outputs[i] = out
+        results = [Prediction(a, vocab, o) for a, o in zip(arrays, outputs)]
+        return results[0] if single else results
