@@ -32,7 +32,7 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.logger import setup_logger
 
 from ..config import get_ovseg_cfg
-from ..data.clipself_mapper import CLIPSelfDatasetMapper, RegionRecognitionDatasetMapper, register_image_folders
+from ..data.clipself_mapper import CLIPSelfDatasetMapper, RegionRecognitionDatasetMapper
 from ..data.custom import register_dataset_names
 from ..data.datasets import check_benchmark_files
 from ..data.mappers import TRAIN_MAPPERS
@@ -246,7 +246,7 @@ class Trainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         """The training stream (`ResumableTrainLoader`): detectron2's TrainingSampler order and batching, with each
         sample's augmentation seeded by (SEED, its position), so that a checkpoint can restore the rest exactly."""
-        register_image_folders(cfg.DATASETS.TRAIN)  # plain folders listed in DATASETS.TRAIN
+        register_dataset_names(cfg.DATASETS.TRAIN)  # folder: / coco: / custom: names and plain image folders
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
             raise UserError(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN!r}: ovseg's resumable training "
                             "stream implements 'TrainingSampler' only")
@@ -354,8 +354,9 @@ def load_config(args) -> CfgNode:
 
 def check_inputs(cfg: CfgNode, eval_only: bool) -> None:
     """The user's inputs exist before any model is built: datasets (registered, files present) and MODEL.WEIGHTS."""
-    if not eval_only:
-        register_image_folders(cfg.DATASETS.TRAIN)
+    # folder: / coco: / custom: names and plain image folders; the model may read DATASETS.TRAIN's vocabulary also
+    # when it only evaluates
+    register_dataset_names(tuple(cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST))
     names = (() if eval_only else tuple(cfg.DATASETS.TRAIN)) + tuple(cfg.DATASETS.TEST)
     registered = DatasetCatalog.list()
     for name in names:
@@ -399,7 +400,6 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
-    register_dataset_names(tuple(cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST))  # folder: / coco: / custom:
     # missing data / weights are reported before the model is built or training starts
     check_inputs(cfg, args.eval_only)
     if args.eval_only:
