@@ -18,6 +18,8 @@ import torch
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the ovseg of this checkout, not another one installed in the environment
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from predictor import OVSegPredictor  # noqa: E402
 
 from ovseg.config import get_ovseg_cfg  # noqa: E402
