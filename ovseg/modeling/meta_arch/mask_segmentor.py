@@ -60,6 +60,15 @@ def seen_mask(vocabulary: Vocabulary, train_vocabulary: Optional[Vocabulary]) ->
     return torch.tensor([any(s.lower() in known for s in c) for c in vocabulary.classes], dtype=torch.bool)
 
 
+def image_cells(images: ImageList, grid: Sequence[int]) -> torch.Tensor:
+    """(B, 1, *grid) bool: the cells of a grid over the padded batch that cover each image's own pixels."""
+    ph, pw = images.tensor.shape[-2:]
+    inside = torch.zeros((len(images.image_sizes), 1, *grid), dtype=torch.bool, device=images.tensor.device)
+    for i, (h, w) in enumerate(images.image_sizes):
+        inside[i, :, : -(-h * grid[0] // ph), : -(-w * grid[1] // pw)] = True
+    return inside
+
+
 @META_ARCH_REGISTRY.register()
 class OpenVocabMaskSegmentor(nn.Module):
     """Mask classification with open-vocabulary classes: N queries -> masks + CLIP-space embeddings.
@@ -298,21 +307,12 @@ class OpenVocabMaskSegmentor(nn.Module):
             return in_logits.float().softmax(-1)
         mask_logits = mask_logits.float()
         # pool only over each image's own pixels, not the batch padding (FC-CLIP evaluates one image at a time)
-        ph, pw = images.tensor.shape[-2:]
-        gh, gw = dense.shape[-2:]
-        on_clip_grid = F.interpolate(mask_logits, size=(gh, gw), mode="bilinear", align_corners=False)
-        inside = torch.zeros_like(on_clip_grid[:, :1], dtype=torch.bool)  # (B, 1, gh, gw)
-        for i, (h, w) in enumerate(images.image_sizes):
-            inside[i, :, : -(-h * gh // ph), : -(-w * gw // pw)] = True
-        on_clip_grid = on_clip_grid.masked_fill(~inside, -1.0)  # outside the image: background
+        on_clip_grid = F.interpolate(mask_logits, size=dense.shape[-2:], mode="bilinear", align_corners=False)
+        on_clip_grid = on_clip_grid.masked_fill(~image_cells(images, dense.shape[-2:]), -1.0)  # padding: background
         valid = (on_clip_grid > 0).flatten(2).any(-1) if self.ensemble_on_valid_mask else None  # (B, Q)
         if self.soft_mask_pooling:
-            valid_cells = torch.zeros_like(mask_logits[:, :1])
-            mh, mw = mask_logits.shape[-2:]
-            for i, (h, w) in enumerate(images.image_sizes):
-                valid_cells[i, :, : -(-h * mh // ph), : -(-w * mw // pw)] = 1
-            out_logits = out_of_vocab_logits(dense, mask_logits.sigmoid() * valid_cells, text,
-                                             self.out_vocab_logit_scale)
+            inside = image_cells(images, mask_logits.shape[-2:])
+            out_logits = out_of_vocab_logits(dense, mask_logits.sigmoid() * inside, text, self.out_vocab_logit_scale)
         else:
             out_logits = out_of_vocab_logits(dense, on_clip_grid, text, self.out_vocab_logit_scale, binary=True)
         return geometric_ensemble(in_logits, out_logits, self.seen, self.ensemble_alpha, self.ensemble_beta, valid)
