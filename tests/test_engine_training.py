@@ -293,3 +293,12 @@ def test_user_errors_are_one_line(tmp_path, opts, message):
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, proc.stderr[-3000:]
+
+
+def test_unknown_key_in_a_config_file_names_the_file_and_the_closest_keys(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("_BASE_: " + str(ROOT / "configs" / "clip_dense_vitb16.yaml") + "\nSOLVER:\n  MAX_ITERS: 5\n")
+    args = engine.default_argument_parser().parse_args(["--config-file", str(path)])
+    with pytest.raises(engine.UserError, match=rf"unknown config key SOLVER.MAX_ITERS \({path}\); did you mean "
+                                               r"SOLVER.MAX_ITER\b"):
+        engine.load_config(args)
