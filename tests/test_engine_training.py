@@ -55,7 +55,7 @@ def _final_weights(out: Path):
     return torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, dataset, workers):
     # random LSJ crops, random matcher / loss points and 2 epochs of data make every piece of state matter
     kw = dict(SOLVER__CHECKPOINT_PERIOD=3, DATALOADER__NUM_WORKERS=workers)
@@ -86,7 +86,9 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, dataset, workers)
     assert max((a[k].float() - start[k].float()).abs().max().item() for k in a) > 1e-4
 
 
-def test_sigterm_saves_the_current_iteration(tmp_path, dataset):
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_the_current_iteration(tmp_path, dataset, sig):
     train, val = dataset
     cfg, path = _cfg(tmp_path, train, val, 100000, DATASETS__TEST="()", OUTPUT_DIR=str(tmp_path / "out"))
     driver = _driver(tmp_path, dataset)
@@ -100,17 +102,17 @@ def test_sigterm_saves_the_current_iteration(tmp_path, dataset):
                 break
             time.sleep(0.5)
         time.sleep(3)  # a few iterations in
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         rc = proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
     text = (tmp_path / "log.txt").read_text()
-    assert rc == 128 + signal.SIGTERM, text[-3000:]
+    assert rc == 128 + sig, text[-3000:]
     name = (tmp_path / "out" / "last_checkpoint").read_text()
     saved = torch.load(tmp_path / "out" / name, weights_only=True)
     assert name == f"model_{saved['iteration']:07d}.pth"
-    assert "SIGTERM received" in text
+    assert f"{sig.name} received" in text
 
 
 def _driver(tmp_path, dataset) -> Path:
@@ -256,11 +258,12 @@ def test_shipped_amp_config_trains_on_cpu(tmp_path, dataset, caplog):
     assert caplog.text.count("SOLVER.AMP.ENABLED is ignored") == 1
 
 
-def _run(*argv, driver=None, timeout=600):
-    return subprocess.run([sys.executable, str(driver or ROOT / "train_net.py"), *argv], cwd=ROOT, env=ENV,
+def _run(*argv, driver=None, timeout=600, env=ENV):
+    return subprocess.run([sys.executable, str(driver or ROOT / "train_net.py"), *argv], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_and_evaluate_on_cpu(tmp_path, dataset):
     train, val = dataset
     _, path = _cfg(tmp_path, train, val, 3, OUTPUT_DIR=str(tmp_path / "out"), SOLVER__IMS_PER_BATCH=2)
@@ -272,18 +275,30 @@ def test_two_gloo_processes_train_and_evaluate_on_cpu(tmp_path, dataset):
     assert max(r["iteration"] for r in records if "total_loss" in r) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opts, message", [
     (["SOLVER.BASE_LRR", "0.1"], "unknown config key SOLVER.BASE_LRR (command line); did you mean SOLVER.BASE_LR"),
     (["SOLVER.BASE_LR"], "KEY VALUE pairs; got an odd number (1)"),
     (["DATASETS.TEST", "('ade20k_150_sem_seg_vall',)"], "'ade20k_150_sem_seg_vall' is not registered; did you mean"),
     (["MODEL.WEIGHTS", "{empty}"], "is empty (0 bytes)"),
+    (["DATASETS.TEST", "('ade20k_150_sem_seg_val',)"], "label folder not found at"),
 ])
 def test_user_errors_are_one_line(tmp_path, opts, message):
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
     opts = [o.format(empty=empty) for o in opts]
-    proc = _run("--config-file", "configs/clip_dense_vitb16.yaml", "--eval-only", *opts, timeout=300)
+    env = dict(ENV, DETECTRON2_DATASETS=str(tmp_path / "nowhere"))
+    proc = _run("--config-file", "configs/clip_dense_vitb16.yaml", "--eval-only", *opts, timeout=300, env=env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, proc.stderr[-3000:]
+
+
+def test_unknown_key_in_a_config_file_names_the_file_and_the_closest_keys(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("_BASE_: " + str(ROOT / "configs" / "clip_dense_vitb16.yaml") + "\nSOLVER:\n  MAX_ITERS: 5\n")
+    args = engine.default_argument_parser().parse_args(["--config-file", str(path)])
+    with pytest.raises(engine.UserError, match=rf"unknown config key SOLVER.MAX_ITERS \({path}\); did you mean "
+                                               r"SOLVER.MAX_ITER\b"):
+        engine.load_config(args)

@@ -19,13 +19,13 @@ import torch.utils.data as torchdata
 
 __all__ = ["ResumableTrainLoader", "capture_rng_state", "restore_rng_state", "preserved_rng"]
 
-def capture_rng_state() -> Dict:
-    """The global RNG states of torch (CPU + CUDA), numpy and `random`, as tensors and plain lists (so that a
-    checkpoint holding them loads with `torch.load(weights_only=True)`)."""
+def capture_rng_state(cuda: bool = True) -> Dict:
+    """The global RNG states of torch (CPU, and CUDA when `cuda` and available), numpy and `random`, as tensors and
+    plain lists (so that a checkpoint holding them loads with `torch.load(weights_only=True)`)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "random": random.getstate(),
              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
-    if torch.cuda.is_available():
+    if cuda and torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -42,8 +42,9 @@ def restore_rng_state(state: Dict) -> None:
 
 @contextlib.contextmanager
 def preserved_rng():
-    """Run the block without changing the caller's global RNG states."""
-    state = capture_rng_state()
+    """Run the block without changing the caller's CPU RNG states (torch, numpy, random). CUDA's are not touched:
+    data workers are forked and must not initialise CUDA."""
+    state = capture_rng_state(cuda=False)
     try:
         yield
     finally:
@@ -90,7 +91,7 @@ class _PositionDataset(torchdata.Dataset):
                 s = _seeded(self.order.seed, g, attempt)
                 random.seed(s)
                 np.random.seed(s % 2**32)
-                torch.manual_seed(s)
+                torch.default_generator.manual_seed(s)  # CPU only: CUDA's generators are the model's
                 out = self.mapper(copy.deepcopy(self.dicts[index]))
                 if out is None:  # the mapper rejected the sample (e.g. a crop without objects): another, seeded
                     index = random.randrange(len(self.dicts))

@@ -74,11 +74,11 @@ def set_test_vocabulary(model, cfg, dataset_name: str) -> None:
         model.set_vocabulary(cfg.MODEL.TEXT.VOCABULARY or dataset_name)
 
 
-def resolve_device(cfg: CfgNode) -> CfgNode:
+def resolve_device(cfg: CfgNode, warn: bool = True) -> CfgNode:
     """The config as it can run here: MODEL.DEVICE "cuda" becomes "cpu" on a machine without CUDA, and AMP (CUDA
     float16 autocast + grad scaler in detectron2's AMPTrainer) is turned off on CPU, each with one warning. Returns
     `cfg` itself when nothing changes, else a changed copy (frozen if `cfg` was)."""
-    logger = logging.getLogger("ovseg")
+    log = logging.getLogger("ovseg").warning if warn else (lambda *a: None)
     to_cpu = cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()
     device = "cpu" if to_cpu else cfg.MODEL.DEVICE
     amp_off = cfg.SOLVER.AMP.ENABLED and not device.startswith("cuda")
@@ -88,11 +88,10 @@ def resolve_device(cfg: CfgNode) -> CfgNode:
     cfg = cfg.clone()
     cfg.defrost()
     if to_cpu:
-        logger.warning("MODEL.DEVICE is %s but CUDA is not available: running on CPU", cfg.MODEL.DEVICE)
+        log("MODEL.DEVICE is %s but CUDA is not available: running on CPU", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
     if amp_off:
-        logger.warning("SOLVER.AMP.ENABLED is ignored on %s (detectron2's AMP needs CUDA): training in float32",
-                       device)
+        log("SOLVER.AMP.ENABLED is ignored on %s (detectron2's AMP needs CUDA): training in float32", device)
         cfg.SOLVER.AMP.ENABLED = False
     if frozen:
         cfg.freeze()
@@ -330,9 +329,10 @@ def _unknown_key(cfg: CfgNode, key: str, where: str) -> UserError:
     return UserError(f"unknown config key {key} ({where}){hint}")
 
 
-def load_config(args) -> CfgNode:
+def load_config(args, warn: bool = True) -> CfgNode:
     """The config of the command line (file, then `opts`), with one clear error for a user's mistake: an unknown key
-    (with the closest known ones), an odd number of `opts`, a missing config file."""
+    (with the closest known ones), an odd number of `opts`, a missing config file. `warn`: log the device / AMP
+    fallbacks (`resolve_device`)."""
     cfg = get_ovseg_cfg()
     if not os.path.isfile(args.config_file):
         raise UserError(f"config file not found: {args.config_file}")
@@ -349,7 +349,7 @@ def load_config(args) -> CfgNode:
         if key not in known:
             raise _unknown_key(cfg, key, "command line")
     cfg.merge_from_list(opts)
-    return resolve_device(cfg)
+    return resolve_device(cfg, warn)
 
 
 def check_inputs(cfg: CfgNode, eval_only: bool) -> None:
@@ -435,7 +435,7 @@ def run(argv=None):
     logging.getLogger("ovseg").info("Command line arguments: %s", args)
     try:
         # checked once here, before processes start, so that a mistake is one line and not one traceback per rank
-        check_inputs(load_config(args), args.eval_only)
+        check_inputs(load_config(args, warn=False), args.eval_only)  # each process warns in its setup
         return launch(launched_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                       dist_url=args.dist_url, args=(args,))
     except (UserError, FileNotFoundError) as e:
