@@ -256,7 +256,8 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
             return F.interpolate(acc[None], size=out_size, mode="bilinear", align_corners=False)[0]
 
         largest_window = max(s[0] * s[1] for _, s, _, _ in placed)
-        return logits, h * w + largest_window + out_size[0] * out_size[1]
+        # accumulator, one upsampled window, the resized chunk and the softmax's temporary of its size
+        return logits, h * w + largest_window + 2 * out_size[0] * out_size[1]
 
     def _window_logits(self, padded: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """("patch" merge) windows over a padded (3, Hp, Wp) image, averaged at feature resolution: (S, Hp/p, Wp/p).
@@ -293,7 +294,7 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
         def logits(q0: int, q1: int) -> torch.Tensor:
             return torch.matmul(ry, low[q0:q1] @ rx.T)  # (q, out_h, out_w)
 
-        return logits, 2 * out_h * out_w
+        return logits, 3 * out_h * out_w  # the (q, out_w) product, the chunk and the softmax's temporary
 
     def segment(self, image: torch.Tensor, text: torch.Tensor, out_size: Optional[Tuple[int, int]] = None,
                 owner: Optional[torch.Tensor] = None) -> torch.Tensor:
