@@ -158,10 +158,10 @@ class Prediction:
         return {self.vocabulary.names[i]: float(counts[i] / labels.numel()) for i in order if counts[i] > 0}
 
     def visualize(self) -> np.ndarray:
-        """(H, W, 3) uint8 RGB: detectron2's Visualizer drawing of the panoptic result if any, else the semantic
-        one, else the instances, labelled with the class names."""
+        """(H, W, 3) uint8 RGB: detectron2's Visualizer drawing of the panoptic result if it has segments, else the
+        semantic one, else the instances, labelled with the class names."""
         vis = Visualizer(self.image, vocabulary_metadata(self.vocabulary), instance_mode=ColorMode.IMAGE)
-        if self.panoptic is not None:
+        if self.panoptic is not None and (self.panoptic[1] or self.sem_seg is None):
             out = vis.draw_panoptic_seg(*self.panoptic)
         elif self.sem_seg is not None:
             out = vis.draw_sem_seg(self.sem_seg)
