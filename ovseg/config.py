@@ -138,7 +138,7 @@ def add_clipself_config(cfg: CN) -> CN:
 
     # Weights files are loaded with torch.load(weights_only=True): tensors only, no code. True also accepts pickles
     # (.pkl, files holding Python objects), which run code when loaded: set it only for files you trust.
-    cfg.MODEL.WEIGHTS_TRUST_PICKLE = False
+    cfg.MODEL.TRUST_PICKLED_WEIGHTS = False
     # --eval-only without MODEL.WEIGHTS for a model with trainable parameters, or with weights that do not fit it,
     # is an error; True evaluates the random / partly loaded parameters on purpose.
     cfg.MODEL.ALLOW_RANDOM_WEIGHTS = False

@@ -188,11 +188,11 @@ def test_hostile_weights_are_refused_and_never_run(tmp_path):
     torch.save({"model": model.state_dict(), "extra": _Hostile(marker)}, pth)
     for path in (pkl, pth):
         cfg.MODEL.WEIGHTS = str(path)
-        with pytest.raises(engine.UserError, match="MODEL.WEIGHTS_TRUST_PICKLE True"):
+        with pytest.raises(engine.UserError, match="MODEL.TRUST_PICKLED_WEIGHTS True"):
             engine.load_eval_weights(cfg, model)
         assert not marker.exists()
     # the opt-in works (and, as promised, runs the file's code)
-    cfg.MODEL.WEIGHTS_TRUST_PICKLE = True
+    cfg.MODEL.TRUST_PICKLED_WEIGHTS = True
     cfg.MODEL.WEIGHTS = str(pth)
     engine.load_eval_weights(cfg, model)
     assert marker.exists()

@@ -1,8 +1,9 @@
 """Checkpoints that are safe to load and hard to lose.
 
-- Loading: every file goes through `torch.load(weights_only=True)` (tensors and plain containers only), so a hostile
-  file cannot run code. Pickles (`.pkl`, detectron2 / Caffe2 model-zoo files) and any file that needs arbitrary Python
-  objects are refused unless the user sets MODEL.WEIGHTS_TRUST_PICKLE, saying they trust the file.
+- Loading: every file goes through `ovseg.utils.safe_load.load_weights_file` (safetensors, or
+  `torch.load(weights_only=True)`: tensors and plain containers only), so a hostile file cannot run code. Pickles
+  (`.pkl`, detectron2 / Caffe2 model-zoo files) and any file that needs arbitrary Python objects are refused unless
+  the user sets MODEL.TRUST_PICKLED_WEIGHTS, saying they trust the file.
 - Saving: written to a temporary file in the same folder, then renamed over the target (atomic on POSIX), so a kill
   during a save never leaves a truncated `model_XXXX.pth`; `last_checkpoint` is replaced the same way.
 - Resuming: the file named by `last_checkpoint` is checked (a complete zip archive, CRCs included); if it is damaged
@@ -12,7 +13,6 @@
 """
 import logging
 import os
-import pickle
 import tempfile
 import zipfile
 from typing import Any, Dict
@@ -20,12 +20,13 @@ from typing import Any, Dict
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..utils.safe_load import load_weights_file
 from .errors import UserError
 
 __all__ = ["SafeCheckpointer", "is_intact_checkpoint"]
 
 logger = logging.getLogger(__name__)
-TRUST_KEY = "MODEL.WEIGHTS_TRUST_PICKLE"
+TRUST_KEY = "MODEL.TRUST_PICKLED_WEIGHTS"
 
 
 def is_intact_checkpoint(path: str) -> bool:
@@ -85,15 +86,11 @@ class SafeCheckpointer(DetectionCheckpointer):
         return super()._load_file(filename)
 
     def _torch_load(self, filename: str) -> Dict[str, Any]:
-        if self.trust_pickle:
-            return torch.load(filename, map_location="cpu", weights_only=False)
         try:
-            return torch.load(filename, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise self._refuse(filename, f"it holds Python objects besides tensors ({first})") from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
-            raise UserError(f"weights file {filename} cannot be read (truncated or not a torch file?): {e}") from None
+            return load_weights_file(filename, trust_pickled=self.trust_pickle, what=f"weights file {filename}",
+                                     trust_hint=f"set {TRUST_KEY} True (append `{TRUST_KEY} True` to the command line)")
+        except ValueError as e:  # UntrustedWeightsError included: one line for the user, not a traceback
+            raise UserError(str(e)) from None
 
     def _load_model(self, checkpoint: Any):
         incompatible = super()._load_model(checkpoint)

@@ -186,7 +186,7 @@ class Trainer(DefaultTrainer):
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         checkpointables = {"data": data_loader} if isinstance(data_loader, ResumableTrainLoader) else {}
-        self.checkpointer = SafeCheckpointer(model, cfg.OUTPUT_DIR, trust_pickle=cfg.MODEL.WEIGHTS_TRUST_PICKLE,
+        self.checkpointer = SafeCheckpointer(model, cfg.OUTPUT_DIR, trust_pickle=cfg.MODEL.TRUST_PICKLED_WEIGHTS,
                                              trainer=weakref.proxy(self), **checkpointables)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
@@ -378,7 +378,7 @@ def load_eval_weights(cfg: CfgNode, model: torch.nn.Module, resume: bool = False
     (shapes must fit, trainable parameters must be in the file); no weights for a model with trainable parameters
     is an error too. MODEL.ALLOW_RANDOM_WEIGHTS True lifts both checks (random parameters on purpose)."""
     allow_random = cfg.MODEL.ALLOW_RANDOM_WEIGHTS
-    checkpointer = SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR, trust_pickle=cfg.MODEL.WEIGHTS_TRUST_PICKLE,
+    checkpointer = SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR, trust_pickle=cfg.MODEL.TRUST_PICKLED_WEIGHTS,
                                     strict=not allow_random)
     if cfg.MODEL.WEIGHTS or (resume and checkpointer.has_checkpoint()):
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
