@@ -255,7 +255,7 @@ def dataset_folder_name(name: str, max_len: int = 80) -> str:
     """A dataset name as one safe path component (e.g. the evaluator's output folder): a benchmark name stays as it
     is; `folder:/abs/path/` and the like become letters, digits and `._-` plus a hash of the full name, so that two
     names differing only in the replaced characters keep distinct folders."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip(".")  # no "." or ".." component
     if safe == name and len(name) <= max_len:
         return name
     digest = hashlib.sha1(name.encode("utf-8")).hexdigest()[:8]
