@@ -19,6 +19,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 
 from ovseg.data.class_table import load_class_table
+from ovseg.data.image_io import id2rgb
 from ovseg.data.prepare_utils import (
     PrepareError,
     base_parser,
@@ -32,7 +33,6 @@ from ovseg.data.prepare_utils import (
     save_image_atomic,
     save_json_atomic,
 )
-from ovseg.evaluation.panoptic_quality import id2rgb
 
 SPLITS = {"training": "train", "validation": "val"}
 HINT = ("download ADEChallengeData2016.zip (http://sceneparsing.csail.mit.edu) and, for panoptic/instance, the "

@@ -17,6 +17,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from ovseg.data.class_table import load_class_table
+from ovseg.data.image_io import rgb2id
 from ovseg.data.prepare_utils import (
     PrepareError,
     base_parser,
@@ -27,7 +28,6 @@ from ovseg.data.prepare_utils import (
     run_jobs,
     save_image_atomic,
 )
-from ovseg.evaluation.panoptic_quality import rgb2id
 
 HINT = ("download panoptic_annotations_trainval2017.zip (https://cocodataset.org/#download) into "
         "$DETECTRON2_DATASETS/coco and extract annotations/panoptic_{train,val}2017.zip into coco/")

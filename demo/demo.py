@@ -23,7 +23,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from predictor import OVSegPredictor  # noqa: E402
 
 from ovseg.config import get_ovseg_cfg  # noqa: E402
-from ovseg.data.image_io import read_image  # noqa: E402
+from ovseg.data.image_io import IMAGE_SUFFIXES, read_image  # noqa: E402
 from ovseg.modeling import WeightsUnavailableError  # noqa: E402
 from ovseg.modeling.backbone import DENSE_MODES  # noqa: E402
 from ovseg.modeling.text import parse_vocabulary  # noqa: E402
@@ -31,7 +31,7 @@ from ovseg.modeling.text import parse_vocabulary  # noqa: E402
 # NACLIP: the best training-free mode (see README); --dense-mode switches to another one
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "trainingfree",
                               "naclip_vitb16.yaml")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTS = IMAGE_SUFFIXES
 EXIT_NO_WEIGHTS = 3
 EXIT_UNREADABLE_IMAGES = 4  # the readable images were segmented; some inputs were skipped
 

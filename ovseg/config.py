@@ -17,6 +17,16 @@ def add_ovseg_config(cfg: CN) -> CN:
     # Let a PRETRAINED file that needs full unpickling (Python objects beyond tensors, TorchScript) load. Such a
     # file can run code: only for files from a source you trust. Plain state dicts and safetensors never need it.
     cfg.MODEL.CLIP.TRUST_PICKLED_WEIGHTS = False
+    # Positional embeddings at grids other than the native one, bicubic: "size" (interpolate to the grid) or
+    # "scale_factor" (SCLIP / ClearCLIP / NACLIP: by the factor (grid + 0.1) / native grid; open_clip ViTs only).
+    cfg.MODEL.CLIP.POS_EMBED_RESIZE = "size"
+    # 0-based indices of the blocks whose outputs are exported as res2, res3, ... (all at the patch stride).
+    # Empty: four evenly spaced blocks ending with the second-to-last one.
+    cfg.MODEL.CLIP.FEATURE_BLOCKS = []
+    # Number of final transformer blocks left trainable (CLIPSelf trains them); 0 = fully frozen.
+    cfg.MODEL.CLIP.UNLOCK_LAST_BLOCKS = 0
+
+    # --- training-free dense modes: which mode builds `clip_dense`, then each mode's own parameters ---
     # How the last ViT block builds the dense map `clip_dense`:
     #   "value": no token mixing, value path + residual + MLP (MaskCLIP / CLIPSelf);
     #   "attention": the stock block, i.e. exactly what open_clip computes;
@@ -26,14 +36,6 @@ def add_ovseg_config(cfg: CN) -> CN:
     cfg.MODEL.CLIP.DENSE_MODE = "value"
     # Std. deviation (in patches) of NACLIP's Gaussian neighbourhood bias; 5 in the NACLIP paper and code.
     cfg.MODEL.CLIP.NACLIP_SIGMA = 5.0
-    # Positional embeddings at grids other than the native one, bicubic: "size" (interpolate to the grid) or
-    # "scale_factor" (SCLIP / ClearCLIP / NACLIP: by the factor (grid + 0.1) / native grid; open_clip ViTs only).
-    cfg.MODEL.CLIP.POS_EMBED_RESIZE = "size"
-    # 0-based indices of the blocks whose outputs are exported as res2, res3, ... (all at the patch stride).
-    # Empty: four evenly spaced blocks ending with the second-to-last one.
-    cfg.MODEL.CLIP.FEATURE_BLOCKS = []
-    # Number of final transformer blocks left trainable (CLIPSelf trains them); 0 = fully frozen.
-    cfg.MODEL.CLIP.UNLOCK_LAST_BLOCKS = 0
 
     cfg.MODEL.TEXT = CN()
     # Prompt templates: "imagenet" (CLIP's 80 ImageNet prompts), "simple" (open_clip's short set of 7),
@@ -84,9 +86,39 @@ def add_ovseg_config(cfg: CN) -> CN:
 
     add_mask_segmentor_config(cfg)
 
+    add_engine_config(cfg)
+    return cfg
+
+
+def add_engine_config(cfg: CN) -> CN:
+    """Keys shared by every model: input normalisation, dataset mappers, optimizer, loading weights."""
+    # Images are fed as RGB, normalised with CLIP's statistics.
     cfg.MODEL.PIXEL_MEAN = list(CLIP_PIXEL_MEAN)
     cfg.MODEL.PIXEL_STD = list(CLIP_PIXEL_STD)
     cfg.INPUT.FORMAT = "RGB"
+    # Dataset mappers by name (ovseg.engine.DATASET_MAPPERS): "clipself", "region_recognition", "mask_semantic",
+    # "mask_panoptic_lsj"; "" = detectron2's DatasetMapper (training) / its test-time resize (testing).
+    cfg.INPUT.DATASET_MAPPER_NAME = ""
+    cfg.INPUT.TEST_DATASET_MAPPER_NAME = ""
+    # AdamW moments and epsilon (torch defaults; the CLIPSelf/open_clip recipe uses (0.9, 0.98), 1e-6).
+    cfg.SOLVER.ADAMW_BETAS = [0.9, 0.999]
+    cfg.SOLVER.ADAMW_EPS = 1e-8
+
+    # Learning-rate multiplier of trainable backbone parameters (unlocked CLIP blocks); 0 leaves them out.
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Weight decay of embeddings (queries, level embeddings, the void embedding) and of norm layers.
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    # Which parameters get WEIGHT_DECAY_NORM / WEIGHT_DECAY_EMBED instead of WEIGHT_DECAY: "ndim" (open_clip /
+    # CLIPSelf: every tensor with fewer than 2 dims, and embeddings) or "fcclip" (FC-CLIP: norm layers and
+    # embeddings only; biases and the logit scale are decayed). See ovseg.engine.trainer.weight_decay_of.
+    cfg.SOLVER.WEIGHT_DECAY_RULE = "ndim"
+
+    # Weights files are loaded with torch.load(weights_only=True): tensors only, no code. True also accepts pickles
+    # (.pkl, files holding Python objects), which run code when loaded: set it only for files you trust.
+    cfg.MODEL.TRUST_PICKLED_WEIGHTS = False
+    # --eval-only without MODEL.WEIGHTS for a model with trainable parameters, or with weights that do not fit it,
+    # is an error; True evaluates the random / partly loaded parameters on purpose.
+    cfg.MODEL.ALLOW_RANDOM_WEIGHTS = False
     return cfg
 
 
@@ -128,20 +160,6 @@ def add_clipself_config(cfg: CN) -> CN:
     cfg.INPUT.REGION_RECOGNITION.SIZE = 1024
     # Segments whose box area is below MIN_SIZE^2 (original pixels) are not evaluated (authors: 8).
     cfg.INPUT.REGION_RECOGNITION.MIN_SIZE = 8.0
-
-    # Dataset mappers by name (train_net.DATASET_MAPPERS); "" = detectron2's DatasetMapper.
-    cfg.INPUT.DATASET_MAPPER_NAME = ""
-    cfg.INPUT.TEST_DATASET_MAPPER_NAME = ""
-    # AdamW moments and epsilon (torch defaults; the CLIPSelf/open_clip recipe uses (0.9, 0.98), 1e-6).
-    cfg.SOLVER.ADAMW_BETAS = [0.9, 0.999]
-    cfg.SOLVER.ADAMW_EPS = 1e-8
-
-    # Weights files are loaded with torch.load(weights_only=True): tensors only, no code. True also accepts pickles
-    # (.pkl, files holding Python objects), which run code when loaded: set it only for files you trust.
-    cfg.MODEL.TRUST_PICKLED_WEIGHTS = False
-    # --eval-only without MODEL.WEIGHTS for a model with trainable parameters, or with weights that do not fit it,
-    # is an error; True evaluates the random / partly loaded parameters on purpose.
-    cfg.MODEL.ALLOW_RANDOM_WEIGHTS = False
     return cfg
 
 
@@ -248,8 +266,7 @@ def add_mask_segmentor_config(cfg: CN) -> CN:
     # Instances: top-k (query, class) pairs over all classes, then the thing classes among them (FC-CLIP).
     cfg.MODEL.MASK_SEG.TEST.DETECTIONS_PER_IMAGE = 100
 
-    # INPUT.DATASET_MAPPER_NAME (set in add_clipself_config) also takes the mask segmentor's mappers
-    # (ovseg/data/mappers.py): "mask_semantic" (resize + crop, optionally class-balanced) or "mask_panoptic_lsj".
+    # Inputs of the mask segmentor's training mappers (INPUT.DATASET_MAPPER_NAME "mask_semantic" / "mask_panoptic_lsj").
     # Class-balanced crop for "mask_semantic": no class may cover more than this share of a crop (1.0 = off).
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
     # Large-scale jitter ("mask_panoptic_lsj"): resize by a factor in [MIN_SCALE, MAX_SCALE] of IMAGE_SIZE,
@@ -257,15 +274,6 @@ def add_mask_segmentor_config(cfg: CN) -> CN:
     cfg.INPUT.IMAGE_SIZE = 1024
     cfg.INPUT.MIN_SCALE = 0.1
     cfg.INPUT.MAX_SCALE = 2.0
-
-    # Learning-rate multiplier of trainable backbone parameters (unlocked CLIP blocks); 0 leaves them out.
-    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
-    # Weight decay of embeddings (queries, level embeddings, the void embedding) and of norm layers.
-    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
-    # Which parameters get WEIGHT_DECAY_NORM / WEIGHT_DECAY_EMBED instead of WEIGHT_DECAY: "ndim" (open_clip /
-    # CLIPSelf: every tensor with fewer than 2 dims, and embeddings) or "fcclip" (FC-CLIP: norm layers and
-    # embeddings only; biases and the logit scale are decayed). See ovseg.engine.trainer.weight_decay_of.
-    cfg.SOLVER.WEIGHT_DECAY_RULE = "ndim"
     return cfg
 
 

@@ -21,13 +21,13 @@ from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
-from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 
 from .config import get_ovseg_cfg
 from .data.custom import PREFIXES, register_dataset_names
+from .data.image_io import image_to_tensor, read_image
 from .modeling.text import Vocabulary, parse_vocabulary
 
 __all__ = ["Prediction", "Predictor", "config_roots", "resolve_config", "shipped_configs"]
@@ -253,7 +253,7 @@ class Predictor:
         resized = self.resize.get_transform(image).apply_image(image)
         if self.cfg.INPUT.FORMAT == "BGR":
             resized = resized[:, :, ::-1]
-        chw = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype("float32"))
+        chw = image_to_tensor(resized).float()
         return {"image": chw, "height": image.shape[0], "width": image.shape[1]}
 
     @torch.no_grad()

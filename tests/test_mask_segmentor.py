@@ -12,7 +12,8 @@ from detectron2.structures import BitMasks, Instances
 from PIL import Image
 
 from ovseg import engine as train_net
-from ovseg.data.mappers import MaskPanopticLSJMapper, MaskSemanticMapper, rgb_to_id
+from ovseg.data.image_io import rgb2id
+from ovseg.data.mappers import MaskPanopticLSJMapper, MaskSemanticMapper
 from ovseg.modeling.postprocessing import instance_inference, panoptic_inference
 from ovseg.modeling.transformer_decoder.masked_attention import attend
 from tests.synthetic_panoptic import make_dataset
@@ -223,7 +224,7 @@ def test_panoptic_mapper_targets_match_png(dataset):
     mapper = MaskPanopticLSJMapper(cfg, True)
     record = DatasetCatalog.get(train)[0]
     out = mapper(record)
-    pan = rgb_to_id(np.asarray(Image.open(record["pan_seg_file_name"]).convert("RGB")))
+    pan = rgb2id(np.asarray(Image.open(record["pan_seg_file_name"]).convert("RGB")))
     assert out["image"].shape == (3, 96, 96)
     inst = out["instances"]
     assert inst.gt_classes.tolist() == [s["category_id"] for s in record["segments_info"]]

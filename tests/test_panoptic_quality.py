@@ -7,7 +7,8 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
-from ovseg.evaluation import OVSegPanopticEvaluator, format_pq_table, id2rgb, panoptic_backend, pq_compute, rgb2id
+from ovseg.data.image_io import id2rgb, rgb2id
+from ovseg.evaluation import OVSegPanopticEvaluator, format_pq_table, panoptic_backend, pq_compute
 
 CATEGORIES = [{"id": 1, "name": "blob", "isthing": 1}, {"id": 2, "name": "ground", "isthing": 0}]
 

@@ -10,7 +10,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 from ovseg.data import load_class_table, register_all_ovseg_datasets
-from ovseg.evaluation import OVSegPanopticEvaluator, OVSemSegEvaluator, rgb2id
+from ovseg.data.image_io import rgb2id
+from ovseg.evaluation import OVSegPanopticEvaluator, OVSemSegEvaluator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
 import prepare_ade20k_150  # noqa: E402

@@ -21,10 +21,11 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from PIL import Image
 
+from .image_io import IMAGE_SUFFIXES, image_to_tensor, read_image, rgb2id
+
 logger = logging.getLogger(__name__)
 
 REGION_SOURCES = ("patches", "proposals")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 # ---------------------------------------------------------------------------------------------- regions
@@ -139,7 +140,7 @@ def resize_longest(height: int, width: int, size: int) -> T.ResizeTransform:
 
 
 def _read_rgb(dataset_dict: dict, image_format: str) -> np.ndarray:
-    image = utils.read_image(dataset_dict["file_name"], format=image_format)  # (H, W, 3)
+    image = read_image(dataset_dict["file_name"], format=image_format)  # (H, W, 3); 16-bit grey scaled, not clipped
     utils.check_image_size(dataset_dict, image)
     return image
 
@@ -238,17 +239,11 @@ class CLIPSelfDatasetMapper:
         boxes, crop_boxes = self.regions(dataset_dict, h, w)  # (K, 4), original pixels
         crops = crop_regions(image, crop_boxes, self.crop_size)
         student, scale = letterbox(image, random.choice(self.sizes))
-        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(student.transpose(2, 0, 1)))
+        dataset_dict["image"] = image_to_tensor(student)
         dataset_dict["region_boxes"] = (boxes * scale).float()
         dataset_dict["crops"] = crops
         dataset_dict.pop("annotations", None)
         return dataset_dict
-
-
-def _rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """COCO panoptic PNG colours to segment ids: id = R + 256 G + 256^2 B."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
 
 def _mask_box(mask: np.ndarray) -> Optional[List[float]]:
@@ -290,7 +285,7 @@ class RegionRecognitionDatasetMapper:
             )
         image = _read_rgb(dataset_dict, self.image_format)
         h, w = image.shape[:2]
-        pan = _rgb_to_id(utils.read_image(dataset_dict["pan_seg_file_name"], "RGB"))  # (H, W)
+        pan = rgb2id(utils.read_image(dataset_dict["pan_seg_file_name"], "RGB"))  # (H, W)
         if pan.shape != (h, w):
             raise ValueError(f"panoptic PNG {dataset_dict['pan_seg_file_name']!r} is {pan.shape}, image is {(h, w)}")
         tfm = resize_longest(h, w, self.size)
@@ -306,7 +301,7 @@ class RegionRecognitionDatasetMapper:
             isthing.append(bool(seg.get("isthing", True)))
         resized = tfm.apply_image(image)
         nh, nw = resized.shape[:2]
-        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        dataset_dict["image"] = image_to_tensor(resized)
         dataset_dict["region_boxes"] = torch.as_tensor(
             tfm.apply_box(np.array(boxes, dtype=np.float64).reshape(-1, 4)), dtype=torch.float32).reshape(-1, 4)
         dataset_dict["region_masks"] = torch.as_tensor(np.stack(masks) if masks else np.zeros((0, nh, nw), bool))

@@ -12,9 +12,11 @@ Malformed data (no class file, a label map without its image, label values beyon
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
@@ -25,8 +27,9 @@ from detectron2.data.datasets.coco import load_coco_json
 from PIL import Image
 
 from .class_table import _fallback_colors
-from .clipself_mapper import IMAGE_SUFFIXES, register_image_folders
-from .datasets import COCO_PANOPTIC, INSTANCE, SEM_SEG, files_under
+from .clipself_mapper import register_image_folders
+from .datasets import COCO_PANOPTIC, INSTANCE, SEM_SEG, files_under, missing_record_files
+from .image_io import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -184,10 +187,11 @@ def load_coco_instances(ds: CustomDataset) -> List[dict]:
 def _check_files(ds: CustomDataset, records: List[dict], keys: Sequence[str]) -> None:
     if not records:
         raise _problem(ds.name, f"{ds.json!r} has no annotated image")
-    for record in records:
-        for key in keys:
-            if not os.path.isfile(record[key]):
-                raise FileNotFoundError(f"dataset {ds.name!r}: {key} {record[key]!r} (from {ds.json!r}) not found")
+    missing = missing_record_files(records, keys)
+    if missing:
+        key, path = missing[0]
+        raise FileNotFoundError(f"dataset {ds.name!r}: {len(missing)} file(s) listed in {ds.json!r} are missing, "
+                                f"e.g. {key} {path!r}")
 
 
 def _coco_categories(ds: CustomDataset, data: dict) -> List[dict]:
@@ -247,6 +251,17 @@ def register_custom_dataset(name: str) -> CustomDataset:
     return ds
 
 
+def dataset_folder_name(name: str, max_len: int = 80) -> str:
+    """A dataset name as one safe path component (e.g. the evaluator's output folder): a benchmark name stays as it
+    is; `folder:/abs/path/` and the like become letters, digits and `._-` plus a hash of the full name, so that two
+    names differing only in the replaced characters keep distinct folders."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip(".")  # no "." or ".." component
+    if safe == name and len(name) <= max_len:
+        return name
+    digest = hashlib.sha1(name.encode("utf-8")).hexdigest()[:8]
+    return f"{safe[:max_len] or 'dataset'}_{digest}"
+
+
 def register_dataset_names(names: Sequence[str]) -> None:
     """Register every user dataset among `names` (DATASETS.TRAIN + DATASETS.TEST) not registered yet: the
     `folder:` / `coco:` / `custom:` forms, and plain image folders (`register_image_folders`). Other names are
@@ -258,4 +273,5 @@ def register_dataset_names(names: Sequence[str]) -> None:
     register_image_folders([n for n in names if not n.startswith(PREFIXES)])
 
 
-__all__ = ["CustomDataset", "parse_dataset_name", "register_custom_dataset", "register_dataset_names"]
+__all__ = ["CustomDataset", "dataset_folder_name", "parse_dataset_name", "register_custom_dataset",
+           "register_dataset_names"]

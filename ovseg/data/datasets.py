@@ -11,7 +11,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json
@@ -123,6 +123,22 @@ def _require(path: str, bench: Benchmark, what: str) -> None:
         raise FileNotFoundError(
             f"dataset {bench.name!r}: {what} not found at {path!r}. Download the benchmark and run "
             f"`{bench.prepare}` (with DETECTRON2_DATASETS pointing at the datasets root); layouts: datasets/README.md"
+        )
+
+
+def missing_record_files(records: List[dict], keys: Sequence[str]) -> List[Tuple[str, str]]:
+    """(key, path) of every file a dataset record names under `keys` that does not exist (one stat per file: a
+    JSON listing files that were never extracted would otherwise shrink or break evaluation much later)."""
+    return [(key, r[key]) for r in records for key in keys if key in r and not os.path.exists(r[key])]
+
+
+def _require_record_files(bench: Benchmark, records: List[dict], keys: Sequence[str], source: str) -> None:
+    missing = missing_record_files(records, keys)
+    if missing:
+        key, path = missing[0]
+        raise FileNotFoundError(
+            f"dataset {bench.name!r}: {len(missing)} file(s) listed in {source!r} are missing, e.g. {key} {path!r}. "
+            f"Re-run `{bench.prepare}` (layouts: datasets/README.md)."
         )
 
 
@@ -241,10 +257,7 @@ def load_panoptic(bench: Benchmark, root: str) -> List[dict]:
         records.append(record)
     if not records:
         raise ValueError(f"dataset {bench.name!r}: {json_file!r} has no annotations")
-    _require(records[0]["file_name"], bench, "first image")
-    _require(records[0]["pan_seg_file_name"], bench, "first panoptic PNG")
-    if sem_dir:
-        _require(records[0]["sem_seg_file_name"], bench, "first semantic label map")
+    _require_record_files(bench, records, ("file_name", "pan_seg_file_name", "sem_seg_file_name"), json_file)
     return records
 
 
@@ -259,6 +272,7 @@ def load_instances(bench: Benchmark, root: str) -> List[dict]:
     for record in records:
         for obj in record.get("annotations", []):
             obj["category_id"] = id_map[obj["category_id"]]
+    _require_record_files(bench, records, ("file_name",), json_file)
     return records
 
 

@@ -13,19 +13,14 @@ from typing import Callable, Dict, List
 import numpy as np
 import torch
 from detectron2.config import configurable
+from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 
-from .image_io import check_label_size, read_image
+from .image_io import check_label_size, image_to_tensor, read_image, rgb2id
 
 logger = logging.getLogger(__name__)
-
-
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """COCO-panoptic PNG (H, W, 3) uint8 -> segment ids (H, W) int64: id = R + 256 G + 256^2 B."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
 
 def _instances(image_shape, classes: List[int], masks: List[np.ndarray]) -> Instances:
@@ -36,10 +31,6 @@ def _instances(image_shape, classes: List[int], masks: List[np.ndarray]) -> Inst
     else:
         inst.gt_masks = BitMasks(torch.zeros((0, *image_shape), dtype=torch.bool))
     return inst
-
-
-def _image_tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))  # (3, H, W)
 
 
 class MaskSemanticMapper:
@@ -80,7 +71,7 @@ class MaskSemanticMapper:
         aug = T.AugInput(image, sem_seg=sem_seg)
         self.augmentations(aug)
         image, sem_seg = aug.image, aug.sem_seg.round().astype(np.int64)
-        d["image"] = _image_tensor(image)
+        d["image"] = image_to_tensor(image)
         d["sem_seg"] = torch.as_tensor(sem_seg)
         classes = [int(c) for c in np.unique(sem_seg) if c != self.ignore_label]
         d["instances"] = _instances(image.shape[:2], classes, [sem_seg == c for c in classes])
@@ -127,8 +118,8 @@ class MaskPanopticLSJMapper:
         # as floats goes through torch's nearest, which samples half a pixel elsewhere
         aug = T.AugInput(image, sem_seg=pan_rgb)
         self.augmentations(aug)
-        image, pan = aug.image, rgb_to_id(aug.sem_seg)
-        d["image"] = _image_tensor(image)
+        image, pan = aug.image, rgb2id(aug.sem_seg)
+        d["image"] = image_to_tensor(image)
         classes, masks = [], []
         for seg in d.pop("segments_info"):
             if seg.get("iscrowd", 0):
@@ -140,6 +131,38 @@ class MaskPanopticLSJMapper:
         d["instances"] = _instances(image.shape[:2], classes, masks)
         d.pop("sem_seg_file_name", None)
         return d
+
+
+class TestImageMapper:
+    """The test mapper of INPUT.TEST_DATASET_MAPPER_NAME "": detectron2's test-time DatasetMapper (resize by
+    INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST, "image" (3, h, w) uint8, labels left to the evaluators), except that the
+    image is read with `image_io.read_image`: 16-bit greyscale scaled to 8 bits instead of clipped."""
+
+    @configurable
+    def __init__(self, *, augmentations: List[T.Augmentation], image_format: str = "RGB"):
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = False):
+        return {"augmentations": utils.build_augmentation(cfg, is_train=False), "image_format": cfg.INPUT.FORMAT}
+
+    def __call__(self, dataset_dict: Dict) -> Dict:
+        d = copy.deepcopy(dataset_dict)
+        image = read_image(d["file_name"], format=self.image_format)
+        utils.check_image_size(d, image)
+        aug = T.AugInput(image)
+        self.augmentations(aug)
+        d["image"] = image_to_tensor(aug.image)
+        # evaluators read the ground truth from the files themselves
+        for key in ("annotations", "sem_seg_file_name"):
+            d.pop(key, None)
+        return d
+
+
+def default_mapper(cfg, is_train: bool):
+    """Mapper name "": detectron2's DatasetMapper for training, `TestImageMapper` for testing."""
+    return DatasetMapper(cfg, True) if is_train else TestImageMapper(cfg)
 
 
 def _ignore_label(cfg) -> int:

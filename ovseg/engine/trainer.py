@@ -13,7 +13,7 @@ from collections import OrderedDict
 import detectron2.utils.comm as comm
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.data import DatasetCatalog, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.engine import (
     AMPTrainer,
     DefaultTrainer,
@@ -33,9 +33,9 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import get_ovseg_cfg
 from ..data.clipself_mapper import CLIPSelfDatasetMapper, RegionRecognitionDatasetMapper
-from ..data.custom import register_dataset_names
+from ..data.custom import dataset_folder_name, register_dataset_names
 from ..data.datasets import check_benchmark_files
-from ..data.mappers import TRAIN_MAPPERS
+from ..data.mappers import TRAIN_MAPPERS, default_mapper
 from ..evaluation import build_benchmark_evaluator
 from ..modeling.matcher import HungarianMatcher
 from .checkpoint import SafeCheckpointer
@@ -48,7 +48,7 @@ __all__ = ["DATASET_MAPPERS", "SaveOnSignal", "Trainer", "build_mapper", "check_
 
 # INPUT.DATASET_MAPPER_NAME / INPUT.TEST_DATASET_MAPPER_NAME -> mapper class, built as cls(cfg, is_train)
 DATASET_MAPPERS = {
-    "": DatasetMapper,
+    "": default_mapper,  # detectron2's DatasetMapper to train; to test, one reading 16-bit images unclipped
     "clipself": CLIPSelfDatasetMapper,
     "region_recognition": RegionRecognitionDatasetMapper,
     **TRAIN_MAPPERS,  # the mask segmentor's semantic / panoptic training mappers
@@ -236,7 +236,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         """detectron2's evaluators for the dataset's `evaluator_type`, limited to what the model outputs."""
-        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_folder_name(dataset_name))
         meta_arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
         tasks = meta_arch.output_tasks(cfg) if hasattr(meta_arch, "output_tasks") else None
         return build_benchmark_evaluator(dataset_name, output_dir=output_folder, tasks=tasks)

@@ -1,6 +1,6 @@
 """Benchmark evaluators: semantic (with seen/unseen split), panoptic quality with either backend, instance AP."""
 from .build import build_benchmark_evaluator
-from .panoptic_quality import OVSegPanopticEvaluator, format_pq_table, id2rgb, panoptic_backend, pq_compute, rgb2id
+from .panoptic_quality import OVSegPanopticEvaluator, format_pq_table, panoptic_backend, pq_compute
 from .sem_seg import OVSemSegEvaluator, load_sem_seg_gt, seen_unseen_miou
 
 __all__ = [
@@ -8,10 +8,8 @@ __all__ = [
     "OVSemSegEvaluator",
     "build_benchmark_evaluator",
     "format_pq_table",
-    "id2rgb",
     "load_sem_seg_gt",
     "panoptic_backend",
     "pq_compute",
-    "rgb2id",
     "seen_unseen_miou",
 ]

@@ -22,6 +22,8 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
+from ..data.image_io import id2rgb
+
 logger = logging.getLogger(__name__)
 
 
@@ -75,18 +77,6 @@ def pq_compute(
             if scores.get(key, 0.0) < 0:
                 scores[key] = 0.0
     return res
-
-
-def id2rgb(id_map: np.ndarray) -> np.ndarray:
-    """(H, W) segment ids -> (H, W, 3) uint8 colours of the COCO panoptic PNG format (id = R + 256 G + 256^2 B)."""
-    id_map = np.asarray(id_map, dtype=np.int64)
-    return np.stack([id_map % 256, id_map // 256 % 256, id_map // 256**2 % 256], axis=-1).astype(np.uint8)
-
-
-def rgb2id(rgb: np.ndarray) -> np.ndarray:
-    """Inverse of `id2rgb`: (H, W, 3) colours -> (H, W) int64 segment ids."""
-    rgb = np.asarray(rgb, dtype=np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
 
 
 def format_pq_table(pq_res: dict) -> str:

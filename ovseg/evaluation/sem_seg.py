@@ -9,6 +9,8 @@ from detectron2.evaluation import SemSegEvaluator
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
+from ..data.image_io import check_label_shape
+
 
 def load_sem_seg_gt(filename: str, dtype: Optional[Union[np.dtype, str, type]] = None) -> np.ndarray:
     """A ground-truth label PNG as a fresh, writable (H, W) array of `dtype` (default: the PNG's own).
@@ -43,6 +45,16 @@ class OVSemSegEvaluator(SemSegEvaluator):
         super().__init__(dataset_name, distributed=distributed, output_dir=output_dir,
                          sem_seg_loading_fn=sem_seg_loading_fn)
         self.dataset_name = dataset_name
+
+    def process(self, inputs, outputs):
+        # a label map of another size than the prediction (i.e. its image) would fail in numpy without a file name,
+        # or count wrong pixels when only the aspect differs: name both files instead (the PNG header is enough)
+        for inp, out in zip(inputs, outputs):
+            gt_file = self.input_file_to_gt_file[inp["file_name"]]
+            with PathManager.open(gt_file, "rb") as f, Image.open(f) as label:
+                width, height = label.size
+            check_label_shape((height, width), out["sem_seg"].shape[-2:], gt_file, inp["file_name"])
+        super().process(inputs, outputs)
 
     def evaluate(self):
         results = super().evaluate()

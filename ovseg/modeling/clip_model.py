@@ -18,7 +18,7 @@ from torch import nn
 
 from ..utils.safe_load import load_weights_file
 from .checkpoint_layouts import to_open_clip_layout
-from .tiny_models import register_tiny_models
+from .tiny_models import TINY_MODELS, register_tiny_models
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ def _check_model_name(model_name: str) -> None:
         close = difflib.get_close_matches(model_name, names, n=5)
         raise ValueError(
             f"MODEL.CLIP.MODEL_NAME={model_name!r} is not an open_clip architecture. "
-            f"Closest: {close or 'none'}; see open_clip.list_models()."
+            f"Closest: {close or 'none'}; see open_clip.list_models(). ovseg's tiny test architectures "
+            f"({', '.join(TINY_MODELS)}) are registered by ovseg.modeling.tiny_models.register_tiny_models(), "
+            "or by naming one of them exactly."
         )
 
 
@@ -137,7 +139,8 @@ def load_open_clip(model_name: str, pretrained: str, trust_pickled_weights: bool
     Returns:
         the open_clip model (CLIP or CustomTextCLIP), fp32, on CPU, in eval mode.
     """
-    register_tiny_models()
+    if model_name in TINY_MODELS:  # asked for by name: make them known to open_clip now
+        register_tiny_models()
     _check_model_name(model_name)
     if not pretrained:
         logger.warning("MODEL.CLIP.PRETRAINED is empty: %s is randomly initialised (smoke tests only)", model_name)

@@ -2,6 +2,9 @@
 
 `ovseg-tiny-ViT-16` is an open_clip VisionTransformer; `ovseg-tiny-EVA02-16` is an EVA02 tower built by timm
 (as open_clip builds EVA02-B-16), registered here under a timm name of its own.
+
+Nothing is registered on import: `register_tiny_models()` adds them to open_clip's (and timm's) lists when asked,
+as tests/conftest.py does, and `load_open_clip` does when given one of `TINY_MODELS` by name.
 """
 import inspect
 from pathlib import Path
@@ -12,6 +15,7 @@ from timm.models import register_model
 
 TINY_VIT = "ovseg-tiny-ViT-16"
 TINY_EVA = "ovseg-tiny-EVA02-16"
+TINY_MODELS = (TINY_VIT, TINY_EVA)
 _CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
 
 

@@ -18,8 +18,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 from ovseg.data import load_class_table, register_all_ovseg_datasets
+from ovseg.data.image_io import id2rgb, rgb2id
 from ovseg.data.prepare_utils import PrepareError
-from ovseg.evaluation import OVSegPanopticEvaluator, OVSemSegEvaluator, id2rgb, rgb2id
+from ovseg.evaluation import OVSegPanopticEvaluator, OVSemSegEvaluator
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "datasets"))

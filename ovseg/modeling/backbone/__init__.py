@@ -1,3 +1,3 @@
-from .clip_vit import DENSE_MODES, CLIPViTDenseEncoder, build_clip_vit_backbone, resize_pos_embed
+from .clip_vit import DENSE_MODES, CLIPViTDenseEncoder, resize_pos_embed
 
-__all__ = ["DENSE_MODES", "CLIPViTDenseEncoder", "build_clip_vit_backbone", "resize_pos_embed"]
+__all__ = ["DENSE_MODES", "CLIPViTDenseEncoder", "resize_pos_embed"]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling import Backbone
 from timm.layers import RotaryEmbeddingCat, apply_rot_embed_cat
 from torch import nn
 
@@ -561,11 +561,8 @@ class CLIPViTDenseEncoder(Backbone):
         return self.tower.pool(last)
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
+        """Channels and stride of every output. All of them are at the patch stride p (a ViT has one resolution):
+        "res2".."res5" are named after the blocks' order, not after ResNet's strides 4..32 that Mask2Former-style
+        heads assume; the pixel decoder resamples them (MODEL.MASK_SEG.PIXEL_DECODER.PYRAMID_SCALES)."""
         return {n: ShapeSpec(channels=self._out_feature_channels[n], stride=self._out_feature_strides[n])
                 for n in self._out_features}
-
-
-@BACKBONE_REGISTRY.register()
-def build_clip_vit_backbone(cfg, input_shape=None) -> CLIPViTDenseEncoder:
-    """`MODEL.BACKBONE.NAME: "build_clip_vit_backbone"`: loads the CLIP model named in MODEL.CLIP."""
-    return CLIPViTDenseEncoder(cfg)

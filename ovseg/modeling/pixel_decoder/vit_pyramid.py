@@ -160,11 +160,6 @@ class ViTPyramidPixelDecoder(nn.Module):
             "dropout": pd.DROPOUT,
         }
 
-    @property
-    def mask_stride(self) -> float:
-        """Input pixels per cell of the mask features."""
-        return self.strides[0]
-
     def encode(self, levels: List[torch.Tensor]) -> List[torch.Tensor]:
         """Joint self-attention over the tokens of all given levels; returns them in the same shapes."""
         tokens, pos, shapes = [], [], []
