@@ -19,7 +19,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from timm.layers import RotaryEmbeddingCat, apply_rot_embed_cat
 from torch import nn
 
-from ..clip_model import load_open_clip_from_cfg, split_clip
+from ..clip_model import load_clip_towers
 
 logger = logging.getLogger(__name__)
 
@@ -490,7 +490,7 @@ class CLIPViTDenseEncoder(Backbone):
     @classmethod
     def from_config(cls, cfg, input_shape=None, visual: Optional[nn.Module] = None):
         if visual is None:
-            visual, _ = split_clip(load_open_clip_from_cfg(cfg))
+            visual, _ = load_clip_towers(cfg)
         return {
             "visual": visual,
             "feature_blocks": list(cfg.MODEL.CLIP.FEATURE_BLOCKS),

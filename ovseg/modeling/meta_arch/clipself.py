@@ -20,15 +20,15 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from ..backbone.clip_vit import CLIPViTDenseEncoder
-from ..clip_model import load_open_clip_from_cfg, split_clip
 from ..region_pooling import pool_boxes, pool_masks
-from ..text import TextClassifier, Vocabulary, VocabularyMixin
+from ..text import TextClassifier
+from .base import OpenVocabModel
 
 logger = logging.getLogger(__name__)
 
 
 @META_ARCH_REGISTRY.register()
-class CLIPSelfDistiller(VocabularyMixin, nn.Module):
+class CLIPSelfDistiller(OpenVocabModel):
     """Student (`backbone`) = CLIP dense encoder with its last blocks unlocked; teacher = frozen copy of the original
     tower.
 
@@ -44,7 +44,7 @@ class CLIPSelfDistiller(VocabularyMixin, nn.Module):
     @configurable
     def __init__(self, *, backbone: CLIPViTDenseEncoder, teacher: CLIPViTDenseEncoder,
                  text_classifier: Optional[TextClassifier], pixel_mean: Sequence[float], pixel_std: Sequence[float],
-                 loss_weight: float = 1.0, vocabulary=None):
+                 loss_weight: float = 1.0, vocabulary=None, vocabulary_dataset: Optional[str] = None):
         """
         Args:
             backbone: the student, the dense encoder being refined (its `unlock_last_blocks` decide what trains);
@@ -54,37 +54,31 @@ class CLIPSelfDistiller(VocabularyMixin, nn.Module):
             pixel_mean, pixel_std: normalisation of 0-255 RGB inputs (images and crops alike).
             loss_weight: multiplier of the cosine loss.
             vocabulary: initial vocabulary for inference; `set_vocabulary` changes it.
+            vocabulary_dataset: the dataset `vocabulary` is given for (see `OpenVocabModel`).
         """
-        super().__init__()
+        super().__init__(backbone=backbone, text_classifier=text_classifier, pixel_mean=pixel_mean,
+                         pixel_std=pixel_std, vocabulary=vocabulary, vocabulary_dataset=vocabulary_dataset)
         if backbone.patch_size != teacher.patch_size or backbone.embed_dim != teacher.embed_dim:
             raise ValueError("student and teacher must be the same CLIP architecture")
         if not any(p.requires_grad for p in backbone.parameters()):
             logger.warning("CLIPSelfDistiller: the student has no unlocked block (MODEL.CLIP.UNLOCK_LAST_BLOCKS=0); "
                            "nothing can be trained")
-        self.backbone = backbone  # the student
-        self.teacher = teacher
+        self.teacher = teacher  # the frozen original; `backbone` is the student
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.text_classifier = text_classifier
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.loss_weight = loss_weight
-        self._vocabulary: Optional[Vocabulary] = None
-        self._vocabulary_spec = vocabulary
 
     @classmethod
     def from_config(cls, cfg):
-        visual, text_model = split_clip(load_open_clip_from_cfg(cfg))
-        teacher_visual = copy.deepcopy(visual)  # taken before any training step: the original weights
+        clip = cls.clip_parts(cfg)
+        # taken before any training step: the original weights
+        teacher_visual = copy.deepcopy(clip["backbone"].tower.visual)
         return {
-            "backbone": CLIPViTDenseEncoder(cfg, visual=visual),
+            **clip,
+            **cls.vocabulary_args(cfg),
             "teacher": CLIPViTDenseEncoder(visual=teacher_visual, feature_blocks=[0], dense_mode="value",
                                            unlock_last_blocks=0),
-            "text_classifier": TextClassifier(cfg, text_model=text_model),
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
             "loss_weight": cfg.MODEL.CLIPSELF.LOSS_WEIGHT,
-            "vocabulary": cfg.MODEL.TEXT.VOCABULARY or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None),
         }
 
     @classmethod
@@ -92,28 +86,12 @@ class CLIPSelfDistiller(VocabularyMixin, nn.Module):
         """Inference gives region scores: evaluated by region recognition (ovseg.evaluation)."""
         return ("region_recognition",)
 
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
-
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.train(False)  # never dropout / patch dropout in the teacher
         return self
 
     # ------------------------------------------------------------------ steps
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.to(self.device).float() - self.pixel_mean) / self.pixel_std
-
-    def preprocess(self, batched_inputs: List[Dict]) -> ImageList:
-        images = []
-        for inp in batched_inputs:
-            image = inp["image"]
-            if image.dim() != 3 or image.shape[0] != 3:
-                raise ValueError(f"expected a (3, H, W) image, got shape {tuple(image.shape)}")
-            images.append(self.normalize(image))
-        return ImageList.from_tensors(images, size_divisibility=self.backbone.patch_size)
-
     def region_boxes(self, batched_inputs: List[Dict]) -> List[torch.Tensor]:
         boxes = []
         for inp in batched_inputs:
@@ -157,9 +135,7 @@ class CLIPSelfDistiller(VocabularyMixin, nn.Module):
 
     @torch.no_grad()
     def recognize_regions(self, batched_inputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:
-        if self.text_classifier is None:
-            raise RuntimeError("CLIPSelfDistiller was built without a text classifier: it cannot recognise regions")
-        text = self.text_classifier(self.vocabulary).to(self.device)  # (C, D)
+        text = self.text_queries(self.vocabulary)[0]  # (C, D)
         images = self.preprocess(batched_inputs)
         boxes = self.region_boxes(batched_inputs)
         dense = self.backbone(images.tensor)["clip_dense"]  # (B, D, h, w) over the padded batch

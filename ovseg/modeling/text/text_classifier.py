@@ -12,7 +12,7 @@ from detectron2.utils import comm
 from torch import nn
 from tqdm import tqdm
 
-from ..clip_model import load_open_clip_from_cfg, split_clip
+from ..clip_model import load_clip_towers
 from .vocabulary import Vocabulary, get_templates, parse_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class TextClassifier(nn.Module):
     @classmethod
     def from_config(cls, cfg, text_model: Optional[nn.Module] = None):
         if text_model is None:
-            _, text_model = split_clip(load_open_clip_from_cfg(cfg))
+            _, text_model = load_clip_towers(cfg)
         return {
             "text_model": text_model,
             "tokenizer": open_clip.get_tokenizer(cfg.MODEL.CLIP.MODEL_NAME),
