@@ -239,3 +239,12 @@ class OpenVocabModel(nn.Module):
             embeds, owner = self.text_classifier.synonym_embeddings(vocabulary)
             return embeds.to(self.device), owner.to(self.device)
         return self.text_classifier(vocabulary).to(self.device), None
+
+    # ---- export -------------------------------------------------------------------------------------------
+    def open_clip_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The full open_clip state dict: the encoder's visual tower (as trained) + the text tower, on the CPU."""
+        if self.text_classifier is None:
+            raise RuntimeError("cannot export an open_clip checkpoint without the text tower")
+        state = {f"visual.{k}": v for k, v in self.backbone.tower.visual.state_dict().items()}
+        state.update(self.text_classifier.text_model.state_dict())
+        return {k: v.detach().cpu().clone() for k, v in state.items()}

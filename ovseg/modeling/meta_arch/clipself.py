@@ -116,6 +116,13 @@ class CLIPSelfDistiller(OpenVocabModel):
     def distillation_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return self.loss_weight * (1.0 - (student * teacher).sum(-1)).mean()
 
+    def segment(self, images: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The tensor-only core: (B, 3, H, W) normalised images (H, W multiples of the patch size) and (C, D)
+        normalised text embeddings -> {"logits": (B, C, H/p, W/p)} cosine similarities of the student's dense
+        features with each class."""
+        dense = F.normalize(self.backbone(images)["clip_dense"].float(), dim=1)  # (B, D, H/p, W/p)
+        return {"logits": torch.einsum("bdhw,cd->bchw", dense, text.to(dense.dtype))}
+
     def forward(self, batched_inputs: List[Dict]):
         if not self.training:
             return self.recognize_regions(batched_inputs)
@@ -152,20 +159,14 @@ class CLIPSelfDistiller(OpenVocabModel):
             })
         return results
 
-    # ------------------------------------------------------------------ export
-    def open_clip_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The full open_clip state dict: the student's (refined) visual tower + the original text tower."""
-        if self.text_classifier is None:
-            raise RuntimeError("cannot export an open_clip checkpoint without the text tower")
-        state = {f"visual.{k}": v for k, v in self.backbone.tower.visual.state_dict().items()}
-        state.update(self.text_classifier.text_model.state_dict())
-        return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 def save_open_clip_checkpoint(model: nn.Module, path: str) -> str:
-    """Write `model`'s open_clip state dict to `path`, loadable as ``MODEL.CLIP.PRETRAINED: path``."""
-    model = model.module if hasattr(model, "module") else model
-    if not hasattr(model, "open_clip_state_dict"):
+    """Write `model`'s open_clip state dict (`OpenVocabModel.open_clip_state_dict`) to `path`, loadable as
+    ``MODEL.CLIP.PRETRAINED: path``."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    if not isinstance(model, OpenVocabModel):
         raise TypeError(f"{type(model).__name__} cannot be exported as an open_clip checkpoint")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(model.open_clip_state_dict(), path)
