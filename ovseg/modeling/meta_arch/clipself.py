@@ -61,8 +61,8 @@ class CLIPSelfDistiller(OpenVocabModel):
         if backbone.patch_size != teacher.patch_size or backbone.embed_dim != teacher.embed_dim:
             raise ValueError("student and teacher must be the same CLIP architecture")
         if not any(p.requires_grad for p in backbone.parameters()):
-            logger.warning("CLIPSelfDistiller: the student has no unlocked block (MODEL.CLIP.UNLOCK_LAST_BLOCKS=0); "
-                           "nothing can be trained")
+            logger.warning("CLIPSelfDistiller: the student has no unlocked parameter (MODEL.CLIP.UNLOCK_LAST_BLOCKS "
+                           "0, no UNLOCK_PATTERNS); nothing can be trained")
         self.teacher = teacher  # the frozen original; `backbone` is the student
         for p in self.teacher.parameters():
             p.requires_grad_(False)
