@@ -134,11 +134,18 @@ def test_seen_split_follows_the_training_vocabulary(seen_dataset):
     assert res["mIoU-unseen"] == pytest.approx(np.mean([iou[0], iou[2]]))
 
 
-def test_model_without_training_vocabulary_reports_no_split(seen_dataset, dense):
-    name = seen_dataset[0]
+def test_model_without_training_vocabulary_gets_the_reference_split(seen_dataset, dense):
+    """A training-free model learned no class names: the benchmark's reference split (its metadata's)."""
+    name, _, _, vocabulary = seen_dataset
     cfg = tiny_cfg(DATASETS__TEST=f"('{name}',)")
     (ev,) = engine.Trainer.build_evaluator(cfg, name)._evaluators
-    assert ev.seen is None and ev.seen_unseen_classes() == ([], [])
+    assert ev.seen is None and ev.seen_unseen_classes() == ([], [])  # this dataset has no reference split
+    coco = _reference_seen(vocabulary, [c.vocabulary_entry for c in load_class_table("coco_panoptic_133")])
+    names = [v.split("|")[0] for v in vocabulary]
+    split = ([n for n, s in zip(names, coco) if s], [n for n, s in zip(names, coco) if not s])
+    MetadataCatalog.get(name).set(seen_classes=split[0], unseen_classes=split[1])
+    (ev,) = engine.Trainer.build_evaluator(cfg, name)._evaluators
+    assert ev.seen_unseen_classes() == split
     engine.set_test_vocabulary(dense, cfg, name)
     assert not dense.seen.any()
 

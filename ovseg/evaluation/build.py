@@ -31,7 +31,7 @@ def build_benchmark_evaluator(
             A semantic-only model evaluated on a panoptic benchmark gets its semantic metrics only.
         distributed: gather results over processes.
         seen: per class of the dataset, whether the model was trained on it (`OpenVocabModel.seen_for_dataset`):
-            the mIoU-seen / unseen split; None = no split.
+            the mIoU-seen / unseen split; None = the dataset's reference split (`OVSemSegEvaluator`).
     Returns:
         DatasetEvaluators; ValueError when none applies.
     """

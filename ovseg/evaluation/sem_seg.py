@@ -40,7 +40,8 @@ class OVSemSegEvaluator(SemSegEvaluator):
 
     The split is the model's: `seen` gives, per class of the dataset, whether the model was trained on it (the
     engine passes `OpenVocabModel.seen_for_dataset`, the rule the model's own ensemble uses). Without it (a model
-    that learned no class names) no split is reported, rather than one against some other training vocabulary.
+    that learned no class names, e.g. training-free) the dataset's reference split applies: its metadata's
+    `seen_classes` / `unseen_classes` (the usual protocol's COCO-Panoptic training classes, `seen_class_mask`).
     """
 
     def __init__(self, dataset_name: str, distributed: bool = True, output_dir: Optional[str] = None, *,
@@ -55,9 +56,11 @@ class OVSemSegEvaluator(SemSegEvaluator):
                              f"{dataset_name!r}")
 
     def seen_unseen_classes(self) -> Tuple[List[str], List[str]]:
-        """The dataset's class names split by `seen` (both empty without it)."""
+        """The dataset's class names split by `seen`, else by the metadata's reference split (empty lists when the
+        metadata has none)."""
         if self.seen is None:
-            return [], []
+            meta = MetadataCatalog.get(self.dataset_name)
+            return list(meta.get("seen_classes", [])), list(meta.get("unseen_classes", []))
         return ([n for n, s in zip(self.class_names, self.seen) if s],
                 [n for n, s in zip(self.class_names, self.seen) if not s])
 

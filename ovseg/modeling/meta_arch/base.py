@@ -124,7 +124,8 @@ class OpenVocabModel(nn.Module):
     @classmethod
     def training_vocabulary_spec(cls, cfg) -> Optional[VocabularySpec]:
         """The classes a model built from `cfg` learns to name; None for models that learn no class names
-        (training-free ones, CLIPSelf's label-free distillation): they report no seen / unseen split."""
+        (training-free ones, CLIPSelf's label-free distillation): the evaluator then reports the benchmark's
+        reference split."""
         return None
 
     @classmethod
