@@ -25,6 +25,10 @@ def add_ovseg_config(cfg: CN) -> CN:
     cfg.MODEL.CLIP.FEATURE_BLOCKS = []
     # Number of final transformer blocks left trainable (CLIPSelf trains them); 0 = fully frozen.
     cfg.MODEL.CLIP.UNLOCK_LAST_BLOCKS = 0
+    # Regular expressions over the visual tower's parameter names (open_clip's) also left trainable, e.g. only the
+    # attention's q / v projections as CAT-Seg ("attn\\.(q|v)_proj" on EVA; open_clip ViTs pack q, k, v in one
+    # `attn.in_proj_weight`). A pattern matching nothing is an error.
+    cfg.MODEL.CLIP.UNLOCK_PATTERNS = []
 
     # --- training-free dense modes: which mode builds `clip_dense`, then each mode's own parameters ---
     # How the last ViT block builds the dense map `clip_dense`:
@@ -46,6 +50,8 @@ def add_ovseg_config(cfg: CN) -> CN:
     cfg.MODEL.TEXT.VOCABULARY = ""
     # Prompts encoded per text-encoder forward (bounds memory for 847 classes x 80 templates).
     cfg.MODEL.TEXT.BATCH_SIZE = 1024
+    # Train the text tower with the model (a head that fine-tunes it): no embedding cache, gradients through it.
+    cfg.MODEL.TEXT.TRAINABLE = False
 
     cfg.MODEL.DENSE_SEG = CN()
     # Multiplier of the cosine similarities before the softmax over classes (CLIP's learned scale is 100).

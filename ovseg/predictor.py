@@ -28,6 +28,7 @@ from PIL import Image
 from .config import get_ovseg_cfg
 from .data.custom import PREFIXES, register_dataset_names
 from .data.image_io import image_to_tensor, read_image
+from .modeling.meta_arch import OpenVocabModel
 from .modeling.text import Vocabulary, parse_vocabulary
 
 __all__ = ["Prediction", "Predictor", "config_roots", "resolve_config", "shipped_configs"]
@@ -214,6 +215,9 @@ class Predictor:
         # a model trained on `folder:` / `coco:` data names them in DATASETS.*: its vocabulary comes from there
         register_dataset_names(tuple(cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST))
         self.model = build_model(cfg).eval()
+        if not isinstance(self.model, OpenVocabModel):
+            raise TypeError(f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r} is not an ovseg open-vocabulary "
+                            "model (OpenVocabModel): the predictor cannot set its vocabulary")
         if cfg.MODEL.WEIGHTS:
             DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
         self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)

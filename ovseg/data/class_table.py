@@ -20,9 +20,10 @@ import numpy as np
 
 CLASS_LISTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "class_lists")
 
-# The vocabulary an open-vocabulary model is trained on; classes of other benchmarks matching one of its synonyms
-# are "seen", the rest "unseen".
-TRAINING_TABLE = "coco_panoptic_133"
+# The training vocabulary of the usual open-vocabulary protocol (train on COCO-Panoptic): only the reference split
+# stored in the benchmarks' metadata (`seen_classes`). Models and the evaluator split by the model's own training
+# vocabulary (`OpenVocabModel.training_vocabulary`), whatever it is.
+REFERENCE_TRAINING_TABLE = "coco_panoptic_133"
 
 
 @dataclass(frozen=True)
@@ -98,12 +99,14 @@ def _synonym_keys(entry: str) -> set:
 
 
 def seen_class_mask(vocabulary: Sequence[str], training_vocabulary: Optional[Sequence[str]] = None) -> List[bool]:
-    """For each class of `vocabulary` ("name|syn|..." entries), whether it overlaps the training vocabulary.
+    """The one rule for "seen": for each class of `vocabulary` ("name|syn|..." entries), whether it was trained on.
 
     A class is seen when one of its synonyms equals (after `normalize_class_name`) one of the synonyms of a
-    training class. Default training vocabulary: COCO-Panoptic's 133 classes.
+    training class. The models' ensemble (alpha for seen classes) and the evaluator's mIoU-seen / unseen both call
+    it with the model's training vocabulary; None = the reference protocol's COCO-Panoptic 133 classes (the
+    benchmarks' metadata only).
     """
     if training_vocabulary is None:
-        training_vocabulary = [e.vocabulary_entry for e in load_class_table(TRAINING_TABLE)]
+        training_vocabulary = [e.vocabulary_entry for e in load_class_table(REFERENCE_TRAINING_TABLE)]
     known = set().union(*(_synonym_keys(e) for e in training_vocabulary))
     return [bool(_synonym_keys(e) & known) for e in vocabulary]

@@ -38,6 +38,7 @@ from ..data.datasets import check_benchmark_files
 from ..data.mappers import TRAIN_MAPPERS, default_mapper
 from ..evaluation import build_benchmark_evaluator
 from ..modeling.matcher import HungarianMatcher
+from ..modeling.meta_arch.base import OpenVocabModel
 from .checkpoint import SafeCheckpointer
 from .data import ResumableTrainLoader, capture_rng_state, resolve_data_seed, restore_rng_state
 from .errors import NonFiniteLossError, UserError
@@ -63,15 +64,16 @@ def build_mapper(cfg, is_train: bool):
     return DATASET_MAPPERS[name](cfg, is_train)
 
 
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def set_test_vocabulary(model, cfg, dataset_name: str) -> None:
-    """Point an open-vocabulary model at the classes of the dataset it is about to be evaluated on."""
+    """Point an open-vocabulary model at the dataset it is about to be evaluated on: its classes, or
+    MODEL.TEXT.VOCABULARY (the same classes under other names) with the dataset's thing flags."""
     model = _unwrap(model)
-    if hasattr(model, "set_vocabulary"):
-        model.set_vocabulary(cfg.MODEL.TEXT.VOCABULARY or dataset_name)
+    if isinstance(model, OpenVocabModel):
+        model.set_test_dataset(dataset_name, cfg.MODEL.TEXT.VOCABULARY or None)
 
 
 def resolve_device(cfg: CfgNode, warn: bool = True) -> CfgNode:
@@ -235,11 +237,14 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """detectron2's evaluators for the dataset's `evaluator_type`, limited to what the model outputs."""
+        """detectron2's evaluators for the dataset's `evaluator_type`, limited to what the model outputs, with the
+        seen / unseen split of the model's training vocabulary (the rule its ensemble uses)."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_folder_name(dataset_name))
         meta_arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
-        tasks = meta_arch.output_tasks(cfg) if hasattr(meta_arch, "output_tasks") else None
-        return build_benchmark_evaluator(dataset_name, output_dir=output_folder, tasks=tasks)
+        tasks, seen = None, None  # a detectron2 model: every task its dataset has, no split
+        if issubclass(meta_arch, OpenVocabModel):
+            tasks, seen = meta_arch.output_tasks(cfg), meta_arch.seen_for_dataset(cfg, dataset_name)
+        return build_benchmark_evaluator(dataset_name, output_dir=output_folder, tasks=tasks, seen=seen)
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -1,7 +1,7 @@
 """The evaluators of a registered benchmark, chosen from its metadata's `evaluator_type`."""
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
@@ -19,6 +19,7 @@ def build_benchmark_evaluator(
     output_dir: Optional[str] = None,
     tasks: Optional[Iterable[str]] = None,
     distributed: bool = True,
+    seen: Optional[Sequence[bool]] = None,
 ) -> DatasetEvaluators:
     """Evaluators for `dataset_name`, restricted to the output keys the model produces.
 
@@ -28,6 +29,9 @@ def build_benchmark_evaluator(
         tasks: subset of ("sem_seg", "panoptic_seg", "instances") the model outputs; default all three.
             "region_recognition" (panoptic benchmarks only) is evaluated only when listed.
             A semantic-only model evaluated on a panoptic benchmark gets its semantic metrics only.
+        distributed: gather results over processes.
+        seen: per class of the dataset, whether the model was trained on it (`OpenVocabModel.seen_for_dataset`):
+            the mIoU-seen / unseen split; None = the dataset's reference split (`OVSemSegEvaluator`).
     Returns:
         DatasetEvaluators; ValueError when none applies.
     """
@@ -36,7 +40,8 @@ def build_benchmark_evaluator(
     kind = meta.get("evaluator_type", None)
     evaluators = []
     if "sem_seg" in tasks and (kind == SEM_SEG or (kind in PANOPTIC_TYPES and meta.get("sem_seg_root", None))):
-        evaluators.append(OVSemSegEvaluator(dataset_name, distributed=distributed, output_dir=output_dir))
+        evaluators.append(OVSemSegEvaluator(dataset_name, distributed=distributed, output_dir=output_dir,
+                                            seen=seen))
     if "panoptic_seg" in tasks and kind in PANOPTIC_TYPES:
         evaluators.append(OVSegPanopticEvaluator(dataset_name, output_dir=output_dir))
     if "instances" in tasks and (kind == INSTANCE or (kind in PANOPTIC_TYPES and meta.get("json_file", None))):

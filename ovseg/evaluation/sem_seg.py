@@ -1,7 +1,7 @@
 """Semantic segmentation metrics with the open-vocabulary split (classes seen / unseen in training)."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from detectron2.data import MetadataCatalog
@@ -37,14 +37,34 @@ def seen_unseen_miou(results: dict, seen: list, unseen: list) -> dict:
 
 
 class OVSemSegEvaluator(SemSegEvaluator):
-    """detectron2's SemSegEvaluator plus mIoU-seen / mIoU-unseen / hIoU when the dataset has both kinds of class,
-    reading ground truth with `load_sem_seg_gt` (numpy 1 and 2)."""
+    """detectron2's SemSegEvaluator plus mIoU-seen / mIoU-unseen / hIoU, reading ground truth with
+    `load_sem_seg_gt` (numpy 1 and 2).
+
+    The split is the model's: `seen` gives, per class of the dataset, whether the model was trained on it (the
+    engine passes `OpenVocabModel.seen_for_dataset`, the rule the model's own ensemble uses). Without it (a model
+    that learned no class names, e.g. training-free) the dataset's reference split applies: its metadata's
+    `seen_classes` / `unseen_classes` (the usual protocol's COCO-Panoptic training classes, `seen_class_mask`).
+    """
 
     def __init__(self, dataset_name: str, distributed: bool = True, output_dir: Optional[str] = None, *,
-                 sem_seg_loading_fn=load_sem_seg_gt):
+                 sem_seg_loading_fn=load_sem_seg_gt, seen: Optional[Sequence[bool]] = None):
         super().__init__(dataset_name, distributed=distributed, output_dir=output_dir,
                          sem_seg_loading_fn=sem_seg_loading_fn)
         self.dataset_name = dataset_name
+        self.class_names = list(MetadataCatalog.get(dataset_name).stuff_classes)
+        self.seen = None if seen is None else [bool(s) for s in seen]
+        if self.seen is not None and len(self.seen) != len(self.class_names):
+            raise ValueError(f"seen has {len(self.seen)} entries for the {len(self.class_names)} classes of "
+                             f"{dataset_name!r}")
+
+    def seen_unseen_classes(self) -> Tuple[List[str], List[str]]:
+        """The dataset's class names split by `seen`, else by the metadata's reference split (empty lists when the
+        metadata has none)."""
+        if self.seen is None:
+            meta = MetadataCatalog.get(self.dataset_name)
+            return list(meta.get("seen_classes", [])), list(meta.get("unseen_classes", []))
+        return ([n for n, s in zip(self.class_names, self.seen) if s],
+                [n for n, s in zip(self.class_names, self.seen) if not s])
 
     def process(self, inputs, outputs):
         # a label map of another size than the prediction (i.e. its image) would fail in numpy without a file name,
@@ -60,8 +80,7 @@ class OVSemSegEvaluator(SemSegEvaluator):
         results = super().evaluate()
         if not results:
             return results
-        meta = MetadataCatalog.get(self.dataset_name)
-        seen, unseen = meta.get("seen_classes", []), meta.get("unseen_classes", [])
+        seen, unseen = self.seen_unseen_classes()
         if seen and unseen:
             results["sem_seg"].update(seen_unseen_miou(results["sem_seg"], seen, unseen))
         return results

@@ -187,3 +187,9 @@ def split_clip(model: nn.Module) -> Tuple[nn.Module, nn.Module]:
 def load_open_clip_from_cfg(cfg) -> nn.Module:
     """`load_open_clip` with MODEL.CLIP.MODEL_NAME / PRETRAINED / TRUST_PICKLED_WEIGHTS: what every model builds."""
     return load_open_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED, cfg.MODEL.CLIP.TRUST_PICKLED_WEIGHTS)
+
+
+def load_clip_towers(cfg) -> Tuple[nn.Module, nn.Module]:
+    """The CLIP of MODEL.CLIP.*, loaded once and split into (visual tower, text model): what the dense encoder and
+    the text classifier of every ovseg model are built from."""
+    return split_clip(load_open_clip_from_cfg(cfg))

@@ -19,7 +19,8 @@ from detectron2.modeling import Backbone
 from timm.layers import RotaryEmbeddingCat, apply_rot_embed_cat
 from torch import nn
 
-from ..clip_model import load_open_clip_from_cfg, split_clip
+from ..clip_model import load_clip_towers
+from ..trainable import unlock_by_patterns
 
 logger = logging.getLogger(__name__)
 
@@ -433,7 +434,8 @@ class CLIPViTDenseEncoder(Backbone):
 
     @configurable
     def __init__(self, *, visual: nn.Module, feature_blocks: Sequence[int] = (), dense_mode: str = "value",
-                 unlock_last_blocks: int = 0, naclip_sigma: float = 5.0, pos_embed_resize: str = "size"):
+                 unlock_last_blocks: int = 0, naclip_sigma: float = 5.0, pos_embed_resize: str = "size",
+                 unlock_patterns: Sequence[str] = ()):
         """
         Args:
             visual: an open_clip visual tower (`model.visual`).
@@ -444,6 +446,9 @@ class CLIPViTDenseEncoder(Backbone):
             naclip_sigma: standard deviation, in patches, of NACLIP's Gaussian neighbourhood bias.
             pos_embed_resize: how positional embeddings are resized to other grids (see `resize_pos_embed`);
                 "scale_factor" is implemented for open_clip ViT towers.
+            unlock_patterns: regular expressions over the visual tower's parameter names (open_clip's, e.g.
+                "attn.(q|v)_proj" for EVA's q / v projections) also left trainable
+                (`unlock_by_patterns`).
         """
         super().__init__()
         if dense_mode not in DENSE_MODES:
@@ -482,15 +487,16 @@ class CLIPViTDenseEncoder(Backbone):
 
         for p in self.parameters():
             p.requires_grad_(False)
-        for blk in self.unlocked_blocks():
+        for blk in self.tower.blocks[depth - unlock_last_blocks:] if unlock_last_blocks else []:
             for p in blk.parameters():
                 p.requires_grad_(True)
+        unlock_by_patterns(self.tower.visual, unlock_patterns)
         self.train(False)
 
     @classmethod
     def from_config(cls, cfg, input_shape=None, visual: Optional[nn.Module] = None):
         if visual is None:
-            visual, _ = split_clip(load_open_clip_from_cfg(cfg))
+            visual, _ = load_clip_towers(cfg)
         return {
             "visual": visual,
             "feature_blocks": list(cfg.MODEL.CLIP.FEATURE_BLOCKS),
@@ -498,11 +504,12 @@ class CLIPViTDenseEncoder(Backbone):
             "unlock_last_blocks": cfg.MODEL.CLIP.UNLOCK_LAST_BLOCKS,
             "naclip_sigma": cfg.MODEL.CLIP.NACLIP_SIGMA,
             "pos_embed_resize": cfg.MODEL.CLIP.POS_EMBED_RESIZE,
+            "unlock_patterns": list(cfg.MODEL.CLIP.UNLOCK_PATTERNS),
         }
 
     def unlocked_blocks(self) -> List[nn.Module]:
-        n = self.unlock_last_blocks
-        return list(self.tower.blocks[len(self.tower.blocks) - n:]) if n else []
+        """The blocks with a trainable parameter (UNLOCK_LAST_BLOCKS, UNLOCK_PATTERNS)."""
+        return [blk for blk in self.tower.blocks if any(p.requires_grad for p in blk.parameters())]
 
     def train(self, mode: bool = True):
         # Frozen parts stay in eval mode (patch dropout, norms); only unlocked blocks follow `mode`.

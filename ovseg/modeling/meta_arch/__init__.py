@@ -1,6 +1,7 @@
+from .base import OpenVocabModel, resolve_vocabulary, seen_mask
 from .clipself import CLIPSelfDistiller, save_open_clip_checkpoint
 from .dense_segmentor import CLIPDenseSegmentor, sliding_windows
 from .mask_segmentor import OpenVocabMaskSegmentor
 
-__all__ = ["CLIPDenseSegmentor", "CLIPSelfDistiller", "OpenVocabMaskSegmentor", "save_open_clip_checkpoint",
-           "sliding_windows"]
+__all__ = ["CLIPDenseSegmentor", "CLIPSelfDistiller", "OpenVocabMaskSegmentor", "OpenVocabModel",
+           "resolve_vocabulary", "save_open_clip_checkpoint", "seen_mask", "sliding_windows"]

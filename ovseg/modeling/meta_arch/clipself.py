@@ -20,15 +20,15 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from ..backbone.clip_vit import CLIPViTDenseEncoder
-from ..clip_model import load_open_clip_from_cfg, split_clip
 from ..region_pooling import pool_boxes, pool_masks
-from ..text import TextClassifier, Vocabulary, VocabularyMixin
+from ..text import TextClassifier
+from .base import OpenVocabModel
 
 logger = logging.getLogger(__name__)
 
 
 @META_ARCH_REGISTRY.register()
-class CLIPSelfDistiller(VocabularyMixin, nn.Module):
+class CLIPSelfDistiller(OpenVocabModel):
     """Student (`backbone`) = CLIP dense encoder with its last blocks unlocked; teacher = frozen copy of the original
     tower.
 
@@ -44,7 +44,7 @@ class CLIPSelfDistiller(VocabularyMixin, nn.Module):
     @configurable
     def __init__(self, *, backbone: CLIPViTDenseEncoder, teacher: CLIPViTDenseEncoder,
                  text_classifier: Optional[TextClassifier], pixel_mean: Sequence[float], pixel_std: Sequence[float],
-                 loss_weight: float = 1.0, vocabulary=None):
+                 loss_weight: float = 1.0, vocabulary=None, vocabulary_dataset: Optional[str] = None):
         """
         Args:
             backbone: the student, the dense encoder being refined (its `unlock_last_blocks` decide what trains);
@@ -54,37 +54,31 @@ class CLIPSelfDistiller(VocabularyMixin, nn.Module):
             pixel_mean, pixel_std: normalisation of 0-255 RGB inputs (images and crops alike).
             loss_weight: multiplier of the cosine loss.
             vocabulary: initial vocabulary for inference; `set_vocabulary` changes it.
+            vocabulary_dataset: the dataset `vocabulary` is given for (see `OpenVocabModel`).
         """
-        super().__init__()
+        super().__init__(backbone=backbone, text_classifier=text_classifier, pixel_mean=pixel_mean,
+                         pixel_std=pixel_std, vocabulary=vocabulary, vocabulary_dataset=vocabulary_dataset)
         if backbone.patch_size != teacher.patch_size or backbone.embed_dim != teacher.embed_dim:
             raise ValueError("student and teacher must be the same CLIP architecture")
         if not any(p.requires_grad for p in backbone.parameters()):
-            logger.warning("CLIPSelfDistiller: the student has no unlocked block (MODEL.CLIP.UNLOCK_LAST_BLOCKS=0); "
-                           "nothing can be trained")
-        self.backbone = backbone  # the student
-        self.teacher = teacher
+            logger.warning("CLIPSelfDistiller: the student has no unlocked parameter (MODEL.CLIP.UNLOCK_LAST_BLOCKS "
+                           "0, no UNLOCK_PATTERNS); nothing can be trained")
+        self.teacher = teacher  # the frozen original; `backbone` is the student
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.text_classifier = text_classifier
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.loss_weight = loss_weight
-        self._vocabulary: Optional[Vocabulary] = None
-        self._vocabulary_spec = vocabulary
 
     @classmethod
     def from_config(cls, cfg):
-        visual, text_model = split_clip(load_open_clip_from_cfg(cfg))
-        teacher_visual = copy.deepcopy(visual)  # taken before any training step: the original weights
+        clip = cls.clip_parts(cfg)
+        # taken before any training step: the original weights
+        teacher_visual = copy.deepcopy(clip["backbone"].tower.visual)
         return {
-            "backbone": CLIPViTDenseEncoder(cfg, visual=visual),
+            **clip,
+            **cls.vocabulary_args(cfg),
             "teacher": CLIPViTDenseEncoder(visual=teacher_visual, feature_blocks=[0], dense_mode="value",
                                            unlock_last_blocks=0),
-            "text_classifier": TextClassifier(cfg, text_model=text_model),
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
             "loss_weight": cfg.MODEL.CLIPSELF.LOSS_WEIGHT,
-            "vocabulary": cfg.MODEL.TEXT.VOCABULARY or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None),
         }
 
     @classmethod
@@ -92,28 +86,12 @@ class CLIPSelfDistiller(VocabularyMixin, nn.Module):
         """Inference gives region scores: evaluated by region recognition (ovseg.evaluation)."""
         return ("region_recognition",)
 
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
-
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.train(False)  # never dropout / patch dropout in the teacher
         return self
 
     # ------------------------------------------------------------------ steps
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.to(self.device).float() - self.pixel_mean) / self.pixel_std
-
-    def preprocess(self, batched_inputs: List[Dict]) -> ImageList:
-        images = []
-        for inp in batched_inputs:
-            image = inp["image"]
-            if image.dim() != 3 or image.shape[0] != 3:
-                raise ValueError(f"expected a (3, H, W) image, got shape {tuple(image.shape)}")
-            images.append(self.normalize(image))
-        return ImageList.from_tensors(images, size_divisibility=self.backbone.patch_size)
-
     def region_boxes(self, batched_inputs: List[Dict]) -> List[torch.Tensor]:
         boxes = []
         for inp in batched_inputs:
@@ -138,6 +116,13 @@ class CLIPSelfDistiller(VocabularyMixin, nn.Module):
     def distillation_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return self.loss_weight * (1.0 - (student * teacher).sum(-1)).mean()
 
+    def segment(self, images: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The tensor-only core: (B, 3, H, W) normalised images (H, W multiples of the patch size) and (C, D)
+        normalised text embeddings -> {"logits": (B, C, H/p, W/p)} cosine similarities of the student's dense
+        features with each class."""
+        dense = F.normalize(self.backbone(images)["clip_dense"].float(), dim=1)  # (B, D, H/p, W/p)
+        return {"logits": torch.einsum("bdhw,cd->bchw", dense, text.to(dense.dtype))}
+
     def forward(self, batched_inputs: List[Dict]):
         if not self.training:
             return self.recognize_regions(batched_inputs)
@@ -157,9 +142,7 @@ class CLIPSelfDistiller(VocabularyMixin, nn.Module):
 
     @torch.no_grad()
     def recognize_regions(self, batched_inputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:
-        if self.text_classifier is None:
-            raise RuntimeError("CLIPSelfDistiller was built without a text classifier: it cannot recognise regions")
-        text = self.text_classifier(self.vocabulary).to(self.device)  # (C, D)
+        text = self.text_queries(self.vocabulary)[0]  # (C, D)
         images = self.preprocess(batched_inputs)
         boxes = self.region_boxes(batched_inputs)
         dense = self.backbone(images.tensor)["clip_dense"]  # (B, D, h, w) over the padded batch
@@ -176,20 +159,14 @@ class CLIPSelfDistiller(VocabularyMixin, nn.Module):
             })
         return results
 
-    # ------------------------------------------------------------------ export
-    def open_clip_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The full open_clip state dict: the student's (refined) visual tower + the original text tower."""
-        if self.text_classifier is None:
-            raise RuntimeError("cannot export an open_clip checkpoint without the text tower")
-        state = {f"visual.{k}": v for k, v in self.backbone.tower.visual.state_dict().items()}
-        state.update(self.text_classifier.text_model.state_dict())
-        return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 def save_open_clip_checkpoint(model: nn.Module, path: str) -> str:
-    """Write `model`'s open_clip state dict to `path`, loadable as ``MODEL.CLIP.PRETRAINED: path``."""
-    model = model.module if hasattr(model, "module") else model
-    if not hasattr(model, "open_clip_state_dict"):
+    """Write `model`'s open_clip state dict (`OpenVocabModel.open_clip_state_dict`) to `path`, loadable as
+    ``MODEL.CLIP.PRETRAINED: path``."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    if not isinstance(model, OpenVocabModel):
         raise TypeError(f"{type(model).__name__} cannot be exported as an open_clip checkpoint")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(model.open_clip_state_dict(), path)

@@ -8,12 +8,11 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
-from torch import nn
 
 from ..backbone.clip_vit import CLIPViTDenseEncoder
-from ..clip_model import load_open_clip_from_cfg, split_clip
 from ..pamr import PAMR
-from ..text import TextClassifier, Vocabulary, VocabularyMixin, max_over_synonyms
+from ..text import TextClassifier, max_over_synonyms
+from .base import OpenVocabModel
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ def centre_padding(size: Tuple[int, int], multiple: int) -> Tuple[int, int, int,
 
 
 @META_ARCH_REGISTRY.register()
-class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
+class CLIPDenseSegmentor(OpenVocabModel):
     """Per-pixel class probabilities from scale * <clip_dense, text embedding of each query>.
 
     No trainable parameters: any CLIP / CLIPSelf checkpoint runs as is, in any `MODEL.CLIP.DENSE_MODE`
@@ -92,7 +91,8 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
     @configurable
     def __init__(self, *, backbone: CLIPViTDenseEncoder, text_classifier: TextClassifier,
                  pixel_mean: Tuple[float, ...], pixel_std: Tuple[float, ...], vocabulary=None,
-                 logit_scale: float = 100.0, inference_mode: str = "whole", window_size: int = 448,
+                 vocabulary_dataset: Optional[str] = None, logit_scale: float = 100.0,
+                 inference_mode: str = "whole", window_size: int = 448,
                  window_stride: int = 224, window_batch_size: int = 4, window_merge: str = "image",
                  unaligned_windows: str = "truncate", synonyms: str = "max", bg_threshold: float = 0.0,
                  area_threshold: float = 0.0, background_class: str = "background", pamr: Optional[PAMR] = None):
@@ -102,6 +102,7 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
             text_classifier: the frozen text tower (same CLIP model).
             pixel_mean, pixel_std: per-channel normalisation of the 0-255 RGB input.
             vocabulary: initial vocabulary (anything `parse_vocabulary` accepts); `set_vocabulary` changes it.
+            vocabulary_dataset: the dataset `vocabulary` is given for (see `OpenVocabModel`).
             logit_scale: multiplier of the cosine similarities before the softmax.
             inference_mode: "whole" or "slide".
             window_size, window_stride: sliding-window geometry in input pixels.
@@ -121,7 +122,8 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
             background_class: display name of the vocabulary's background class (needed when either rule is on).
             pamr: optional PAMR refinement of the logits with the image.
         """
-        super().__init__()
+        super().__init__(backbone=backbone, text_classifier=text_classifier, pixel_mean=pixel_mean,
+                         pixel_std=pixel_std, vocabulary=vocabulary, vocabulary_dataset=vocabulary_dataset)
         choices = {"INFERENCE_MODE": (inference_mode, ("whole", "slide")),
                    "WINDOW_MERGE": (window_merge, WINDOW_MERGES),
                    "UNALIGNED_WINDOWS": (unaligned_windows, UNALIGNED_WINDOWS),
@@ -141,10 +143,6 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
             raise ValueError(f"MODEL.DENSE_SEG.BG_THRESHOLD={bg_threshold} must be a probability in [0, 1]")
         if not 0.0 <= area_threshold < 1.0:
             raise ValueError(f"MODEL.DENSE_SEG.AREA_THRESHOLD={area_threshold} must be a fraction in [0, 1)")
-        self.backbone = backbone
-        self.text_classifier = text_classifier
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.logit_scale = logit_scale
         self.inference_mode = inference_mode
         self.window_size = window_size
@@ -157,20 +155,13 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
         self.area_threshold = area_threshold
         self.background_class = background_class
         self.pamr = pamr
-        self._vocabulary: Optional[Vocabulary] = None
-        self._vocabulary_spec = vocabulary
 
     @classmethod
     def from_config(cls, cfg):
-        visual, text_model = split_clip(load_open_clip_from_cfg(cfg))
-        vocabulary = cfg.MODEL.TEXT.VOCABULARY or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
         d = cfg.MODEL.DENSE_SEG
         return {
-            "backbone": CLIPViTDenseEncoder(cfg, visual=visual),
-            "text_classifier": TextClassifier(cfg, text_model=text_model),
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
-            "vocabulary": vocabulary,
+            **cls.clip_parts(cfg),
+            **cls.vocabulary_args(cfg),
             "logit_scale": d.LOGIT_SCALE,
             "inference_mode": d.INFERENCE_MODE,
             "window_size": d.WINDOW_SIZE,
@@ -184,15 +175,6 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
             "background_class": d.BACKGROUND_CLASS,
             "pamr": PAMR(d.PAMR_ITERS, d.PAMR_DILATIONS) if d.PAMR_ITERS > 0 else None,
         }
-
-    @classmethod
-    def output_tasks(cls, cfg) -> Tuple[str, ...]:
-        """The detectron2 output keys this model produces (picks the evaluators)."""
-        return ("sem_seg",)
-
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
 
     def low_res_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images, H and W multiples of the patch size, (S, D) query embeddings ->
@@ -370,9 +352,7 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
 
     def queries(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(S, D) query embeddings of the vocabulary and the (S,) class of each (None: one query per class)."""
-        if self.synonyms == "max":
-            return self.text_classifier.synonym_embeddings(self.vocabulary)
-        return self.text_classifier(self.vocabulary), None
+        return self.text_queries(self.vocabulary, self.synonyms)
 
     def forward(self, batched_inputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:
         if self.training:
@@ -382,13 +362,10 @@ class CLIPDenseSegmentor(VocabularyMixin, nn.Module):
             self._background_index()  # fail before any image work
         results = []
         for inp in batched_inputs:
-            image = inp["image"].to(self.device)
-            if image.dim() != 3 or image.shape[0] != 3:
-                raise ValueError(f"expected a 3-channel (3, H, W) image, got shape {tuple(image.shape)}")
+            image = inp["image"]
+            self.check_image(image)
             h, w = image.shape[-2:]
-            if min(h, w) < 1:
-                raise ValueError(f"empty image of shape {tuple(image.shape)}")
-            normed = (image.float() - self.pixel_mean) / self.pixel_std
+            normed = self.normalize(image)
             out_size = (inp.get("height", h), inp.get("width", w))
             results.append({"sem_seg": self.segment(normed, text, out_size, owner)})
         return results

@@ -12,20 +12,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import BitMasks, ImageList
 from torch import nn
 
 from ..backbone.clip_vit import CLIPViTDenseEncoder
 from ..classifiers import ClassText, InVocabClassifier, geometric_ensemble, out_of_vocab_logits
-from ..clip_model import load_open_clip_from_cfg, split_clip
 from ..criterion import SetCriterion
 from ..pixel_decoder import build_pixel_decoder
 from ..postprocessing import OutputMasks, instance_inference, panoptic_inference, resize_to_output, semantic_inference
-from ..text import TextClassifier, Vocabulary, parse_vocabulary
-from ..text.vocabulary import vocabulary_from_metadata
+from ..text import TextClassifier, Vocabulary, dataset_vocabulary
 from ..transformer_decoder import build_transformer_decoder
+from .base import OpenVocabModel
 
 logger = logging.getLogger(__name__)
 
@@ -40,26 +39,6 @@ def registered_dataset(name: str, key: str) -> str:
     return name
 
 
-def dataset_vocabulary(name: str) -> Tuple[Vocabulary, Optional[torch.Tensor]]:
-    """A registered dataset's vocabulary and which of its classes are things (None when it does not say)."""
-    meta = MetadataCatalog.get(name)
-    vocab = vocabulary_from_metadata(meta)
-    things = meta.get("thing_dataset_id_to_contiguous_id", None)
-    if things is None:
-        return vocab, None
-    is_thing = torch.zeros(len(vocab), dtype=torch.bool)
-    is_thing[list(things.values())] = True
-    return vocab, is_thing
-
-
-def seen_mask(vocabulary: Vocabulary, train_vocabulary: Optional[Vocabulary]) -> torch.Tensor:
-    """(C,) bool: a class is seen if any of its synonyms names a training class (case-insensitive)."""
-    if train_vocabulary is None:
-        return torch.zeros(len(vocabulary), dtype=torch.bool)
-    known = {s.lower() for c in train_vocabulary.classes for s in c}
-    return torch.tensor([any(s.lower() in known for s in c) for c in vocabulary.classes], dtype=torch.bool)
-
-
 def image_cells(images: ImageList, grid: Sequence[int]) -> torch.Tensor:
     """(B, 1, *grid) bool: the cells of a grid over the padded batch that cover each image's own pixels."""
     ph, pw = images.tensor.shape[-2:]
@@ -70,7 +49,7 @@ def image_cells(images: ImageList, grid: Sequence[int]) -> torch.Tensor:
 
 
 @META_ARCH_REGISTRY.register()
-class OpenVocabMaskSegmentor(nn.Module):
+class OpenVocabMaskSegmentor(OpenVocabModel):
     """Mask classification with open-vocabulary classes: N queries -> masks + CLIP-space embeddings.
 
     Training: Hungarian-matched class / mask / dice losses against the training vocabulary's text embeddings.
@@ -82,7 +61,8 @@ class OpenVocabMaskSegmentor(nn.Module):
     def __init__(self, *, backbone: CLIPViTDenseEncoder, text_classifier: TextClassifier, pixel_decoder: nn.Module,
                  transformer_decoder: nn.Module, criterion: SetCriterion, in_vocab: InVocabClassifier,
                  pixel_mean: Sequence[float], pixel_std: Sequence[float], train_vocabulary=None, vocabulary=None,
-                 out_vocab: bool = True, out_vocab_logit_scale: float = 100.0, ensemble_alpha: float = 0.4,
+                 vocabulary_dataset: Optional[str] = None, out_vocab: bool = True,
+                 out_vocab_logit_scale: float = 100.0, ensemble_alpha: float = 0.4,
                  ensemble_beta: float = 0.8, ensemble_on_valid_mask: bool = False, synonyms: str = "max",
                  soft_mask_pooling: bool = False, semantic_on: bool = True, panoptic_on: bool = True,
                  instance_on: bool = False, semantic_resolution: str = "auto", object_mask_threshold: float = 0.8,
@@ -95,6 +75,7 @@ class OpenVocabMaskSegmentor(nn.Module):
             pixel_mean, pixel_std: normalisation of the 0-255 RGB input.
             train_vocabulary: classes of the training data (labels index it); a dataset name, string or list.
             vocabulary: initial test vocabulary (dataset name, string, file, list); see `set_vocabulary`.
+            vocabulary_dataset: the dataset `vocabulary` is given for (its thing flags; see `OpenVocabModel`).
             out_vocab, out_vocab_logit_scale, ensemble_alpha, ensemble_beta: out-of-vocabulary classifier and
                 the geometric ensemble (alpha: seen classes, beta: unseen).
             ensemble_on_valid_mask: queries whose binarised mask has no cell on the CLIP grid are classified
@@ -111,7 +92,11 @@ class OpenVocabMaskSegmentor(nn.Module):
             object_mask_threshold, overlap_threshold: panoptic post-processing.
             detections_per_image: instance top-k.
         """
-        super().__init__()
+        super().__init__(backbone=backbone, text_classifier=text_classifier, pixel_mean=pixel_mean,
+                         pixel_std=pixel_std, vocabulary=vocabulary, vocabulary_dataset=vocabulary_dataset,
+                         train_vocabulary=train_vocabulary)
+        if train_vocabulary is not None:
+            self.train_vocabulary  # noqa: B018 - parsed now: a bad training vocabulary fails at build time
         if not (semantic_on or panoptic_on or instance_on):
             raise ValueError("MODEL.MASK_SEG.TEST: turn on at least one of SEMANTIC_ON, PANOPTIC_ON, INSTANCE_ON")
         if semantic_resolution not in ("auto", "output", "padded", "mask"):
@@ -122,14 +107,10 @@ class OpenVocabMaskSegmentor(nn.Module):
         for name, v in (("ENSEMBLE_ALPHA", ensemble_alpha), ("ENSEMBLE_BETA", ensemble_beta)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"MODEL.MASK_SEG.CLASSIFIER.{name}={v} must be in [0, 1]")
-        self.backbone = backbone
-        self.text_classifier = text_classifier
         self.pixel_decoder = pixel_decoder
         self.transformer_decoder = transformer_decoder
         self.criterion = criterion
         self.in_vocab = in_vocab
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
         self.out_vocab = out_vocab
         self.out_vocab_logit_scale = out_vocab_logit_scale
         self.ensemble_alpha = ensemble_alpha
@@ -143,15 +124,6 @@ class OpenVocabMaskSegmentor(nn.Module):
         self.overlap_threshold = overlap_threshold
         self.detections_per_image = detections_per_image
 
-        self.train_vocabulary: Optional[Vocabulary] = None
-        if train_vocabulary is not None:
-            self.train_vocabulary = self._resolve(train_vocabulary)[0]
-        self._vocabulary: Optional[Vocabulary] = None
-        self.is_thing: Optional[torch.Tensor] = None
-        self.seen: Optional[torch.Tensor] = None
-        if vocabulary is not None:
-            self.set_vocabulary(vocabulary)
-
     @classmethod
     def output_tasks(cls, cfg) -> Tuple[str, ...]:
         """The detectron2 outputs produced at test time (they pick the evaluators)."""
@@ -160,35 +132,38 @@ class OpenVocabMaskSegmentor(nn.Module):
                                      ("instances", t.INSTANCE_ON)) if on)
 
     @classmethod
+    def training_vocabulary_spec(cls, cfg):
+        """MODEL.MASK_SEG.TRAIN_VOCABULARY, else DATASETS.TRAIN[0] (its classes), else None."""
+        if cfg.MODEL.MASK_SEG.TRAIN_VOCABULARY:
+            return cfg.MODEL.MASK_SEG.TRAIN_VOCABULARY
+        return registered_dataset(cfg.DATASETS.TRAIN[0], "DATASETS.TRAIN") if cfg.DATASETS.TRAIN else None
+
+    @classmethod
     def from_config(cls, cfg):
-        visual, text_model = split_clip(load_open_clip_from_cfg(cfg))
-        backbone = CLIPViTDenseEncoder(cfg, visual=visual)
+        clip = cls.clip_parts(cfg)
+        backbone = clip["backbone"]
         pixel_decoder = build_pixel_decoder(cfg, backbone.output_shape())
         pd, ms, clf = cfg.MODEL.MASK_SEG.PIXEL_DECODER, cfg.MODEL.MASK_SEG, cfg.MODEL.MASK_SEG.CLASSIFIER
         if ms.DECODER.NUM_LEVELS > len(pd.PYRAMID_SCALES) - 1:
             raise ValueError(f"MODEL.MASK_SEG.DECODER.NUM_LEVELS={ms.DECODER.NUM_LEVELS}, but the pixel decoder has "
                              f"only {len(pd.PYRAMID_SCALES) - 1} levels besides the mask features")
         train_names = [registered_dataset(n, "DATASETS.TRAIN") for n in cfg.DATASETS.TRAIN]
-        test_names = [registered_dataset(n, "DATASETS.TEST") for n in cfg.DATASETS.TEST]
-        train_vocabulary = ms.TRAIN_VOCABULARY or None
-        if train_vocabulary is None and train_names:
+        for name in cfg.DATASETS.TEST:
+            registered_dataset(name, "DATASETS.TEST")
+        if not ms.TRAIN_VOCABULARY and train_names:
             first = dataset_vocabulary(train_names[0])[0]
             for other in train_names[1:]:
                 if dataset_vocabulary(other)[0] != first:
                     raise ValueError(f"DATASETS.TRAIN: {other!r} has another vocabulary than {train_names[0]!r}; "
                                      "training sets must share their class list")
-            train_vocabulary = train_names[0]
         return {
-            "backbone": backbone,
-            "text_classifier": TextClassifier(cfg, text_model=text_model),
+            **clip,
+            **cls.vocabulary_args(cfg),
+            "train_vocabulary": cls.training_vocabulary_spec(cfg),
             "pixel_decoder": pixel_decoder,
             "transformer_decoder": build_transformer_decoder(cfg, pd.CONV_DIM, pd.MASK_DIM, backbone.embed_dim),
             "criterion": SetCriterion(cfg),
             "in_vocab": InVocabClassifier(backbone.embed_dim, clf.LOGIT_SCALE, clf.LEARN_LOGIT_SCALE),
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
-            "train_vocabulary": train_vocabulary,
-            "vocabulary": cfg.MODEL.TEXT.VOCABULARY or (test_names[0] if test_names else None),
             "out_vocab": clf.OUT_VOCAB,
             "out_vocab_logit_scale": clf.OUT_VOCAB_LOGIT_SCALE,
             "ensemble_alpha": clf.ENSEMBLE_ALPHA,
@@ -205,54 +180,10 @@ class OpenVocabMaskSegmentor(nn.Module):
             "detections_per_image": ms.TEST.DETECTIONS_PER_IMAGE,
         }
 
-    # ---- vocabulary -------------------------------------------------------------------------------------
-    @staticmethod
-    def _resolve(spec) -> Tuple[Vocabulary, Optional[torch.Tensor]]:
-        if isinstance(spec, str) and spec in DatasetCatalog.list():
-            return dataset_vocabulary(spec)
-        return parse_vocabulary(spec), None
-
-    @property
-    def vocabulary(self) -> Vocabulary:
-        if self._vocabulary is None:
-            raise ValueError("no test vocabulary: set MODEL.TEXT.VOCABULARY or DATASETS.TEST, or call set_vocabulary()")
-        return self._vocabulary
-
-    def set_vocabulary(self, vocabulary, is_thing: Optional[Sequence[bool]] = None) -> Vocabulary:
-        """Switch the test classes without rebuilding: a registered dataset name (its vocabulary and thing
-        classes), or a string / file / list (every class then counts as a thing unless `is_thing` says).
-        Which classes are "seen" (ensemble weight alpha) is derived from the training vocabulary."""
-        vocab, things = self._resolve(vocabulary)
-        if is_thing is not None:
-            things = torch.as_tensor(list(is_thing), dtype=torch.bool)
-            if len(things) != len(vocab):
-                raise ValueError(f"is_thing has {len(things)} entries for {len(vocab)} classes")
-        elif things is None:
-            # a dataset without thing metadata is semantic-only (all stuff); a user list is all things
-            from_dataset = isinstance(vocabulary, str) and vocabulary in DatasetCatalog.list()
-            things = torch.full((len(vocab),), not from_dataset, dtype=torch.bool)
-        self._vocabulary, self.is_thing = vocab, things
-        self.seen = seen_mask(vocab, self.train_vocabulary)
-        return vocab
-
     # ---- forward pieces ---------------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
-
     def preprocess(self, batched_inputs: List[Dict]) -> ImageList:
-        """Normalise and pad (bottom / right, to the patch size) into one batch."""
-        p = self.backbone.patch_size
-        images = []
-        for inp in batched_inputs:
-            img = inp["image"]
-            if img.dim() != 3 or img.shape[0] != 3:
-                raise ValueError(f"expected a (3, H, W) RGB image, got shape {tuple(img.shape)}")
-            if min(img.shape[-2:]) < p:
-                raise ValueError(f"image of size {tuple(img.shape[-2:])} is smaller than the CLIP patch size {p}: "
-                                 "resize it (INPUT.MIN_SIZE_TEST / MIN_SIZE_TRAIN) before segmenting")
-            images.append((img.to(self.device).float() - self.pixel_mean) / self.pixel_std)
-        return ImageList.from_tensors(images, size_divisibility=p)
+        """Normalise and pad (bottom / right, to the patch size) into one batch; images at least a patch."""
+        return super().preprocess(batched_inputs, min_size=self.backbone.patch_size)
 
     def encode(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Backbone features; no autograd graph through the CLIP tower when none of it is trainable."""
@@ -263,10 +194,8 @@ class OpenVocabMaskSegmentor(nn.Module):
     def text_embeddings(self, vocabulary: Vocabulary) -> ClassText:
         """Both classifiers' text side: a row per synonym (max over a class's synonyms) or per class (the
         synonyms' mean embedding), as `synonyms` says; cached per class by the text classifier."""
-        if self.synonyms == "max" and any(len(c) > 1 for c in vocabulary.classes):
-            embeds, owner = self.text_classifier.synonym_embeddings(vocabulary)
-            return ClassText(embeds.to(self.device), len(vocabulary), owner.to(self.device))
-        return ClassText(self.text_classifier(vocabulary).to(self.device), len(vocabulary))
+        embeds, owner = self.text_queries(vocabulary, self.synonyms)
+        return ClassText(embeds, len(vocabulary), owner)
 
     def prepare_targets(self, batched_inputs: List[Dict], padded_size: Tuple[int, int]) -> List[Dict]:
         targets = []
@@ -299,7 +228,8 @@ class OpenVocabMaskSegmentor(nn.Module):
         return self.criterion(outs, self.prepare_targets(batched_inputs, tuple(images.tensor.shape[-2:])))
 
     def class_probabilities(self, embeds: torch.Tensor, mask_logits: torch.Tensor, dense: torch.Tensor,
-                            images: ImageList, text: ClassText) -> torch.Tensor:
+                            images: ImageList, text: ClassText, seen: Optional[torch.Tensor] = None
+                            ) -> torch.Tensor:
         """(B, Q, C + 1) class probabilities (last = void) from the ensemble of both classifiers, given the
         queries' (B, Q, D) class embeddings and (B, Q, h, w) mask logits on the mask grid of the padded batch."""
         in_logits = self.in_vocab(embeds, text)
@@ -315,7 +245,8 @@ class OpenVocabMaskSegmentor(nn.Module):
             out_logits = out_of_vocab_logits(dense, mask_logits.sigmoid() * inside, text, self.out_vocab_logit_scale)
         else:
             out_logits = out_of_vocab_logits(dense, on_clip_grid, text, self.out_vocab_logit_scale, binary=True)
-        return geometric_ensemble(in_logits, out_logits, self.seen, self.ensemble_alpha, self.ensemble_beta, valid)
+        seen = self.seen if seen is None else seen
+        return geometric_ensemble(in_logits, out_logits, seen, self.ensemble_alpha, self.ensemble_beta, valid)
 
     def postprocess(self, probs: torch.Tensor, mask_logits: torch.Tensor, padded_size: Tuple[int, int],
                     image_size: Tuple[int, int], height: int, width: int) -> Dict:
@@ -343,18 +274,43 @@ class OpenVocabMaskSegmentor(nn.Module):
             result["instances"] = instance_inference(probs, masks, is_thing, self.detections_per_image)
         return result
 
+    def predict(self, images: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Dict]:
+        """(B, 3, H, W) normalised padded images -> (backbone features, the decoder's outputs: "pred_masks"
+        (B, Q, h, w) mask logits on the mask grid, "pred_embeds" (B, Q, D), "aux_outputs")."""
+        features = self.encode(images)
+        mask_features, multi_scale = self.pixel_decoder(features)
+        return features, self.transformer_decoder(multi_scale, mask_features)
+
+    def segment(self, images: torch.Tensor, text: torch.Tensor, owner: Optional[torch.Tensor] = None,
+                image_sizes: Optional[Sequence[Tuple[int, int]]] = None, seen: Optional[torch.Tensor] = None
+                ) -> Dict[str, torch.Tensor]:
+        """The tensor-only inference core (export, other front-ends): masks and their class probabilities.
+
+        Args:
+            images: (B, 3, H, W) normalised images, H and W multiples of the patch size.
+            text: (S, D) normalised text embeddings; owner: (S,) the class of each row (None: a row per class).
+            image_sizes: each image's own (h, w) inside the padded batch; default: all (H, W).
+            seen: (C,) bool seen classes (ensemble weights); default: the current vocabulary's `seen`.
+        Returns:
+            "pred_masks": (B, Q, h, w) float32 mask logits on the mask grid (H/4, W/4 of the padded input);
+            "class_probs": (B, Q, C + 1) probabilities of the ensemble of both classifiers (last = void).
+        """
+        sizes = [tuple(s) for s in image_sizes] if image_sizes is not None else [tuple(images.shape[-2:])] * len(images)
+        num_classes = int(owner.max()) + 1 if owner is not None else len(text)
+        features, outputs = self.predict(images)
+        mask_logits = outputs["pred_masks"].float()  # post-processing in fp32, also after bf16 / fp16 autocast
+        probs = self.class_probabilities(outputs["pred_embeds"], mask_logits, features["clip_dense"],
+                                         ImageList(images, sizes), ClassText(text, num_classes, owner), seen)
+        return {"pred_masks": mask_logits, "class_probs": probs}
+
     def forward(self, batched_inputs: List[Dict]):
         """Training: dict of losses. Inference: per image {"sem_seg", "panoptic_seg", "instances"} (as enabled)."""
         images = self.preprocess(batched_inputs)
-        features = self.encode(images.tensor)
-        mask_features, multi_scale = self.pixel_decoder(features)
-        outputs = self.transformer_decoder(multi_scale, mask_features)
         if self.training:
-            return self.losses(outputs, batched_inputs, images)
-
+            return self.losses(self.predict(images.tensor)[1], batched_inputs, images)
         text = self.text_embeddings(self.vocabulary)
-        mask_logits = outputs["pred_masks"].float()  # post-processing in fp32, also after bf16 / fp16 autocast
-        probs = self.class_probabilities(outputs["pred_embeds"], mask_logits, features["clip_dense"], images, text)
+        out = self.segment(images.tensor, text.embeds, text.owner, images.image_sizes)
+        probs, mask_logits = out["class_probs"], out["pred_masks"]
         results = []
         for i, inp in enumerate(batched_inputs):
             h, w = images.image_sizes[i]

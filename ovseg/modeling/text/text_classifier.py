@@ -1,4 +1,4 @@
-"""Frozen CLIP text tower turning a vocabulary into class embeddings, with a per-class cache."""
+"""CLIP text tower turning a vocabulary into class embeddings: frozen with a per-class cache, or trainable."""
 from __future__ import annotations
 
 import logging
@@ -12,7 +12,7 @@ from detectron2.utils import comm
 from torch import nn
 from tqdm import tqdm
 
-from ..clip_model import load_open_clip_from_cfg, split_clip
+from ..clip_model import load_clip_towers
 from .vocabulary import Vocabulary, get_templates, parse_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -28,24 +28,29 @@ class TextClassifier(nn.Module):
     (synonym, template) prompt. Embeddings are cached per (templates, synonyms), so a repeated vocabulary, or
     a new one sharing classes with an earlier one, costs no text-encoder forward for the known classes. The
     text tower's weights are fixed for the life of the object, so they need not be part of the key.
+
+    With `trainable` the tower trains with the model instead: nothing is cached (the weights change) and the
+    embeddings carry gradients whenever autograd is on.
     """
 
     @configurable
     def __init__(self, *, text_model: nn.Module, tokenizer, templates: Sequence[str] = ("a photo of a {}.",),
-                 batch_size: int = 1024):
+                 batch_size: int = 1024, trainable: bool = False):
         """
         Args:
             text_model: an open_clip model with `encode_text` (its visual tower may be removed).
             tokenizer: the matching open_clip tokenizer.
             templates: prompt templates with one "{}" each.
             batch_size: prompts per text-encoder forward.
+            trainable: train the text tower (MODEL.TEXT.TRAINABLE): no cache, no `no_grad`.
         """
         super().__init__()
         if not templates or any("{}" not in t for t in templates):
             raise ValueError("every prompt template needs a '{}' placeholder")
+        self.trainable = trainable
         self.text_model = text_model.eval()
         for p in self.text_model.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(trainable)
         self.tokenizer = tokenizer
         self.templates = tuple(templates)
         self.batch_size = batch_size
@@ -55,25 +60,31 @@ class TextClassifier(nn.Module):
     @classmethod
     def from_config(cls, cfg, text_model: Optional[nn.Module] = None):
         if text_model is None:
-            _, text_model = split_clip(load_open_clip_from_cfg(cfg))
+            _, text_model = load_clip_towers(cfg)
         return {
             "text_model": text_model,
             "tokenizer": open_clip.get_tokenizer(cfg.MODEL.CLIP.MODEL_NAME),
             "templates": get_templates(cfg.MODEL.TEXT.TEMPLATES),
             "batch_size": cfg.MODEL.TEXT.BATCH_SIZE,
+            "trainable": cfg.MODEL.TEXT.TRAINABLE,
         }
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.text_model.eval()  # frozen: never dropout
+        if not self.trainable:
+            self.text_model.eval()  # frozen: never dropout
         return self
 
     @property
     def device(self) -> torch.device:
         return next(self.text_model.parameters()).device
 
-    @torch.no_grad()
     def _encode_classes(self, classes: Sequence[Tuple[str, ...]]) -> torch.Tensor:
+        """(C, D) normalised class embeddings, gradients flowing only when the tower is trainable."""
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            return self._encode_prompts(classes)
+
+    def _encode_prompts(self, classes: Sequence[Tuple[str, ...]]) -> torch.Tensor:
         prompts, owner = [], []
         for i, synonyms in enumerate(classes):
             for name in synonyms:
@@ -100,6 +111,8 @@ class TextClassifier(nn.Module):
         """Returns (C, D) normalised class embeddings for `vocabulary` (anything `parse_vocabulary` takes), each
         class's synonyms averaged."""
         vocab = parse_vocabulary(vocabulary)
+        if self.trainable:  # the weights change every step: encode afresh, keep nothing
+            return self._encode_classes(vocab.classes).to(self.device)
         missing = [c for c in dict.fromkeys(vocab.classes) if (self.templates, c) not in self._cache]
         if missing:
             logger.debug("encoding %d new classes x %d templates", len(missing), len(self.templates))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import open_clip
 
@@ -182,22 +182,22 @@ def vocabulary_from_metadata(metadata) -> Vocabulary:
     return make_vocabulary(list(entries), f"of dataset {metadata.name!r}", warn_shared=False)
 
 
-class VocabularyMixin:
-    """The test vocabulary of a meta-architecture: parsed from `_vocabulary_spec` on first use (so a dataset name
-    may be registered after the model is built), switched with `set_vocabulary` without rebuilding the model."""
+def dataset_vocabulary(name: str) -> Tuple[Vocabulary, Optional[List[bool]]]:
+    """A registered dataset's vocabulary and, per class, whether it is a thing (None when the metadata does not
+    say: a semantic-only dataset)."""
+    from detectron2.data import MetadataCatalog
 
-    _vocabulary: Optional[Vocabulary] = None
-    _vocabulary_spec = None
+    meta = MetadataCatalog.get(name)
+    vocab = vocabulary_from_metadata(meta)
+    things = meta.get("thing_dataset_id_to_contiguous_id", None)
+    if things is None:
+        return vocab, None
+    contiguous = set(things.values())
+    return vocab, [i in contiguous for i in range(len(vocab))]
 
-    @property
-    def vocabulary(self) -> Vocabulary:
-        if self._vocabulary is None:
-            if self._vocabulary_spec is None:
-                raise ValueError("no vocabulary: set MODEL.TEXT.VOCABULARY, DATASETS.TEST, or call set_vocabulary()")
-            self._vocabulary = parse_vocabulary(self._vocabulary_spec)
-        return self._vocabulary
 
-    def set_vocabulary(self, vocabulary) -> Vocabulary:
-        """Switch the classes to segment (a string, file, list or dataset name); no rebuild needed."""
-        self._vocabulary = parse_vocabulary(vocabulary)
-        return self._vocabulary
+def is_registered_dataset(spec) -> bool:
+    """Whether a vocabulary spec names a registered detectron2 dataset."""
+    from detectron2.data import DatasetCatalog
+
+    return isinstance(spec, str) and spec in DatasetCatalog.list()
