@@ -21,13 +21,13 @@ from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
-from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 
 from .config import get_ovseg_cfg
 from .data.custom import PREFIXES, register_dataset_names
+from .data.image_io import read_image
 from .modeling.text import Vocabulary, parse_vocabulary
 from .utils.paths import PACKAGE_DIR
 from .utils.precision import inference_autocast, resolve_inference_dtype
@@ -79,7 +79,7 @@ def _as_rgb_array(image: ImageInput, where: str) -> np.ndarray:
     """Any accepted image -> (H, W, 3) uint8 RGB array; one clear error otherwise."""
     if isinstance(image, (str, os.PathLike)):
         try:
-            return read_image(os.fspath(image), format="RGB")  # EXIF rotation; gray / RGBA / palette -> RGB
+            return read_image(os.fspath(image), format="RGB")  # EXIF rotation; gray / RGBA / palette / 16 bit -> RGB
         except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
             raise ValueError(f"{where}: cannot read image {os.fspath(image)!r}: {type(e).__name__}: {e}") from e
     if isinstance(image, Image.Image):
