@@ -16,8 +16,10 @@ setup(
     description="Open-vocabulary semantic/panoptic segmentation with CLIP(Self) on Detectron2",
     python_requires=">=3.9",
     packages=find_packages(include=["ovseg", "ovseg.*"]),
-    package_data={"ovseg": ["model_configs/*.json", "data/class_lists/*.json", "data/class_lists/*.txt",
-                            "data/class_lists/authors/*/*.txt", "assets/*"]},
+    # shipped configs and class lists (authors/, fcclip/ included), so config names and `ovseg://` paths resolve
+    # after `pip install`; `**` needs setuptools >= 62.3 (pyproject.toml [build-system])
+    package_data={"ovseg": ["model_configs/*.json", "configs/**/*.yaml", "data/class_lists/**/*.json",
+                            "data/class_lists/**/*.txt", "data/class_lists/**/*.md"]},
     install_requires=[
         "open_clip_torch>=3.0,<4",  # tested: 3.0.0, 3.3.0
         "timm>=1.0.17,<1.1",  # open_clip builds EVA02 towers through timm; tested: 1.0.17, 1.0.29, 1.0.31

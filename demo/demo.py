@@ -4,6 +4,9 @@
     python demo/demo.py --vocab "cat,sofa|couch" --input img.jpg --output output/
     python demo/demo.py --vocab classes.txt --input 'photos/*.jpg' --output out_dir/
     python demo/demo.py --vocab "sky,grass,house" --input demo/examples/scene.jpg --random-init   # no weights
+
+Model, resizing, vocabulary, precision and drawing are `ovseg.Predictor`'s; this script reads the inputs, plans
+the outputs (checked before the model loads) and writes them.
 """
 import argparse
 import glob
@@ -14,23 +17,20 @@ import time
 
 import cv2
 import numpy as np
-import torch
 from detectron2.utils.logger import setup_logger
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # the ovseg of this checkout, not another one installed in the environment
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from predictor import OVSegPredictor  # noqa: E402
-
-from ovseg.config import get_ovseg_cfg  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ovseg import Predictor  # noqa: E402
 from ovseg.data.image_io import IMAGE_SUFFIXES, read_image  # noqa: E402
 from ovseg.modeling import WeightsUnavailableError  # noqa: E402
 from ovseg.modeling.backbone import DENSE_MODES  # noqa: E402
 from ovseg.modeling.text import parse_vocabulary  # noqa: E402
+from ovseg.predictor import resolve_config  # noqa: E402
+from ovseg.utils.precision import INFERENCE_DTYPES  # noqa: E402
 
 # NACLIP: the best training-free mode (see README); --dense-mode switches to another one
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "trainingfree",
-                              "naclip_vitb16.yaml")
+DEFAULT_CONFIG = "naclip_vitb16"
 IMAGE_EXTS = IMAGE_SUFFIXES
 EXIT_NO_WEIGHTS = 3
 EXIT_UNREADABLE_IMAGES = 4  # the readable images were segmented; some inputs were skipped
@@ -38,31 +38,32 @@ EXIT_UNREADABLE_IMAGES = 4  # the readable images were segmented; some inputs we
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE")
+    p.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE",
+                   help="a yaml file or a shipped config's name (naclip_vitb16, naclip/ade20k, ...)")
     p.add_argument("--vocab", required=True, help='classes: "cat,sofa|couch" (| joins synonyms) or a text file')
     p.add_argument("--input", nargs="+", help="image files, globs or folders")
     p.add_argument("--video-input", help="a video file")
     p.add_argument("--webcam", action="store_true", help="read frames from the first webcam")
     p.add_argument("--output", help="output file (one input) or folder; visualisations are written there")
     p.add_argument("--dense-mode", choices=DENSE_MODES, help="MODEL.CLIP.DENSE_MODE (default: the config's)")
+    p.add_argument("--dtype", choices=[*INFERENCE_DTYPES, "auto"],
+                   help="MODEL.INFERENCE_DTYPE (default: the config's); auto = bf16 on CUDA GPUs that support it")
     p.add_argument("--random-init", action="store_true",
                    help="random CLIP weights (MODEL.CLIP.PRETRAINED ''): runs the pipeline without any download")
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return p
 
 
-def setup_cfg(args):
-    cfg = get_ovseg_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+def config_overrides(args):
+    """--opts, then the flags that are config keys (they win)."""
+    opts = list(args.opts)
     if args.random_init:
-        cfg.MODEL.CLIP.PRETRAINED = ""
+        opts += ["MODEL.CLIP.PRETRAINED", ""]
     if args.dense_mode:
-        cfg.MODEL.CLIP.DENSE_MODE = args.dense_mode
-    if not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return cfg
+        opts += ["MODEL.CLIP.DENSE_MODE", args.dense_mode]
+    if args.dtype:
+        opts += ["MODEL.INFERENCE_DTYPE", args.dtype]
+    return opts
 
 
 def expand_inputs(specs):
@@ -132,7 +133,7 @@ def write_image(out, vis_rgb):
 
 def load_image(path):
     try:
-        return read_image(path, format="BGR")  # grayscale / RGBA / palette / 16-bit images become 3-channel 8-bit
+        return read_image(path, format="RGB")  # grayscale / RGBA / palette / 16-bit images become 3-channel 8-bit
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
         raise ValueError(f"cannot read image {path!r}: {type(e).__name__}: {e}") from e
 
@@ -148,12 +149,12 @@ def run_images(predictor, paths, plan, logger):
             failed.append(path)
             continue
         start = time.perf_counter()
-        predictions = predictor(image)
+        prediction = predictor(image)
         elapsed = time.perf_counter() - start
-        areas = ", ".join(f"{k} {100 * v:.1f}%" for k, v in predictor.class_areas(predictions).items())
+        areas = ", ".join(f"{k} {100 * v:.1f}%" for k, v in prediction.class_areas().items())
         logger.info("%s: %dx%d in %.2fs | %s", path, image.shape[1], image.shape[0], elapsed, areas)
         if path in plan:
-            write_image(plan[path], predictor.visualize(image, predictions))
+            write_image(plan[path], prediction.visualize())
             logger.info("wrote %s", plan[path])
     return failed
 
@@ -212,7 +213,7 @@ def run_video(predictor, args, out, logger):
             ok, frame = cap.read()
             if not ok:
                 break
-            vis = predictor.visualize(frame, predictor(frame))[:, :, ::-1]
+            vis = predictor(frame[:, :, ::-1]).visualize()[:, :, ::-1]  # OpenCV frames are BGR
             frames += 1
             if writer is not None:
                 writer.write(np.ascontiguousarray(vis))
@@ -241,9 +242,9 @@ def main(argv=None):
     paths = expand_inputs(args.input) if args.input else None
     plan = plan_image_outputs(args.output, paths) if paths else None
     video_out = None if paths else plan_video_output(args)
-    cfg = setup_cfg(args)
+    config = resolve_config(args.config_file)
     try:
-        predictor = OVSegPredictor(cfg, vocabulary)
+        predictor = Predictor(config, opts=config_overrides(args), vocabulary=vocabulary)
     except WeightsUnavailableError as e:
         logger.error("%s", e)
         return EXIT_NO_WEIGHTS

@@ -98,6 +98,11 @@ def add_ovseg_config(cfg: CN) -> CN:
 
 def add_engine_config(cfg: CN) -> CN:
     """Keys shared by every model: input normalisation, dataset mappers, optimizer, loading weights."""
+    # Inference precision (autocast) of evaluation (train_net.py --eval-only and the evaluations during training,
+    # tools/eval_all.py), ovseg.Predictor and the demo: "fp32", "bf16", "fp16", or "auto" = bf16 on CUDA GPUs that
+    # support it (compute capability >= 8.0), fp32 on CPU and older GPUs. Training precision is SOLVER.AMP.
+    cfg.MODEL.INFERENCE_DTYPE = "fp32"
+
     # Images are fed as RGB, normalised with CLIP's statistics.
     cfg.MODEL.PIXEL_MEAN = list(CLIP_PIXEL_MEAN)
     cfg.MODEL.PIXEL_STD = list(CLIP_PIXEL_STD)

@@ -30,19 +30,17 @@ from .data.custom import PREFIXES, register_dataset_names
 from .data.image_io import image_to_tensor, read_image
 from .modeling.meta_arch import OpenVocabModel
 from .modeling.text import Vocabulary, parse_vocabulary
+from .utils.paths import PACKAGE_DIR
+from .utils.precision import inference_autocast, resolve_inference_dtype
 
 __all__ = ["Prediction", "Predictor", "config_roots", "resolve_config", "shipped_configs"]
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
-
-
 def config_roots() -> List[Path]:
-    """Folders holding the shipped configs, searched in order: package data (`ovseg/configs`, present in an
-    installed package) first, then the source checkout's `configs/` next to the package. The one place to change
-    when the configs move."""
-    return [p for p in (_PACKAGE_DIR / "configs", _PACKAGE_DIR.parent / "configs") if p.is_dir()]
+    """Folders holding the shipped configs: the package's `ovseg/configs` (package data; the checkout's `configs/`
+    is a link to it)."""
+    return [p for p in (PACKAGE_DIR / "configs",) if p.is_dir()]
 
 
 def shipped_configs() -> Dict[str, List[Path]]:
@@ -82,7 +80,7 @@ def _as_rgb_array(image: ImageInput, where: str) -> np.ndarray:
     """Any accepted image -> (H, W, 3) uint8 RGB array; one clear error otherwise."""
     if isinstance(image, (str, os.PathLike)):
         try:
-            return read_image(os.fspath(image), format="RGB")  # EXIF rotation; gray / RGBA / palette -> RGB
+            return read_image(os.fspath(image), format="RGB")  # EXIF rotation; gray / RGBA / palette / 16 bit -> RGB
         except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
             raise ValueError(f"{where}: cannot read image {os.fspath(image)!r}: {type(e).__name__}: {e}") from e
     if isinstance(image, Image.Image):
@@ -182,7 +180,7 @@ class Predictor:
     """
 
     def __init__(self, config: Union[str, os.PathLike, CfgNode] = "naclip_vitb16", *, weights: Optional[str] = None,
-                 device: Optional[str] = None, opts: Sequence[str] = (),
+                 device: Optional[str] = None, dtype: Optional[str] = None, opts: Sequence[str] = (),
                  vocabulary: Union[None, str, Sequence[str], Vocabulary] = None, batch_size: int = 8):
         """
         Args:
@@ -190,6 +188,8 @@ class Predictor:
             weights: a checkpoint for the whole model (MODEL.WEIGHTS); default: the config's (CLIP weights alone
                 come from MODEL.CLIP.PRETRAINED).
             device: "cpu", "cuda", "cuda:1", ...; default: the config's MODEL.DEVICE (CPU when CUDA is missing).
+            dtype: inference precision "fp32", "bf16", "fp16" or "auto" (bf16 on CUDA GPUs that support it, fp32
+                on CPU); default: the config's MODEL.INFERENCE_DTYPE.
             opts: config overrides, KEY VALUE ... as on the command line.
             vocabulary: the initial classes (a "cat,sofa|couch" string, a list, a text file or a dataset name).
             batch_size: the most images of one size per model forward.
@@ -197,21 +197,26 @@ class Predictor:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
-        if isinstance(config, CfgNode):
+        # the yaml the config came from (None for a CfgNode)
+        self.config_path: Optional[Path] = None if isinstance(config, CfgNode) else resolve_config(config)
+        if self.config_path is None:
             cfg = config.clone()
             cfg.defrost()
         else:
             cfg = get_ovseg_cfg()
-            cfg.merge_from_file(str(resolve_config(config)))
+            cfg.merge_from_file(str(self.config_path))
         cfg.merge_from_list(list(opts))
         if weights is not None:
             cfg.MODEL.WEIGHTS = weights
         if device is not None:
             cfg.MODEL.DEVICE = device
+        if dtype is not None:
+            cfg.MODEL.INFERENCE_DTYPE = dtype
         elif cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
             cfg.MODEL.DEVICE = "cpu"
         cfg.freeze()
         self.cfg = cfg
+        self.dtype = resolve_inference_dtype(cfg.MODEL.INFERENCE_DTYPE, cfg.MODEL.DEVICE)  # checked before building
         # a model trained on `folder:` / `coco:` data names them in DATASETS.*: its vocabulary comes from there
         register_dataset_names(tuple(cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST))
         self.model = build_model(cfg).eval()
@@ -284,11 +289,12 @@ class Predictor:
         for i, inp in enumerate(inputs):
             by_size.setdefault(tuple(inp["image"].shape[-2:]), []).append(i)
         outputs: List[Optional[Dict]] = [None] * len(inputs)
-        for same_size in by_size.values():
-            # same size: no padding, so the batch gives what each image gives alone
-            for start in range(0, len(same_size), self.batch_size):
-                idx = same_size[start:start + self.batch_size]
-                for i, out in zip(idx, self.model([inputs[i] for i in idx])):
-                    outputs[i] = out
+        with inference_autocast(self.cfg.MODEL.INFERENCE_DTYPE, self.cfg.MODEL.DEVICE):
+            for same_size in by_size.values():
+                # same size: no padding, so the batch gives what each image gives alone
+                for start in range(0, len(same_size), self.batch_size):
+                    idx = same_size[start:start + self.batch_size]
+                    for i, out in zip(idx, self.model([inputs[i] for i in idx])):
+                        outputs[i] = out
         results = [Prediction(a, vocab, o) for a, o in zip(arrays, outputs)]
         return results[0] if single else results

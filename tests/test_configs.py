@@ -1,4 +1,5 @@
-"""Every shipped config parses, and builds its model (with the tiny CLIP swapped in)."""
+"""Every shipped config parses, and builds its model (with the tiny CLIP swapped in), from any working directory;
+the checkout's `configs/` is a link to the package's `ovseg/configs/`."""
 from pathlib import Path
 
 import pytest
@@ -6,15 +7,28 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
 from ovseg.config import get_ovseg_cfg
+from ovseg.modeling.text import parse_vocabulary
 
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")
-                 if not p.name.startswith("Base-"))
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGED = ROOT / "ovseg" / "configs"
+CONFIGS = sorted(p for p in PACKAGED.rglob("*.yaml") if not p.name.startswith("Base-"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
-def test_config_builds(path):
+def test_configs_folder_is_a_link_to_the_package():
+    assert (ROOT / "configs").is_symlink() and (ROOT / "configs").resolve() == PACKAGED.resolve()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(PACKAGED)))
+def test_config_builds(path, tmp_path, monkeypatch):
     cfg = get_ovseg_cfg()
     cfg.merge_from_file(str(path))
+    linked = get_ovseg_cfg()  # the users' spelling, configs/..., with _BASE_ followed through the link
+    linked.merge_from_file(str(ROOT / "configs" / path.relative_to(PACKAGED)))
+    assert linked.dump() == cfg.dump()
+    monkeypatch.chdir(tmp_path)  # class lists named in configs resolve outside the checkout too
+    for spec in (cfg.MODEL.TEXT.VOCABULARY, cfg.MODEL.MASK_SEG.TRAIN_VOCABULARY):
+        if spec:
+            assert len(parse_vocabulary(spec)) > 0
     cfg.merge_from_list(["MODEL.CLIP.MODEL_NAME", "ovseg-tiny-ViT-16", "MODEL.CLIP.PRETRAINED", "", "MODEL.DEVICE",
                          "cpu", "MODEL.CLIP.UNLOCK_LAST_BLOCKS", min(cfg.MODEL.CLIP.UNLOCK_LAST_BLOCKS, 3)])  # 3 blocks
     if cfg.MODEL.META_ARCHITECTURE == "OpenVocabMaskSegmentor":  # the tiny tower exports two levels

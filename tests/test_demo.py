@@ -96,7 +96,7 @@ def test_demo_never_overwrites_inputs_and_keeps_outputs_distinct(tmp_path):
     Image.open(EXAMPLE).convert("L").save(src / "a.jpg")
     Image.open(EXAMPLE).convert("RGBA").save(other / "a.png")
     before = _digest(src), _digest(other)
-    with mock.patch.object(demo, "OVSegPredictor", side_effect=AssertionError("checks come first")):
+    with mock.patch.object(demo, "Predictor", side_effect=AssertionError("checks come first")):
         with pytest.raises(ValueError, match="folder the input images come from"):
             demo.main(["--vocab", "sky", "--input", str(src), "--output", str(src)] + TINY)
         with pytest.raises(ValueError, match="is an input image"):
@@ -149,7 +149,7 @@ def test_demo_video_checks_come_before_the_model(tmp_path):
     ]
     if not demo.opencv_has_gui():  # what we install: headless OpenCV
         cases += [(["--video-input", str(video)], "headless.*--output"), (["--webcam"], "headless.*--output")]
-    with mock.patch.object(demo, "OVSegPredictor", side_effect=AssertionError("checks come first")):
+    with mock.patch.object(demo, "Predictor", side_effect=AssertionError("checks come first")):
         for args, match in cases:
             with pytest.raises(ValueError, match=match):
                 demo.main(["--vocab", "sky"] + args + TINY)

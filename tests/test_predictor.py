@@ -156,8 +156,8 @@ def test_errors(dense, tmp_path):
 
 def test_config_names(tmp_path):
     naclip = resolve_config("naclip_vitb16")
-    assert naclip == ROOT / "configs" / "trainingfree" / "naclip_vitb16.yaml"
-    assert resolve_config("naclip/ade20k") == ROOT / "configs" / "trainingfree" / "naclip" / "ade20k.yaml"
+    assert naclip == ROOT / "ovseg" / "configs" / "trainingfree" / "naclip_vitb16.yaml"
+    assert resolve_config("naclip/ade20k") == ROOT / "ovseg" / "configs" / "trainingfree" / "naclip" / "ade20k.yaml"
     assert resolve_config(str(naclip)) == naclip
     with pytest.raises(ValueError, match="ambiguous.*clearclip/ade20k.yaml.*naclip/ade20k.yaml"):
         resolve_config("ade20k")

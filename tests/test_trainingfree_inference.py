@@ -218,8 +218,8 @@ def test_presets_use_the_authors_class_lists(method):
     for bench, dataset in BENCHMARKS.items():
         cfg = get_ovseg_cfg()
         cfg.merge_from_file(os.path.join(root, "configs", "trainingfree", method, f"{bench}.yaml"))
-        assert cfg.MODEL.TEXT.VOCABULARY.startswith(f"ovseg/data/class_lists/authors/{folder}/cls_"), bench
-        vocab = parse_vocabulary(os.path.join(root, cfg.MODEL.TEXT.VOCABULARY))
+        assert cfg.MODEL.TEXT.VOCABULARY.startswith(f"ovseg://data/class_lists/authors/{folder}/cls_"), bench
+        vocab = parse_vocabulary(cfg.MODEL.TEXT.VOCABULARY)
         meta = MetadataCatalog.get(dataset)
         names = meta.stuff_classes
         assert len(vocab) == len(names), bench

@@ -7,13 +7,14 @@ r"""Evaluate one model/checkpoint on every benchmark and write one results table
 Columns follow the FC-CLIP / CAT-Seg papers: A-847, PC-459, A-150, PC-59, VOC (mIoU), then ADE and COCO PQ.
 The training-free papers' other benchmarks (PC-60, COCO-Obj, City) are added to the table when named in --columns.
 Benchmarks whose data is missing are reported as "n/a" with the reason in the JSON, and the others still run.
+Precision: MODEL.INFERENCE_DTYPE (fp32 | bf16 | fp16 | auto) among the overrides, as for train_net.py --eval-only.
 """
 import argparse
 import json
 import os
 import sys
 
-# column -> (config in configs/eval, evaluator task, metric)
+# column -> (config in ovseg/configs/eval, evaluator task, metric)
 COLUMNS = {
     "A-847": ("a847.yaml", "sem_seg", "mIoU"),
     "PC-459": ("pc459.yaml", "sem_seg", "mIoU"),
@@ -44,7 +45,8 @@ def markdown_table(scores: dict, label: str, columns=tuple(COLUMNS)) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, help="model config (the eval configs only set the dataset)")
+    parser.add_argument("--config-file", required=True,
+                        help="model config, a yaml or a shipped name (the eval configs only set the dataset)")
     parser.add_argument("--output", default="results", help="folder for results.md / results.json")
     parser.add_argument("--columns", nargs="+", default=list(COLUMNS), choices=list(COLUMNS) + list(EXTRA_COLUMNS))
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS model.pth")
@@ -56,15 +58,17 @@ def main(argv=None):
 
     from ovseg.config import get_ovseg_cfg
     from ovseg.engine import Trainer, UserError, load_eval_weights, resolve_device
+    from ovseg.predictor import resolve_config
+    from ovseg.utils.paths import PACKAGE_DIR
 
     scores, details = {}, {}
     model, model_key = None, None
     for column in args.columns:
         eval_config, task, metric = {**COLUMNS, **EXTRA_COLUMNS}[column]
         eval_cfg = get_ovseg_cfg()
-        eval_cfg.merge_from_file(os.path.join(ROOT, "configs", "eval", eval_config))
+        eval_cfg.merge_from_file(str(PACKAGE_DIR / "configs" / "eval" / eval_config))
         cfg = get_ovseg_cfg()
-        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_file(str(resolve_config(args.config_file)))
         cfg.DATASETS.TEST = tuple(eval_cfg.DATASETS.TEST)  # the eval config only chooses the benchmark
         cfg.merge_from_list(args.opts)
         cfg.OUTPUT_DIR = os.path.join(args.output, column.replace(" ", "_"))

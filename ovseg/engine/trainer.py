@@ -39,6 +39,7 @@ from ..data.mappers import TRAIN_MAPPERS, default_mapper
 from ..evaluation import build_benchmark_evaluator
 from ..modeling.matcher import HungarianMatcher
 from ..modeling.meta_arch.base import OpenVocabModel
+from ..utils.precision import inference_autocast
 from .checkpoint import SafeCheckpointer
 from .data import ResumableTrainLoader, capture_rng_state, resolve_data_seed, restore_rng_state
 from .errors import NonFiniteLossError, UserError
@@ -297,7 +298,8 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """Evaluate on each test dataset in turn, switching the model's vocabulary to that dataset's classes."""
+        """Evaluate on each test dataset in turn, switching the model's vocabulary to that dataset's classes, in the
+        precision of MODEL.INFERENCE_DTYPE."""
         results = OrderedDict()
         for idx, name in enumerate(cfg.DATASETS.TEST):
             if name not in DatasetCatalog.list():  # checked without loading: the test loader loads it once
@@ -306,7 +308,8 @@ class Trainer(DefaultTrainer):
             one = cfg.clone()
             one.defrost()
             one.DATASETS.TEST = (name,)
-            results[name] = super().test(one, model, [evaluators[idx]] if evaluators else None)
+            with inference_autocast(cfg.MODEL.INFERENCE_DTYPE, cfg.MODEL.DEVICE):
+                results[name] = super().test(one, model, [evaluators[idx]] if evaluators else None)
         return results
 
 

@@ -10,6 +10,7 @@ skipped, and a comma in a line is an error (one class per line; a comma-separate
 
 Errors: an empty vocabulary, a blank name, a display name used twice (case-insensitive), a synonym repeated within
 a class, and a spec that looks like a file path (contains ``/`` or ends in ``.txt``) when no such file exists.
+A file inside the installed package is named ``ovseg://data/class_lists/...`` (the shipped configs do so).
 A name may be a synonym of several classes, or a synonym of one class and another class's display name: each of
 those classes then scores it (the published ADE-150/847 lists do this, e.g. ``stool`` is a class and a synonym of
 ``toilet``). For vocabularies typed by the user (strings, files) such shared names are logged as a warning, since
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import open_clip
+
+from ...utils.paths import resolve_package_path
 
 logger = logging.getLogger(__name__)
 
@@ -153,13 +156,15 @@ def read_vocabulary_file(path: str) -> Vocabulary:
 
 def parse_vocabulary(spec: Union[str, Sequence[str], Vocabulary]) -> Vocabulary:
     """Parse a vocabulary given as a comma-separated string, a text file path, a list of entries, or a
-    registered detectron2 dataset name (its metadata's `vocabulary`, else `stuff_classes`)."""
+    registered detectron2 dataset name (its metadata's `vocabulary`, else `stuff_classes`); `ovseg://` names a
+    file inside the package."""
     if isinstance(spec, Vocabulary):
         return spec
     if not isinstance(spec, str):
         return make_vocabulary(list(spec), "(list)")
-    if os.path.isfile(spec):
-        return read_vocabulary_file(spec)
+    path = resolve_package_path(spec)
+    if os.path.isfile(path):
+        return read_vocabulary_file(path)
     from detectron2.data import MetadataCatalog
 
     if spec in MetadataCatalog.list():
