@@ -17,15 +17,14 @@ def add_ovseg_config(cfg: CN) -> CN:
     # Let a PRETRAINED file that needs full unpickling (Python objects beyond tensors, TorchScript) load. Such a
     # file can run code: only for files from a source you trust. Plain state dicts and safetensors never need it.
     cfg.MODEL.CLIP.TRUST_PICKLED_WEIGHTS = False
-    # How the last ViT block builds the dense map `clip_dense`:
-    #   "value": no token mixing, value path + residual + MLP (MaskCLIP / CLIPSelf);
-    #   "attention": the stock block, i.e. exactly what open_clip computes;
-    #   "sclip": SCLIP correlative attention softmax(qq^T)+softmax(kk^T), residual + MLP kept;
-    #   "clearclip": ClearCLIP q-q attention, residual and MLP of the last block dropped;
-    #   "naclip": NACLIP k-k attention + Gaussian neighbourhood bias, residual and MLP dropped.
+    # How the last ViT block builds the dense map `clip_dense`: a name in
+    # ovseg.modeling.backbone.DENSE_MODE_REGISTRY ("value", "attention", "sclip", "clearclip", "naclip"), whose
+    # entry says how the block mixes tokens and whether it keeps its residual / MLP; a mode's parameters live
+    # under MODEL.CLIP.<MODE>.
     cfg.MODEL.CLIP.DENSE_MODE = "value"
+    cfg.MODEL.CLIP.NACLIP = CN()
     # Std. deviation (in patches) of NACLIP's Gaussian neighbourhood bias; 5 in the NACLIP paper and code.
-    cfg.MODEL.CLIP.NACLIP_SIGMA = 5.0
+    cfg.MODEL.CLIP.NACLIP.SIGMA = 5.0
     # Positional embeddings at grids other than the native one, bicubic: "size" (interpolate to the grid) or
     # "scale_factor" (SCLIP / ClearCLIP / NACLIP: by the factor (grid + 0.1) / native grid; open_clip ViTs only).
     cfg.MODEL.CLIP.POS_EMBED_RESIZE = "size"
