@@ -21,7 +21,7 @@ from torch import nn
 
 from ..backbone.clip_vit import CLIPViTDenseEncoder
 from ..clip_model import load_open_clip_from_cfg, split_clip
-from ..region_pooling import pool_boxes, pool_masks
+from ..region_pooling import pool_boxes, pool_masks, region_scores
 from ..text import TextClassifier, Vocabulary, VocabularyMixin
 
 logger = logging.getLogger(__name__)
@@ -171,8 +171,8 @@ class CLIPSelfDistiller(VocabularyMixin, nn.Module):
             masks = F.pad(masks, (0, pad_w - masks.shape[-1], 0, pad_h - masks.shape[-2]))
             mask_feats = pool_masks(dense[i:i + 1], masks[None])[0].float()  # (K, D)
             results.append({
-                "box_region_scores": F.normalize(box_feats[i], dim=-1) @ text.T,
-                "mask_region_scores": F.normalize(mask_feats, dim=-1) @ text.T,
+                "box_region_scores": region_scores(box_feats[i], text),
+                "mask_region_scores": region_scores(mask_feats, text),
             })
         return results
 
