@@ -101,11 +101,52 @@ def semantic_inference(probs: torch.Tensor, masks: Masks) -> torch.Tensor:
         probs = probs[:, :-1].float()
         if isinstance(masks, torch.Tensor):
             return torch.einsum("qk,qhw->khw", probs, masks.float())
-        out = None
+        h, w = masks.shape[-2:]
+        out = probs.new_zeros((probs.shape[1], h * w))
         for start in range(0, len(masks), _QUERY_CHUNK):
-            part = torch.einsum("qk,qhw->khw", probs[start:start + _QUERY_CHUNK], masks[start:start + _QUERY_CHUNK])
-            out = part if out is None else out.add_(part)
-        return out
+            # accumulated in place: no second (K, H, W) tensor for each chunk's part
+            out.addmm_(probs[start:start + _QUERY_CHUNK].T, masks[start:start + _QUERY_CHUNK].flatten(1))
+        return out.view(-1, h, w)
+
+
+def _axis_matrix(in_size: int, padded: int, image: int, output: int, device) -> torch.Tensor:
+    """(output, in_size) matrix of `resize_to_output` along one axis (bilinear is separable): the resize applied
+    to the unit vectors, the other axis kept at size 1 (where bilinear is the identity)."""
+    eye = torch.eye(in_size, device=device)[:, :, None]  # (in, in, 1): unit vector i along the axis
+    return resize_to_output(eye, (padded, 1), (image, 1), (output, 1))[:, :, 0].T
+
+
+def semantic_labels(probs: torch.Tensor, masks: Masks, max_elements: int = 1 << 24) -> torch.Tensor:
+    """(H, W) int64 class of each pixel: the argmax over classes of `semantic_inference`'s scores, computed a
+    band of rows at a time, so that neither a (K, H, W) score tensor nor a (Q, H, W) mask stack is ever held
+    (847 classes at 2000x1500 would be 10 GB of scores). For `OutputMasks` the resize is written as one matrix
+    per axis, the same weights as `resize_to_output` (equal scores up to float rounding).
+
+    Args:
+        probs: (Q, K + 1) class probabilities, last = void (dropped).
+        masks: (Q, H, W) mask probabilities or `OutputMasks`.
+        max_elements: bound on the floats of one band's temporaries ((Q + K) x rows x W).
+    """
+    q, k = probs.shape[0], probs.shape[1] - 1
+    h, w = masks.shape[-2:]
+    device = masks.device
+    with _fp32(device):
+        probs = probs[:, :-1].float()
+        rows = max(1, max_elements // ((q + k) * w))
+        if isinstance(masks, OutputMasks):
+            (ph, pw), (ih, iw), _ = masks.sizes
+            ry = _axis_matrix(masks.logits.shape[1], ph, ih, h, device)  # (H, h)
+            rx = _axis_matrix(masks.logits.shape[2], pw, iw, w, device)  # (W, w)
+            right = torch.einsum("qhv,xv->qhx", masks.logits, rx)  # (Q, h, W): the width resize, once
+        labels = torch.empty((h, w), dtype=torch.long, device=device)
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            if isinstance(masks, OutputMasks):
+                band = torch.einsum("yh,qhx->qyx", ry[r0:r1], right).sigmoid_()  # (Q, rows, W)
+            else:
+                band = masks[:, r0:r1].float()
+            labels[r0:r1] = torch.einsum("qk,qyx->kyx", probs, band).argmax(0)
+    return labels
 
 
 def _count(index: torch.Tensor, n: int) -> torch.Tensor:
