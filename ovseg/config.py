@@ -31,15 +31,14 @@ def add_ovseg_config(cfg: CN) -> CN:
     cfg.MODEL.CLIP.UNLOCK_PATTERNS = []
 
     # --- training-free dense modes: which mode builds `clip_dense`, then each mode's own parameters ---
-    # How the last ViT block builds the dense map `clip_dense`:
-    #   "value": no token mixing, value path + residual + MLP (MaskCLIP / CLIPSelf);
-    #   "attention": the stock block, i.e. exactly what open_clip computes;
-    #   "sclip": SCLIP correlative attention softmax(qq^T)+softmax(kk^T), residual + MLP kept;
-    #   "clearclip": ClearCLIP q-q attention, residual and MLP of the last block dropped;
-    #   "naclip": NACLIP k-k attention + Gaussian neighbourhood bias, residual and MLP dropped.
+    # How the last ViT block builds the dense map `clip_dense`: a name in
+    # ovseg.modeling.backbone.DENSE_MODE_REGISTRY ("value", "attention", "sclip", "clearclip", "naclip"), whose
+    # entry says how the block mixes tokens and whether it keeps its residual / MLP; a mode's parameters live
+    # under MODEL.CLIP.<MODE>.
     cfg.MODEL.CLIP.DENSE_MODE = "value"
+    cfg.MODEL.CLIP.NACLIP = CN()
     # Std. deviation (in patches) of NACLIP's Gaussian neighbourhood bias; 5 in the NACLIP paper and code.
-    cfg.MODEL.CLIP.NACLIP_SIGMA = 5.0
+    cfg.MODEL.CLIP.NACLIP.SIGMA = 5.0
 
     cfg.MODEL.TEXT = CN()
     # Prompt templates: "imagenet" (CLIP's 80 ImageNet prompts), "simple" (open_clip's short set of 7),

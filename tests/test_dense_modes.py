@@ -7,12 +7,14 @@ import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 
 from ovseg.modeling.backbone import CLIPViTDenseEncoder
-from ovseg.modeling.backbone.clip_vit import DENSE_MODES, neighbourhood_bias
+from ovseg.modeling.backbone.clip_vit import DENSE_MODE_REGISTRY, neighbourhood_bias
 from ovseg.modeling.clip_model import split_clip
 from tests.helpers import TINY_MODELS, TINY_VIT
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 SIGMA = 1.5  # small enough for the Gaussian to differ visibly across the tiny 5x3 grid
+PARAMS = {"naclip": {"sigma": SIGMA}}
+QKV_MODES = [m for m, e in DENSE_MODE_REGISTRY.items() if e.mixing == "qkv"]  # the written-out ones
 
 
 def _gaussian_loops(grid, sigma):
@@ -122,11 +124,11 @@ def test_reference_attention_is_the_stock_block(tiny_clip, name):
         torch.testing.assert_close(enc(img)["clip_dense"].flatten(2).transpose(1, 2), F.normalize(ref, dim=-1), **TOL)
 
 
-@pytest.mark.parametrize("mode", ["sclip", "clearclip", "naclip"])
+@pytest.mark.parametrize("mode", QKV_MODES)
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_training_free_modes_match_written_out_attention(tiny_clip, name, mode):
     visual, _ = split_clip(tiny_clip(name, seed=4))
-    enc = CLIPViTDenseEncoder(visual=visual, dense_mode=mode, naclip_sigma=SIGMA)
+    enc = CLIPViTDenseEncoder(visual=visual, dense_mode=mode, mode_params=PARAMS)
     img = torch.randn(2, 3, 80, 48)
     with torch.no_grad():
         x, ctx = _tokens_before_last_block(enc, visual, img)
@@ -144,10 +146,10 @@ def test_modes_differ_from_each_other(tiny_clip):
     visual, _ = split_clip(tiny_clip(TINY_VIT, seed=5))
     img = torch.randn(1, 3, 80, 48)
     with torch.no_grad():
-        outs = {m: CLIPViTDenseEncoder(visual=visual, dense_mode=m, naclip_sigma=SIGMA)(img)["clip_dense"]
-                for m in DENSE_MODES}
-    for a in DENSE_MODES:
-        for b in DENSE_MODES:
+        outs = {m: CLIPViTDenseEncoder(visual=visual, dense_mode=m, mode_params=PARAMS)(img)["clip_dense"]
+                for m in DENSE_MODE_REGISTRY}
+    for a in DENSE_MODE_REGISTRY:
+        for b in DENSE_MODE_REGISTRY:
             if a < b:
                 assert (outs[a] - outs[b]).abs().max() > 1e-3, (a, b)
 
@@ -197,8 +199,10 @@ def test_bad_dense_mode_and_sigma(tiny_clip):
     enc = CLIPViTDenseEncoder(visual=visual)
     with pytest.raises(ValueError, match="valid modes"):
         enc.forward_tokens(torch.randn(1, 3, 32, 32), dense_mode="maskclip")
-    with pytest.raises(ValueError, match="NACLIP_SIGMA"):
-        CLIPViTDenseEncoder(visual=visual, dense_mode="naclip", naclip_sigma=0)
+    with pytest.raises(ValueError, match="NACLIP.SIGMA"):
+        CLIPViTDenseEncoder(visual=visual, dense_mode="naclip", mode_params={"naclip": {"sigma": 0}})
+    with pytest.raises(ValueError, match="unknown dense-mode parameters.*naclip.*sigma"):
+        CLIPViTDenseEncoder(visual=visual, dense_mode="naclip", mode_params={"naclip": {"gamma": 1.0}})
 
 
 def test_pos_embed_scale_factor_rule_is_the_authors(tiny_clip):
@@ -227,3 +231,70 @@ def test_pos_embed_scale_factor_rule_is_the_authors(tiny_clip):
     assert not torch.allclose(size, scaled)
     with pytest.raises(ValueError, match="open_clip ViT"):
         CLIPViTDenseEncoder(visual=split_clip(tiny_clip(TINY_MODELS[1]))[0], pos_embed_resize="scale_factor")
+
+
+def test_config_node_per_mode_reaches_the_encoder(tiny_clip):
+    """Each mode's parameters come from MODEL.CLIP.<MODE>.<PARAM>, one node per registry entry with parameters."""
+    from detectron2.config import get_cfg
+
+    from ovseg.config import add_ovseg_config
+    from ovseg.modeling.backbone.clip_vit import mode_params_from_config
+
+    cfg = add_ovseg_config(get_cfg())
+    for mode, entry in DENSE_MODE_REGISTRY.items():
+        for param in entry.params:
+            assert mode.upper() in cfg.MODEL.CLIP and param.upper() in cfg.MODEL.CLIP[mode.upper()], (mode, param)
+    cfg.MODEL.CLIP.NACLIP.SIGMA = SIGMA
+    visual, _ = split_clip(tiny_clip(TINY_VIT, seed=4))
+    enc = CLIPViTDenseEncoder(visual=visual, dense_mode="naclip", mode_params=mode_params_from_config(cfg))
+    ref = CLIPViTDenseEncoder(visual=visual, dense_mode="naclip", mode_params=PARAMS)
+    default = CLIPViTDenseEncoder(visual=visual, dense_mode="naclip")
+    img = torch.randn(1, 3, 80, 48)
+    with torch.no_grad():
+        assert torch.equal(enc(img)["clip_dense"], ref(img)["clip_dense"])
+        assert not torch.allclose(enc(img)["clip_dense"], default(img)["clip_dense"])
+
+
+def _count_interpolations(monkeypatch):
+    calls = []
+    real = F.interpolate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("mode"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_position_embedding_and_rope_cached_per_grid(tiny_clip, name, monkeypatch):
+    """A second forward at the same grid resizes nothing and gives the same output as a fresh encoder; a weight
+    change (in place or through load_state_dict) is seen at once."""
+    visual, _ = split_clip(tiny_clip(name, seed=7))
+    enc = CLIPViTDenseEncoder(visual=visual, dense_mode="naclip")
+    img = torch.randn(1, 3, 80, 48)  # non-native 5x3 grid
+    calls = _count_interpolations(monkeypatch)
+    rope_calls = []
+    if enc.tower.rope_at if hasattr(enc.tower, "rope_at") else None:
+        twin = enc.tower.rope_at.twin
+        real_get = twin.get_embed
+        monkeypatch.setattr(twin, "get_embed", lambda *a, **k: rope_calls.append(k) or real_get(*a, **k))
+    with torch.no_grad():
+        first = enc(img)["clip_dense"]
+        n_first, r_first = len(calls), len(rope_calls)
+        second = enc(img)["clip_dense"]
+    assert n_first >= 1 and len(calls) == n_first  # bicubic resize on the first forward only
+    assert len(rope_calls) == r_first  # RoPE table at the 5x3 grid built once (EVA) / never (ViT)
+    assert torch.equal(first, second)
+    pos = visual.positional_embedding if hasattr(visual, "positional_embedding") else visual.trunk.pos_embed
+    state = {k: v.clone() for k, v in enc.state_dict().items()}
+    with torch.no_grad():
+        pos.mul_(2.0)  # in place: the cache must notice
+        edited = enc(img)["clip_dense"]
+        fresh = CLIPViTDenseEncoder(visual=visual, dense_mode="naclip")
+        fresh.tower.pos_cache.clear()
+        assert torch.equal(edited, fresh(img)["clip_dense"])
+        assert not torch.allclose(edited, first)
+        enc.load_state_dict(state)
+        assert torch.equal(enc(img)["clip_dense"], first)

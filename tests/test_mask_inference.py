@@ -390,3 +390,22 @@ def test_in_vocab_classifier_is_scaled_cosine_with_void_last():
     ref = 10.0 * F.normalize(embeds, dim=-1) @ torch.cat([text, void[None]]).t()
     torch.testing.assert_close(out, ref)
     assert not any(p is clf.log_scale for p in clf.parameters())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_semantic_labels_are_the_argmax_of_the_scores_without_holding_them(seed):
+    """The banded label map equals argmax over classes of semantic_inference (where the top two scores are not
+    within float rounding), for OutputMasks (resize as per-axis matrices) and probability tensors, at bands of
+    one row and of the whole image."""
+    from ovseg.modeling.postprocessing import semantic_labels
+
+    probs, masks, full, _ = _random_case(seed)
+    ref_scores = semantic_inference(probs, full.sigmoid())  # written-out masks at output resolution
+    top2 = ref_scores.topk(2, dim=0).values
+    clear = (top2[0] - top2[1]) > 1e-4
+    for m in (masks, full.sigmoid()):
+        for max_elements in (1, 1 << 30):
+            labels = semantic_labels(probs, m, max_elements=max_elements)
+            assert labels.shape == ref_scores.shape[1:] and labels.dtype == torch.int64
+            assert torch.equal(labels[clear], ref_scores.argmax(0)[clear])
+    assert clear.float().mean() > 0.9

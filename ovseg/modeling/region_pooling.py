@@ -49,3 +49,10 @@ def pool_masks(dense: torch.Tensor, masks: torch.Tensor, eps: float = 1e-6, bina
         masks = (masks > 0).to(dense.dtype)
     weighted = torch.einsum("bqhw,bdhw->bqd", masks, dense)
     return weighted / masks.sum(dim=(2, 3)).unsqueeze(-1).clamp(min=eps)
+
+
+def region_scores(feats: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """(N, D) pooled region features and (C, D) normalised class embeddings -> (N, C) cosine similarities, in
+    float32 also inside a bf16 / fp16 autocast region (they are outputs, read by the evaluator)."""
+    with torch.autocast(device_type=feats.device.type, enabled=False):
+        return F.normalize(feats.float(), dim=-1) @ text.float().T

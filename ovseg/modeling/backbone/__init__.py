@@ -1,3 +1,3 @@
-from .clip_vit import DENSE_MODES, CLIPViTDenseEncoder, resize_pos_embed
+from .clip_vit import DENSE_MODE_REGISTRY, DENSE_MODES, CLIPViTDenseEncoder, DenseMode, resize_pos_embed
 
-__all__ = ["DENSE_MODES", "CLIPViTDenseEncoder", "resize_pos_embed"]
+__all__ = ["DENSE_MODE_REGISTRY", "DENSE_MODES", "CLIPViTDenseEncoder", "DenseMode", "resize_pos_embed"]

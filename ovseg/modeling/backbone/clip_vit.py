@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -23,12 +25,6 @@ from ..clip_model import load_clip_towers
 from ..trainable import unlock_by_patterns
 
 logger = logging.getLogger(__name__)
-
-DENSE_MODES = ("value", "attention", "sclip", "clearclip", "naclip")
-# Modes that keep the last block's residual connections and MLP. ClearCLIP and NACLIP drop both: the residual
-# stream carries the global (image-level) signal that blurs patch features (ClearCLIP, Lan et al. 2024, sec. 3).
-RESIDUAL_MODES = ("value", "attention", "sclip")
-
 
 POS_EMBED_RESIZE_RULES = ("size", "scale_factor")
 
@@ -59,6 +55,34 @@ def resize_pos_embed(pos: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tup
             raise RuntimeError(f"positional embedding resized to {tuple(grid.shape[-2:])}, expected {new_grid}")
     grid = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], channels)
     return torch.cat([prefix, grid], dim=0)
+
+
+class PerGridCache:
+    """Tensors derived from a weight at one patch grid (resized position embeddings, RoPE tables), kept for the
+    last `maxsize` keys: they cost a bicubic resize per forward otherwise. An entry is keyed on the weight's
+    storage, device, dtype and in-place version counter, so loading or editing the weight makes a new entry;
+    nothing is cached while the weight takes gradients (the graph must be rebuilt each forward)."""
+
+    def __init__(self, maxsize: int = 8):
+        self.maxsize = maxsize
+        self._store: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+
+    def get(self, key: tuple, weight: torch.Tensor, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if weight.requires_grad and torch.is_grad_enabled():
+            return make()
+        # `_version` is bumped by every in-place write (load_state_dict's copy_, optimizer steps, no_grad edits)
+        full = (key, weight.device, weight.dtype, weight.data_ptr(), weight._version)
+        hit = self._store.get(full)
+        if hit is None:
+            hit = self._store[full] = make().detach()
+            while len(self._store) > self.maxsize:
+                self._store.popitem(last=False)
+        else:
+            self._store.move_to_end(full)
+        return hit
+
+    def clear(self) -> None:
+        self._store.clear()
 
 
 # timm versions the EVA02 adapter below is tested with (setup.py declares the same range;
@@ -98,6 +122,7 @@ class RopeAtAnyGrid:
             rebuilt = self.twin.get_embed(shape=list(self.native_grid))
         if native.shape != rebuilt.shape or not torch.allclose(rebuilt.float(), native.float().cpu(), atol=1e-4):
             raise RuntimeError(self._version_message("the rebuilt RoPE differs from timm's at the native grid"))
+        self.cache = PerGridCache()
 
     @staticmethod
     def _version_message(problem: str) -> str:
@@ -110,9 +135,12 @@ class RopeAtAnyGrid:
         native = self.rope.get_embed()
         if tuple(grid) == self.native_grid:
             return native
-        with torch.no_grad():
-            emb = self.twin.get_embed(shape=list(grid))
-        return emb.to(device=native.device, dtype=native.dtype)
+
+        def make():
+            with torch.no_grad():
+                return self.twin.get_embed(shape=list(grid)).to(device=native.device, dtype=native.dtype)
+
+        return self.cache.get(tuple(grid), native, make)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor, half: bool) -> torch.Tensor:
@@ -136,28 +164,92 @@ def neighbourhood_bias(grid: Tuple[int, int], sigma: float, num_prefix: int = 1,
     return F.pad(torch.exp(-d2 / (2.0 * sigma ** 2)), (num_prefix, 0, num_prefix, 0))
 
 
-def mix_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, scale: float,
-               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The training-free token mixings over per-head (B, heads, N, hd) queries, keys and values.
+def _sclip_mixing(q, k, v, scale, bias):
+    # correlative self-attention: the two maps are summed, not renormalised, as in the SCLIP code;
+    # (A + B) v computed as A v + B v so that SDPA never materialises a map where a fused kernel exists
+    return (F.scaled_dot_product_attention(q, q, v, scale=scale)
+            + F.scaled_dot_product_attention(k, k, v, scale=scale))
 
-    All use the block's own attention scale (head_dim^-0.5) and let the class token take part like any token:
-      - "sclip":     (softmax(q q^T s) + softmax(k k^T s)) v  (correlative self-attention; the two maps are
-                     summed, not renormalised, as in the SCLIP code);
-      - "clearclip": softmax(q q^T s) v;
-      - "naclip":    softmax(k k^T s + bias) v, with the Gaussian `bias` added after the scaling.
-    Returns (B, heads, N, hd). SDPA computes each map without materialising it where a fused kernel exists;
-    (A + B) v is computed as A v + B v.
+
+def _clearclip_mixing(q, k, v, scale, bias):
+    return F.scaled_dot_product_attention(q, q, v, scale=scale)
+
+
+def _naclip_mixing(q, k, v, scale, bias):
+    # the Gaussian bias is added after the scaling
+    return F.scaled_dot_product_attention(k, k, v, attn_mask=bias.to(q.dtype), scale=scale)
+
+
+def _naclip_bias(grid: Tuple[int, int], num_prefix: int, device: torch.device, sigma: float) -> torch.Tensor:
+    return neighbourhood_bias(grid, sigma, num_prefix, device=device)
+
+
+@dataclass(frozen=True)
+class DenseMode:
+    """One training-free way for the last ViT block to build `clip_dense` (an entry of DENSE_MODE_REGISTRY).
+
+    mixing: "value" (no token mixing: the value path), "attention" (the block's own attention) or "qkv" (`mix`
+        over the block's own per-head queries, keys and values, with the block's attention scale; the class token
+        takes part like any token).
+    keep_residual: the last block keeps its residual connections and MLP; ClearCLIP and NACLIP drop both, since
+        the residual stream carries the image-level signal that blurs patch features (ClearCLIP, sec. 3).
+    mix: (q, k, v, scale, bias) on (B, heads, N, hd) -> (B, heads, N, hd), for mixing == "qkv".
+    attn_bias: (grid, num_prefix, device, **params) -> (N, N) additive attention bias passed to `mix` as `bias`.
+    params: the mode's parameters and their defaults, each a positive number; in the config they are
+        MODEL.CLIP.<MODE>.<PARAM> (e.g. MODEL.CLIP.NACLIP.SIGMA).
     """
-    if mode == "sclip":
-        return (F.scaled_dot_product_attention(q, q, v, scale=scale)
-                + F.scaled_dot_product_attention(k, k, v, scale=scale))
-    if mode == "clearclip":
-        return F.scaled_dot_product_attention(q, q, v, scale=scale)
-    if mode == "naclip":
-        if bias is None:
-            raise ValueError("dense mode 'naclip' needs the neighbourhood bias")
-        return F.scaled_dot_product_attention(k, k, v, attn_mask=bias.to(q.dtype), scale=scale)
-    raise ValueError(f"unknown dense mode {mode!r}; valid modes: {list(DENSE_MODES)}")
+
+    mixing: str
+    keep_residual: bool
+    mix: Optional[Callable[..., torch.Tensor]] = None
+    attn_bias: Optional[Callable[..., torch.Tensor]] = None
+    params: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mixing not in ("value", "attention", "qkv") or (self.mixing == "qkv") != (self.mix is not None):
+            raise ValueError(f"DenseMode(mixing={self.mixing!r}): 'qkv' mixing needs `mix`, the others none")
+
+
+# name -> mode; MODEL.CLIP.DENSE_MODE picks one. The order is the documentation's.
+DENSE_MODE_REGISTRY: Dict[str, DenseMode] = {
+    "value": DenseMode("value", keep_residual=True),  # MaskCLIP / CLIPSelf
+    "attention": DenseMode("attention", keep_residual=True),  # the stock block: what open_clip computes
+    "sclip": DenseMode("qkv", keep_residual=True, mix=_sclip_mixing),  # (softmax(qq^T s) + softmax(kk^T s)) v
+    "clearclip": DenseMode("qkv", keep_residual=False, mix=_clearclip_mixing),  # softmax(qq^T s) v
+    "naclip": DenseMode("qkv", keep_residual=False, mix=_naclip_mixing, attn_bias=_naclip_bias,
+                        params={"sigma": 5.0}),  # softmax(kk^T s + Gaussian(sigma)) v
+}
+DENSE_MODES = tuple(DENSE_MODE_REGISTRY)
+
+
+def get_dense_mode(name: str, key: str = "MODEL.CLIP.DENSE_MODE") -> DenseMode:
+    """The registry entry of `name`, or one clear error naming the valid modes."""
+    if name not in DENSE_MODE_REGISTRY:
+        raise ValueError(f"{key}={name!r}; valid modes: {list(DENSE_MODE_REGISTRY)}")
+    return DENSE_MODE_REGISTRY[name]
+
+
+def resolve_mode_params(params: Optional[Mapping[str, Mapping[str, float]]] = None) -> Dict[str, Dict[str, float]]:
+    """Every mode's parameters: the registry's defaults overridden by `params` ({mode: {param: value}})."""
+    params = params or {}
+    unknown = [f"{m}.{p}" for m, ps in params.items() for p in ps
+               if m not in DENSE_MODE_REGISTRY or p not in DENSE_MODE_REGISTRY[m].params]
+    if unknown:
+        raise ValueError(f"unknown dense-mode parameters {unknown}; modes and their parameters: "
+                         f"{ {m: list(e.params) for m, e in DENSE_MODE_REGISTRY.items() if e.params} }")
+    out = {}
+    for m, entry in DENSE_MODE_REGISTRY.items():
+        out[m] = {p: float(params.get(m, {}).get(p, d)) for p, d in entry.params.items()}
+        for p, value in out[m].items():
+            if not value > 0:
+                raise ValueError(f"MODEL.CLIP.{m.upper()}.{p.upper()}={value} must be > 0")
+    return out
+
+
+def mode_params_from_config(cfg) -> Dict[str, Dict[str, float]]:
+    """{mode: {param: value}} from the MODEL.CLIP.<MODE>.<PARAM> config nodes of the modes that have parameters."""
+    return {m: {p: cfg.MODEL.CLIP[m.upper()][p.upper()] for p in e.params}
+            for m, e in DENSE_MODE_REGISTRY.items() if e.params}
 
 
 class _Tower(nn.Module):
@@ -179,16 +271,17 @@ class _Tower(nn.Module):
         raise NotImplementedError
 
     def token_mixing(self, block: nn.Module, y: torch.Tensor, ctx: dict, mode: str) -> torch.Tensor:
-        """The attention sub-layer's output for normed tokens `y` (B, N, C) in `mode` (one of DENSE_MODES):
-        "value" skips the token mixing, "attention" is the block's own, the others go through `mix_tokens`."""
-        if mode in ("sclip", "clearclip", "naclip"):
-            q, k, v = self.qkv_heads(block, y, ctx)  # (B, heads, N, hd) each
-            bias = None
-            if mode == "naclip":
-                h, w = ctx["grid"]
-                bias = neighbourhood_bias((h, w), ctx["naclip_sigma"], y.shape[1] - h * w, device=y.device)
-            return self.attn_out(block, mix_tokens(q, k, v, mode, self.attn_scale(block), bias), y)
-        raise ValueError(f"unknown dense mode {mode!r}; valid modes: {list(DENSE_MODES)}")
+        """The attention sub-layer's output for normed tokens `y` (B, N, C) in `mode` (a DENSE_MODE_REGISTRY
+        name); towers implement "value" and "attention" mixing, "qkv" mixing is the mode's own `mix`."""
+        entry = get_dense_mode(mode)
+        if entry.mixing != "qkv":
+            raise NotImplementedError(f"{type(self).__name__} does not implement {entry.mixing!r} mixing")
+        q, k, v = self.qkv_heads(block, y, ctx)  # (B, heads, N, hd) each
+        bias = None
+        if entry.attn_bias is not None:
+            h, w = ctx["grid"]
+            bias = entry.attn_bias((h, w), y.shape[1] - h * w, y.device, **ctx["mode_params"][mode])
+        return self.attn_out(block, entry.mix(q, k, v, self.attn_scale(block), bias), y)
 
     def qkv_heads(self, block: nn.Module, y: torch.Tensor, ctx: dict
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -211,8 +304,8 @@ class _Tower(nn.Module):
         raise NotImplementedError
 
     def last_block(self, x: torch.Tensor, ctx: dict, mode: str) -> torch.Tensor:
-        """The last block with the given token mixing: residuals and MLP as in the tower for RESIDUAL_MODES,
-        the attention branch alone (layer scale included) for "clearclip" / "naclip"."""
+        """The last block with the given token mixing: residuals and MLP as in the tower for modes that keep
+        the residual, the attention branch alone (layer scale included) for the others."""
         raise NotImplementedError
 
 
@@ -232,6 +325,7 @@ class OpenCLIPViTTower(_Tower):
         self.patch_size = visual.patch_size[0]
         self.width = visual.class_embedding.shape[0]
         self.native_grid = tuple(visual.grid_size)
+        self.pos_cache = PerGridCache()
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -244,7 +338,9 @@ class OpenCLIPViTTower(_Tower):
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
         cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + h*w, C)
-        x = x + resize_pos_embed(v.positional_embedding, self.native_grid, grid, 1, self.pos_embed_resize).to(x.dtype)
+        pos = self.pos_cache.get((grid, self.pos_embed_resize), v.positional_embedding, lambda: resize_pos_embed(
+            v.positional_embedding, self.native_grid, grid, 1, self.pos_embed_resize))
+        x = x + pos.to(x.dtype)
         x = v.patch_dropout(x)
         return v.ln_pre(x), {"grid": grid}
 
@@ -253,9 +349,10 @@ class OpenCLIPViTTower(_Tower):
 
     def token_mixing(self, block, y, ctx, mode):
         attn = block.attn
-        if mode == "attention":
+        mixing = get_dense_mode(mode).mixing
+        if mixing == "attention":
             return attn(y, y, y, need_weights=False)[0]
-        if mode == "value":
+        if mixing == "value":
             c = y.shape[-1]
             v = F.linear(y, attn.in_proj_weight[2 * c:], attn.in_proj_bias[2 * c:])
             return attn.out_proj(v)
@@ -278,7 +375,7 @@ class OpenCLIPViTTower(_Tower):
     def last_block(self, x, ctx, mode):
         blk = self.blocks[-1]
         y = blk.ls_1(self.token_mixing(blk, blk.ln_1(x), ctx, mode))
-        if mode not in RESIDUAL_MODES:
+        if not get_dense_mode(mode).keep_residual:
             return y
         x = x + y
         return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
@@ -311,6 +408,7 @@ class EvaTower(_Tower):
         self.native_grid = tuple(trunk.patch_embed.grid_size)
         # a plain attribute holding no parameters or buffers of its own in the state dict
         self.rope_at = RopeAtAnyGrid(trunk.rope, self.native_grid) if trunk.rope is not None else None
+        self.pos_cache = PerGridCache()
 
     # properties, not attributes: registering these modules twice would duplicate them in state dicts
     @property
@@ -329,7 +427,8 @@ class EvaTower(_Tower):
         cls = t.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
         if t.pos_embed is not None:
             n_prefix = 0 if t.no_embed_class else t.num_prefix_tokens
-            pos = resize_pos_embed(t.pos_embed[0], self.native_grid, grid, n_prefix).to(x.dtype)
+            pos = self.pos_cache.get((grid, n_prefix), t.pos_embed, lambda: resize_pos_embed(
+                t.pos_embed[0], self.native_grid, grid, n_prefix)).to(x.dtype)
         if t.no_embed_class:
             x = torch.cat([cls, x + pos if t.pos_embed is not None else x], dim=1)
         else:
@@ -344,9 +443,10 @@ class EvaTower(_Tower):
 
     def token_mixing(self, block, y, ctx, mode):
         attn = block.attn
-        if mode == "attention":
+        mixing = get_dense_mode(mode).mixing
+        if mixing == "attention":
             return attn(y, rope=ctx["rope"])
-        if mode == "value":
+        if mixing == "value":
             if attn.qkv is not None:
                 c = attn.qkv.weight.shape[0] // 3
                 v = F.linear(y, attn.qkv.weight[2 * c:], attn.v_bias)
@@ -396,7 +496,7 @@ class EvaTower(_Tower):
         blk = self.blocks[-1]
         y = self.token_mixing(blk, blk.norm1(x), ctx, mode)
         y = blk.gamma_1 * y if blk.gamma_1 is not None else y
-        if mode not in RESIDUAL_MODES:
+        if not get_dense_mode(mode).keep_residual:
             return y
         x = x + y
         y = blk.mlp(blk.norm2(x))
@@ -434,16 +534,17 @@ class CLIPViTDenseEncoder(Backbone):
 
     @configurable
     def __init__(self, *, visual: nn.Module, feature_blocks: Sequence[int] = (), dense_mode: str = "value",
-                 unlock_last_blocks: int = 0, naclip_sigma: float = 5.0, pos_embed_resize: str = "size",
-                 unlock_patterns: Sequence[str] = ()):
+                 unlock_last_blocks: int = 0, mode_params: Optional[Mapping[str, Mapping[str, float]]] = None,
+                 pos_embed_resize: str = "size", unlock_patterns: Sequence[str] = ()):
         """
         Args:
             visual: an open_clip visual tower (`model.visual`).
             feature_blocks: 0-based indices of blocks exported as res2, res3, ...; empty = 4 evenly spaced
                 blocks ending with the second-to-last.
-            dense_mode: how the last block mixes tokens for `clip_dense`; one of DENSE_MODES.
+            dense_mode: how the last block mixes tokens for `clip_dense`; a DENSE_MODE_REGISTRY name.
             unlock_last_blocks: number of final blocks left trainable (0 = all frozen).
-            naclip_sigma: standard deviation, in patches, of NACLIP's Gaussian neighbourhood bias.
+            mode_params: {mode: {param: value}} overriding the registry's defaults (e.g. {"naclip":
+                {"sigma": 5.0}}, NACLIP's Gaussian std. deviation in patches).
             pos_embed_resize: how positional embeddings are resized to other grids (see `resize_pos_embed`);
                 "scale_factor" is implemented for open_clip ViT towers.
             unlock_patterns: regular expressions over the visual tower's parameter names (open_clip's, e.g.
@@ -451,8 +552,7 @@ class CLIPViTDenseEncoder(Backbone):
                 (`unlock_by_patterns`).
         """
         super().__init__()
-        if dense_mode not in DENSE_MODES:
-            raise ValueError(f"MODEL.CLIP.DENSE_MODE={dense_mode!r}; valid modes: {list(DENSE_MODES)}")
+        get_dense_mode(dense_mode)
         self.tower = build_tower(visual)
         if pos_embed_resize not in POS_EMBED_RESIZE_RULES:
             raise ValueError(f"MODEL.CLIP.POS_EMBED_RESIZE={pos_embed_resize!r}; valid rules: "
@@ -468,13 +568,11 @@ class CLIPViTDenseEncoder(Backbone):
         for i in feature_blocks:
             if not 0 <= i < depth:
                 raise ValueError(f"MODEL.CLIP.FEATURE_BLOCKS has {i}, but the tower has blocks 0..{depth - 1}")
-        if not naclip_sigma > 0:
-            raise ValueError(f"MODEL.CLIP.NACLIP_SIGMA={naclip_sigma} must be > 0")
         if not 0 <= unlock_last_blocks <= depth:
             raise ValueError(f"MODEL.CLIP.UNLOCK_LAST_BLOCKS={unlock_last_blocks} not in [0, {depth}]")
         self.feature_blocks = list(feature_blocks)
         self.dense_mode = dense_mode
-        self.naclip_sigma = float(naclip_sigma)
+        self.mode_params = resolve_mode_params(mode_params)
         self.unlock_last_blocks = unlock_last_blocks
         self.patch_size = self.tower.patch_size
         self._feature_names = {b: f"res{k + 2}" for k, b in enumerate(self.feature_blocks)}
@@ -502,7 +600,7 @@ class CLIPViTDenseEncoder(Backbone):
             "feature_blocks": list(cfg.MODEL.CLIP.FEATURE_BLOCKS),
             "dense_mode": cfg.MODEL.CLIP.DENSE_MODE,
             "unlock_last_blocks": cfg.MODEL.CLIP.UNLOCK_LAST_BLOCKS,
-            "naclip_sigma": cfg.MODEL.CLIP.NACLIP_SIGMA,
+            "mode_params": mode_params_from_config(cfg),
             "pos_embed_resize": cfg.MODEL.CLIP.POS_EMBED_RESIZE,
             "unlock_patterns": list(cfg.MODEL.CLIP.UNLOCK_PATTERNS),
         }
@@ -537,10 +635,9 @@ class CLIPViTDenseEncoder(Backbone):
                        ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, dict]:
         """Run the tower. Returns (multi-level feature maps, last-block tokens (B, 1 + h*w, C), context)."""
         mode = dense_mode or self.dense_mode
-        if mode not in DENSE_MODES:
-            raise ValueError(f"dense mode {mode!r}; valid modes: {list(DENSE_MODES)}")
+        get_dense_mode(mode, key="dense_mode")
         x, ctx = self.tower.embed(self.pad(x))
-        ctx["naclip_sigma"] = self.naclip_sigma
+        ctx["mode_params"] = self.mode_params
         feats = {}
         blocks = self.tower.blocks
         for i, blk in enumerate(blocks[:-1]):
@@ -551,7 +648,7 @@ class CLIPViTDenseEncoder(Backbone):
             # the last block's own (attention) output is wanted as a feature as well
             full = self.tower.run_block(blocks[-1], x, ctx)
             feats[self._feature_names[len(blocks) - 1]] = self._to_map(full, ctx["grid"])
-            last = full if mode == "attention" else self.tower.last_block(x, ctx, mode)
+            last = full if get_dense_mode(mode).mixing == "attention" else self.tower.last_block(x, ctx, mode)
         else:
             last = self.tower.last_block(x, ctx, mode)
         return feats, last, ctx

@@ -20,7 +20,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from ..backbone.clip_vit import CLIPViTDenseEncoder
-from ..region_pooling import pool_boxes, pool_masks
+from ..region_pooling import pool_boxes, pool_masks, region_scores
 from ..text import TextClassifier
 from .base import OpenVocabModel
 
@@ -154,8 +154,8 @@ class CLIPSelfDistiller(OpenVocabModel):
             masks = F.pad(masks, (0, pad_w - masks.shape[-1], 0, pad_h - masks.shape[-2]))
             mask_feats = pool_masks(dense[i:i + 1], masks[None])[0].float()  # (K, D)
             results.append({
-                "box_region_scores": F.normalize(box_feats[i], dim=-1) @ text.T,
-                "mask_region_scores": F.normalize(mask_feats, dim=-1) @ text.T,
+                "box_region_scores": region_scores(box_feats[i], text),
+                "mask_region_scores": region_scores(mask_feats, text),
             })
         return results
 

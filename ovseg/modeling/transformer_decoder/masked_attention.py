@@ -172,7 +172,8 @@ class MaskedAttentionDecoder(nn.Module):
         """(B, Q, h, w) mask logits at a level's size -> (B, 1, Q, h * w) bool, True on the predicted
         foreground. A query with an empty mask would attend to nothing (NaN): it sees the whole level."""
         allowed = mask_logits.detach().flatten(2) >= 0  # sigmoid >= 0.5
-        allowed[~allowed.any(dim=-1)] = True
+        # not a boolean-indexed write: that reads the number of empty masks back to the host
+        allowed |= ~allowed.any(dim=-1, keepdim=True)
         return allowed[:, None]
 
     def forward(self, multi_scale: List[torch.Tensor], mask_features: torch.Tensor) -> Dict[str, object]:

@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""Host syncs, aten ops and dtype casts per image and per stage, from torch.profiler: the CPU proxy of how
+host-bound each model's inference is on a GPU (issue #12).
+
+One process, every model: CLIPDenseSegmentor with the NACLIP preset (configs/trainingfree/naclip_vitb16.yaml:
+sliding windows, PAMR, background threshold) and OpenVocabMaskSegmentor with semantic + panoptic + instance
+inference, each in fp32 and under bf16 autocast. One image per forward; the numbers are those of the last of
+`--iters` forwards (after a warm-up, so that caches are filled), per image.
+
+Counted per stage (the stage is the innermost wrapped method an op runs under; "other" = outside all of them):
+  - syncs: ops that make the host wait for the device on a GPU: `.item()` / `int()` / `float()` / `bool()` of a
+    tensor (aten::_local_scalar_dense), `.tolist()` (counted by a wrapper, it records no aten op), nonzero
+    (also inside boolean indexing), unique, masked_select;
+  - ops: aten ops called from Python (nested aten calls not counted again): a proxy of kernel launches;
+  - casts: aten::_to_copy (dtype casts; on a GPU also device copies);
+  - host_only_reads: reads of CPU tensors that never touch the device (detectron2's ImageList computing the
+    padded size from the image shapes), not counted as syncs.
+
+    python benchmarks/bench_syncs.py                                  # tiny random models, CPU
+    python benchmarks/bench_syncs.py --model ViT-B-16 --device cuda   # real sizes on a GPU
+Prints a table and writes benchmarks/results/bench_syncs.json (`--label` names the run inside it, so that
+before / after runs of the same script sit side by side).
+"""
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_mask_segmentor import make_confident  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+import ovseg.modeling.meta_arch.mask_segmentor as mask_module  # noqa: E402
+from ovseg.config import get_ovseg_cfg  # noqa: E402
+
+STAGE = "stage::"
+HOST_ONLY = "host_only::"  # reads of CPU tensors made from shapes: no device sync even on a GPU
+TOLIST = "host_sync::tolist"
+SYNC_OPS = {"aten::_local_scalar_dense": "item", "aten::nonzero": "nonzero", "aten::_unique2": "unique",
+            "aten::unique_dim": "unique", "aten::unique_consecutive": "unique", "aten::_unique": "unique",
+            "aten::masked_select": "masked_select", TOLIST: "tolist"}
+
+
+def wrap(owner, attr: str, stage: str) -> None:
+    """Run `owner.attr` inside a profiler range named after `stage` (instance attribute or module function)."""
+    fn = getattr(owner, attr)
+
+    def staged(*args, **kwargs):
+        with record_function(STAGE + stage):
+            return fn(*args, **kwargs)
+
+    setattr(owner, attr, staged)
+
+
+def mark_host_only() -> None:
+    """detectron2's ImageList.from_tensors computes the padded size from CPU tensors of the image shapes."""
+    from detectron2.structures import ImageList
+
+    real = ImageList.from_tensors
+
+    def from_tensors(*args, **kwargs):
+        with record_function(HOST_ONLY + "ImageList.from_tensors"):
+            return real(*args, **kwargs)
+
+    ImageList.from_tensors = staticmethod(from_tensors)
+
+
+def host_only(event) -> bool:
+    e = event.cpu_parent
+    while e is not None:
+        if e.name.startswith(HOST_ONLY):
+            return True
+        e = e.cpu_parent
+    return False
+
+
+def count_tolist():
+    real = torch.Tensor.tolist
+
+    def tolist(self):
+        with record_function(TOLIST):
+            return real(self)
+
+    torch.Tensor.tolist = tolist
+
+
+def build(config: str, model_name: str, device: str, classes: int, opts):
+    cfg = get_ovseg_cfg()
+    cfg.merge_from_file(str(ROOT / config))
+    vocab = ",".join(f"class {i}" for i in range(classes - 1)) + ",background"
+    cfg.merge_from_list(["MODEL.CLIP.MODEL_NAME", model_name, "MODEL.CLIP.PRETRAINED", "", "MODEL.DEVICE", device,
+                         "DATASETS.TRAIN", "()", "DATASETS.TEST", "()", "MODEL.TEXT.TEMPLATES", "single",
+                         "MODEL.TEXT.VOCABULARY", vocab, *opts])
+    torch.manual_seed(0)
+    return build_model(cfg).eval()
+
+
+def dense_model(args):
+    model = build("configs/trainingfree/naclip_vitb16.yaml", args.model, args.device, args.classes, [])
+    wrap(model.backbone, "forward", "encoder")
+    wrap(model, "queries", "text")
+    if model.pamr is not None:
+        wrap(model.pamr, "affinities", "pamr")
+        wrap(model.pamr, "propagate", "pamr")
+    wrap(model, "segment", "windows+softmax+thresholds")
+    return model
+
+
+def mask_model(args):
+    vocab = ",".join(f"class {i}" for i in range(args.classes - 1)) + ",background"
+    model = build("configs/Base-MaskSeg.yaml", args.model, args.device, args.classes,
+                  ["MODEL.MASK_SEG.TRAIN_VOCABULARY", vocab, "MODEL.MASK_SEG.TEST.SEMANTIC_ON", "True",
+                   "MODEL.MASK_SEG.TEST.PANOPTIC_ON", "True", "MODEL.MASK_SEG.TEST.INSTANCE_ON", "True",
+                   *(["MODEL.MASK_SEG.PIXEL_DECODER.IN_FEATURES", "['res2', 'res2', 'res3', 'res3']"]
+                     if args.model.startswith("ovseg-tiny") else [])])  # the tiny tower exports 2 levels
+    make_confident(model, args.kept_queries)  # random weights keep no query; a trained model keeps tens
+    wrap(model, "preprocess", "preprocess")
+    wrap(model, "encode", "encoder")
+    wrap(model.pixel_decoder, "forward", "pixel decoder")
+    wrap(model.transformer_decoder, "forward", "transformer decoder")
+    wrap(model, "text_embeddings", "text")
+    wrap(model, "class_probabilities", "classification")
+    wrap(model, "postprocess", "post-processing")
+    for fn, name in (("semantic_inference", "semantic"), ("panoptic_inference", "panoptic"),
+                     ("instance_inference", "instance")):
+        wrap(mask_module, fn, "post-processing/" + name)
+    return model
+
+
+def stage_of(event) -> str:
+    e = event.cpu_parent
+    while e is not None:
+        if e.name.startswith(STAGE):
+            return e.name[len(STAGE):]
+        e = e.cpu_parent
+    return "other"
+
+
+def counts(prof) -> dict:
+    """{stage: {"ops", "casts", "syncs", "sync_kinds": {kind: n}}} from one profiled forward."""
+    table = defaultdict(lambda: {"ops": 0, "casts": 0, "syncs": 0, "host_only_reads": 0,
+                                 "sync_kinds": defaultdict(int)})
+    for e in prof.events():
+        name = e.name
+        if name.startswith(STAGE) or name.startswith(HOST_ONLY):
+            continue
+        row = table[stage_of(e)]
+        if name in SYNC_OPS and host_only(e):
+            row["host_only_reads"] += 1
+        elif name in SYNC_OPS:
+            row["syncs"] += 1
+            row["sync_kinds"][SYNC_OPS[name]] += 1
+        if not name.startswith("aten::"):
+            continue
+        parent = e.cpu_parent
+        if parent is None or not parent.name.startswith("aten::"):
+            row["ops"] += 1
+            row["casts"] += name == "aten::_to_copy"
+        elif name == "aten::_to_copy" and parent.name == "aten::to":
+            row["casts"] += 1  # .to(dtype) records aten::to -> aten::_to_copy
+    return {k: {**v, "sync_kinds": dict(v["sync_kinds"])} for k, v in sorted(table.items())}
+
+
+def run(model, image: torch.Tensor, dtype: str, iters: int) -> dict:
+    amp = torch.autocast(image.device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    inputs = [{"image": image, "height": image.shape[-2], "width": image.shape[-1]}]
+    with torch.no_grad(), amp:
+        for _ in range(iters - 1):
+            model(inputs)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(inputs)
+    return counts(prof)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="ovseg-tiny-ViT-16")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--size", default="336,448", help="image height,width (4:3)")
+    ap.add_argument("--classes", type=int, default=150)
+    ap.add_argument("--kept-queries", type=int, default=50)
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--label", default="current")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/bench_syncs.json"))
+    args = ap.parse_args()
+    if args.model.startswith("ovseg-tiny"):
+        from ovseg.modeling.tiny_models import register_tiny_models
+
+        register_tiny_models()
+    count_tolist()
+    mark_host_only()
+    h, w = (int(v) for v in args.size.split(","))
+    image = torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    image = image.to(args.device)
+    results = {}
+    for name, make in (("CLIPDenseSegmentor naclip", dense_model), ("OpenVocabMaskSegmentor sem+pan+ins", mask_model)):
+        model = make(args)
+        for dtype in args.dtypes.split(","):
+            results[f"{name} {dtype}"] = run(model, image, dtype, args.iters)
+
+    print(f"{args.label}: {args.model} {h}x{w}, {args.classes} classes, device {args.device}; per image")
+    print(f"{'model':44} {'stage':34} {'syncs':>5} {'ops':>6} {'casts':>5} {'host':>4}  sync kinds")
+    for case, table in results.items():
+        total = {k: sum(r[k] for r in table.values()) for k in ("syncs", "ops", "casts", "host_only_reads")}
+        for stage, r in table.items():
+            kinds = " ".join(f"{k}={n}" for k, n in sorted(r["sync_kinds"].items()))
+            print(f"{case:44} {stage:34} {r['syncs']:5d} {r['ops']:6d} {r['casts']:5d} {r['host_only_reads']:4d}"
+                  f"  {kinds}")
+        print(f"{case:44} {'TOTAL':34} {total['syncs']:5d} {total['ops']:6d} {total['casts']:5d} "
+              f"{total['host_only_reads']:4d}")
+        table["TOTAL"] = total
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    previous[args.label] = {"model": args.model, "size": [h, w], "classes": args.classes,
+                            "kept_queries": args.kept_queries, "device": args.device,
+                            "torch": torch.__version__, "results": results}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(previous, indent=1))
+    print(f"JSON: {os.path.relpath(out)} [{args.label}]")
+
+
+if __name__ == "__main__":
+    main()
