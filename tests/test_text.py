@@ -129,6 +129,16 @@ def test_max_over_synonyms_is_a_per_class_max():
     assert max_over_synonyms(same, torch.arange(3), 3) is same
 
 
+def test_cached_embeddings_do_not_depend_on_the_callers_autocast(tiny_clip):
+    fp32, _ = _classifier(tiny_clip)
+    reference = fp32("cat,sofa|couch")
+    under_bf16, _ = _classifier(tiny_clip)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cached = under_bf16("cat,sofa|couch")
+    torch.testing.assert_close(cached, reference, rtol=0, atol=0)
+    torch.testing.assert_close(under_bf16("cat,sofa|couch"), reference, rtol=0, atol=0)  # the cache, outside
+
+
 def test_cache_avoids_text_forwards(tiny_clip):
     clf, text_model = _classifier(tiny_clip)
     with mock.patch.object(text_model, "encode_text", wraps=text_model.encode_text) as spy:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import open_clip
@@ -81,7 +82,10 @@ class TextClassifier(nn.Module):
 
     def _encode_classes(self, classes: Sequence[Tuple[str, ...]]) -> torch.Tensor:
         """(C, D) normalised class embeddings, gradients flowing only when the tower is trainable."""
-        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+        # cached embeddings outlive the caller's autocast: a frozen tower encodes in full precision, so the cache
+        # never hands bf16-rounded embeddings to a later fp32 run
+        precision = nullcontext() if self.trainable else torch.autocast(self.device.type, enabled=False)
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()), precision:
             return self._encode_prompts(classes)
 
     def _encode_prompts(self, classes: Sequence[Tuple[str, ...]]) -> torch.Tensor:
