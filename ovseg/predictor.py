@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
@@ -28,10 +28,13 @@ from PIL import Image
 from .config import get_ovseg_cfg
 from .data.custom import PREFIXES, register_dataset_names
 from .data.image_io import image_to_tensor, read_image
+from .engine import load_eval_weights, resolve_device
 from .modeling.meta_arch import OpenVocabModel
 from .modeling.text import Vocabulary, parse_vocabulary
 from .utils.paths import PACKAGE_DIR
 from .utils.precision import inference_autocast, resolve_inference_dtype
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Prediction", "Predictor", "config_roots", "resolve_config", "shipped_configs"]
 
@@ -212,8 +215,7 @@ class Predictor:
             cfg.MODEL.DEVICE = device
         if dtype is not None:
             cfg.MODEL.INFERENCE_DTYPE = dtype
-        elif cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-            cfg.MODEL.DEVICE = "cpu"
+        cfg = resolve_device(cfg)  # "cuda" on a machine without CUDA: CPU, as train_net.py
         cfg.freeze()
         self.cfg = cfg
         self.dtype = resolve_inference_dtype(cfg.MODEL.INFERENCE_DTYPE, cfg.MODEL.DEVICE)  # checked before building
@@ -223,8 +225,11 @@ class Predictor:
         if not isinstance(self.model, OpenVocabModel):
             raise TypeError(f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r} is not an ovseg open-vocabulary "
                             "model (OpenVocabModel): the predictor cannot set its vocabulary")
-        if cfg.MODEL.WEIGHTS:
-            DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        if cfg.MODEL.WEIGHTS:  # safely and strictly, as train_net.py --eval-only
+            load_eval_weights(cfg, self.model)
+        elif self.model.parameters_needing_weights(bool(cfg.MODEL.CLIP.PRETRAINED)):
+            logger.warning("%s has trained parts but no weights were given (weights=... / MODEL.WEIGHTS): its "
+                           "predictions come from random parameters", cfg.MODEL.META_ARCHITECTURE)
         self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
         if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT={cfg.INPUT.FORMAT!r}: the predictor feeds RGB or BGR images")

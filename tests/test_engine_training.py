@@ -200,7 +200,7 @@ def test_hostile_weights_are_refused_and_never_run(tmp_path):
 
 def test_eval_only_refuses_weights_that_do_not_fit_and_missing_weights(tmp_path):
     cfg, model = _tiny_eval_model()
-    with pytest.raises(engine.UserError, match="trainable parameters but MODEL.WEIGHTS is empty"):
+    with pytest.raises(engine.UserError, match="only MODEL.WEIGHTS can give.*MODEL.WEIGHTS is empty"):
         engine.load_eval_weights(cfg, model)
     # a checkpoint of a model with 16 queries instead of 8
     _, other = _tiny_eval_model(MODEL__MASK_SEG__DECODER__NUM_QUERIES=16)
@@ -302,3 +302,23 @@ def test_unknown_key_in_a_config_file_names_the_file_and_the_closest_keys(tmp_pa
     with pytest.raises(engine.UserError, match=rf"unknown config key SOLVER.MAX_ITERS \({path}\); did you mean "
                                                r"SOLVER.MAX_ITER\b"):
         engine.load_config(args)
+
+
+def test_eval_only_of_clip_weights_needs_no_model_weights(tmp_path):
+    """CLIPSelf's "original" evaluation: unlocked CLIP blocks start from MODEL.CLIP.PRETRAINED, so no MODEL.WEIGHTS
+    is needed; with random CLIP weights the same unlocked blocks have nothing to start from."""
+    from detectron2.modeling import build_model
+
+    from ovseg.modeling import load_open_clip
+    from tests.helpers import TINY_VIT, tiny_cfg
+
+    clip_file = tmp_path / "clip.pt"
+    torch.save(load_open_clip(TINY_VIT, "").state_dict(), clip_file)
+    cfg = tiny_cfg(MODEL__META_ARCHITECTURE="CLIPSelfDistiller", MODEL__CLIP__UNLOCK_LAST_BLOCKS=1,
+                   MODEL__CLIP__PRETRAINED=str(clip_file), MODEL__TEXT__VOCABULARY="a,b")
+    model = build_model(cfg)
+    assert any(p.requires_grad for p in model.parameters())
+    engine.load_eval_weights(cfg, model)  # no error: the CLIP file gave every trainable tensor
+    cfg.MODEL.CLIP.PRETRAINED = ""
+    with pytest.raises(engine.UserError, match="only MODEL.WEIGHTS can give.*backbone"):
+        engine.load_eval_weights(cfg, model)

@@ -411,3 +411,19 @@ def test_panoptic_lsj_targets_follow_fcclip(tmp_path):
             assert torch.equal(m, torch.from_numpy(ref))
         emptied += sum(not m.any() for m in masks)
     assert emptied > 0  # the draws did cut segments away, and they stayed as empty targets
+
+
+def test_train_vocabulary_must_match_the_training_set():
+    """Labels index the training vocabulary: a TRAIN_VOCABULARY of another size would name every class wrongly."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    name = "_ovseg_three_class_train"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: [])
+        MetadataCatalog.get(name).set(stuff_classes=["sky", "grass", "road"])
+    with pytest.raises(ValueError, match="TRAIN_VOCABULARY has 2 classes but DATASETS.TRAIN .* has 3"):
+        build_model(tiny_mask_cfg(DATASETS__TRAIN=f"('{name}',)", MODEL__MASK_SEG__TRAIN_VOCABULARY="a,b",
+                                  MODEL__TEXT__VOCABULARY="a,b"))
+    model = build_model(tiny_mask_cfg(DATASETS__TRAIN=f"('{name}',)", MODEL__MASK_SEG__TRAIN_VOCABULARY="a,b,c",
+                                      MODEL__TEXT__VOCABULARY="a,b"))
+    assert model.train_vocabulary.names == ["a", "b", "c"]

@@ -172,3 +172,37 @@ def test_shipped_config_by_name_runs():
     assert out.sem_seg.shape == (256, 384)
     assert torch.equal(out.sem_seg, _direct(p.model, np.asarray(Image.open(EXAMPLE).convert("RGB")), 32,
                                             p.cfg.INPUT.MAX_SIZE_TEST)["sem_seg"].argmax(0))
+
+
+def test_cuda_config_with_a_dtype_runs_on_cpu_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    p = Predictor(tiny_cfg(MODEL__DEVICE="cuda", INPUT__MIN_SIZE_TEST=32), dtype="fp32", vocabulary=VOCAB)
+    assert p.cfg.MODEL.DEVICE == "cpu" and p(_image(32, 40)).sem_seg.shape == (32, 40)
+
+
+def test_weights_are_loaded_safely_and_strictly(tmp_path):
+    import pickle
+
+    from ovseg.engine import UserError
+
+    marker = tmp_path / "pwned"
+
+    class Hostile:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    cfg = tiny_mask_cfg(INPUT__MIN_SIZE_TEST=32)
+    pkl = tmp_path / "model.pkl"
+    with open(pkl, "wb") as f:
+        pickle.dump({"model": {"x": Hostile()}}, f)
+    with pytest.raises(UserError, match="TRUST_PICKLED_WEIGHTS"):
+        Predictor(cfg, weights=str(pkl), vocabulary=VOCAB)
+    assert not marker.exists()
+    # a checkpoint of another model (16 queries instead of 8) is an error, not skipped parameters
+    from detectron2.modeling import build_model
+
+    other = build_model(tiny_mask_cfg(MODEL__MASK_SEG__DECODER__NUM_QUERIES=16, MODEL__TEXT__VOCABULARY="a"))
+    pth = tmp_path / "other.pth"
+    torch.save({"model": other.state_dict()}, pth)
+    with pytest.raises(UserError, match="do not fit the model"):
+        Predictor(cfg, weights=str(pth), vocabulary=VOCAB)

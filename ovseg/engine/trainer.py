@@ -391,11 +391,14 @@ def load_eval_weights(cfg: CfgNode, model: torch.nn.Module, resume: bool = False
     if cfg.MODEL.WEIGHTS or (resume and checkpointer.has_checkpoint()):
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
         return
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if trainable and not allow_random:
-        raise UserError(f"{cfg.MODEL.META_ARCHITECTURE} has {trainable} trainable parameters but MODEL.WEIGHTS is "
-                        "empty: give the trained weights, or set MODEL.ALLOW_RANDOM_WEIGHTS True to evaluate random "
-                        "ones on purpose")
+    # the CLIP towers' unlocked blocks start from MODEL.CLIP.PRETRAINED (CLIPSelf's "original" evaluation)
+    core = _unwrap(model)
+    untrained = (core.parameters_needing_weights(bool(cfg.MODEL.CLIP.PRETRAINED)) if isinstance(core, OpenVocabModel)
+                 else [n for n, p in core.named_parameters() if p.requires_grad])
+    if untrained and not allow_random:
+        raise UserError(f"{cfg.MODEL.META_ARCHITECTURE} has {len(untrained)} trainable tensors that only MODEL.WEIGHTS "
+                        f"can give (e.g. {untrained[0]}) but MODEL.WEIGHTS is empty: give the trained weights, or set "
+                        "MODEL.ALLOW_RANDOM_WEIGHTS True to evaluate random ones on purpose")
 
 
 def setup(args):

@@ -242,6 +242,12 @@ class OpenVocabModel(nn.Module):
         return self.text_classifier(vocabulary).to(self.device), None
 
     # ---- export -------------------------------------------------------------------------------------------
+    def parameters_needing_weights(self, clip_pretrained: bool) -> List[str]:
+        """Names of the trainable parameters that only MODEL.WEIGHTS can give: with CLIP weights loaded
+        (`clip_pretrained`), the CLIP towers' own unlocked parameters start from them and are not counted."""
+        clip = ("backbone.", "text_classifier.") if clip_pretrained else ()
+        return [n for n, p in self.named_parameters() if p.requires_grad and not n.startswith(clip)]
+
     def open_clip_state_dict(self) -> Dict[str, torch.Tensor]:
         """The full open_clip state dict: the encoder's visual tower (as trained) + the text tower, on the CPU."""
         if self.text_classifier is None:

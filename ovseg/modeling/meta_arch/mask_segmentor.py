@@ -22,7 +22,7 @@ from ..classifiers import ClassText, InVocabClassifier, geometric_ensemble, out_
 from ..criterion import SetCriterion
 from ..pixel_decoder import build_pixel_decoder
 from ..postprocessing import OutputMasks, instance_inference, panoptic_inference, resize_to_output, semantic_inference
-from ..text import TextClassifier, Vocabulary, dataset_vocabulary
+from ..text import TextClassifier, Vocabulary, dataset_vocabulary, parse_vocabulary
 from ..transformer_decoder import build_transformer_decoder
 from .base import OpenVocabModel
 
@@ -150,12 +150,18 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
         train_names = [registered_dataset(n, "DATASETS.TRAIN") for n in cfg.DATASETS.TRAIN]
         for name in cfg.DATASETS.TEST:
             registered_dataset(name, "DATASETS.TEST")
-        if not ms.TRAIN_VOCABULARY and train_names:
+        if train_names:
             first = dataset_vocabulary(train_names[0])[0]
             for other in train_names[1:]:
                 if dataset_vocabulary(other)[0] != first:
                     raise ValueError(f"DATASETS.TRAIN: {other!r} has another vocabulary than {train_names[0]!r}; "
                                      "training sets must share their class list")
+            # labels index the training vocabulary: another class count would name the classes wrongly
+            given = len(parse_vocabulary(ms.TRAIN_VOCABULARY)) if ms.TRAIN_VOCABULARY else len(first)
+            if given != len(first):
+                raise ValueError(f"MODEL.MASK_SEG.TRAIN_VOCABULARY has {given} "
+                                 f"classes but DATASETS.TRAIN {train_names[0]!r} has {len(first)}: give a list of "
+                                 "its classes in its order, or set TRAIN_VOCABULARY \"\" to use the dataset's names")
         return {
             **clip,
             **cls.vocabulary_args(cfg),
