@@ -241,6 +241,8 @@ def main(argv=None):
     vocabulary = parse_vocabulary(args.vocab)
     paths = expand_inputs(args.input) if args.input else None
     plan = plan_image_outputs(args.output, paths) if paths else None
+    if paths and args.output is None:
+        logger.info("no --output given: class areas are printed, no image is written")
     video_out = None if paths else plan_video_output(args)
     config = resolve_config(args.config_file)
     try:

@@ -106,7 +106,7 @@ def add_engine_config(cfg: CN) -> CN:
     cfg.MODEL.PIXEL_MEAN = list(CLIP_PIXEL_MEAN)
     cfg.MODEL.PIXEL_STD = list(CLIP_PIXEL_STD)
     cfg.INPUT.FORMAT = "RGB"
-    # Dataset mappers by name (ovseg.engine.DATASET_MAPPERS): "clipself", "region_recognition", "mask_semantic",
+    # Dataset mappers by name (ovseg.data.mappers.DATASET_MAPPERS): "clipself", "region_recognition", "mask_semantic",
     # "mask_panoptic_lsj"; "" = detectron2's DatasetMapper (training) / its test-time resize (testing).
     cfg.INPUT.DATASET_MAPPER_NAME = ""
     cfg.INPUT.TEST_DATASET_MAPPER_NAME = ""

@@ -209,7 +209,10 @@ class Predictor:
             cfg = get_ovseg_cfg()
             cfg.merge_from_file(str(self.config_path))
         cfg.merge_from_list(list(opts))
-        if weights is not None:
+        if weights is not None:  # the whole model's checkpoint; CLIP's own weights are MODEL.CLIP.PRETRAINED
+            if "://" not in weights and not os.path.isfile(weights):
+                raise FileNotFoundError(f"weights={weights!r}: no such file (a checkpoint of the whole model; for "
+                                        "CLIP weights alone use opts=['MODEL.CLIP.PRETRAINED', path])")
             cfg.MODEL.WEIGHTS = weights
         if device is not None:
             cfg.MODEL.DEVICE = device

@@ -276,6 +276,24 @@ def test_two_gloo_processes_train_and_evaluate_on_cpu(tmp_path, dataset):
 
 
 @pytest.mark.slow
+def test_a_ranks_user_error_is_one_line(tmp_path, dataset):
+    """With --num-gpus 2 the weights are checked in each rank: the mistake still ends as one line."""
+    from detectron2.modeling import build_model
+
+    train, val = dataset
+    cfg, path = _cfg(tmp_path, train, val, 3, OUTPUT_DIR=str(tmp_path / "out"))
+    other = cfg.clone()
+    other.MODEL.MASK_SEG.DECODER.NUM_QUERIES = cfg.MODEL.MASK_SEG.DECODER.NUM_QUERIES * 2
+    weights = tmp_path / "other.pth"
+    torch.save({"model": build_model(other).state_dict()}, weights)
+    proc = _run("--config-file", str(path), "--num-gpus", "2", "--eval-only", "MODEL.WEIGHTS", str(weights),
+                driver=_driver(tmp_path, dataset))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the weights do not fit the model"), proc.stderr[-3000:]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("opts, message", [
     (["SOLVER.BASE_LRR", "0.1"], "unknown config key SOLVER.BASE_LRR (command line); did you mean SOLVER.BASE_LR"),
     (["SOLVER.BASE_LR"], "KEY VALUE pairs; got an odd number (1)"),

@@ -2,7 +2,7 @@
 
 Both produce what `OpenVocabMaskSegmentor` trains on: "image" (3, H, W) uint8 RGB as a float-able tensor and
 "instances" with `gt_classes` (N,) (indices into the dataset's vocabulary) and `gt_masks` (BitMasks (N, H, W)).
-Chosen by INPUT.DATASET_MAPPER_NAME through train_net.py's DATASET_MAPPERS table.
+Chosen by INPUT.DATASET_MAPPER_NAME through `DATASET_MAPPERS` (below).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 
+from .clipself_mapper import CLIPSelfDatasetMapper, RegionRecognitionDatasetMapper
 from .image_io import check_label_size, image_to_tensor, read_image, rgb2id
 
 logger = logging.getLogger(__name__)
@@ -173,7 +174,20 @@ def _ignore_label(cfg) -> int:
     return 255
 
 
-TRAIN_MAPPERS: Dict[str, Callable] = {
-    "mask_semantic": MaskSemanticMapper,
+# INPUT.DATASET_MAPPER_NAME / INPUT.TEST_DATASET_MAPPER_NAME -> mapper class, built as cls(cfg, is_train)
+DATASET_MAPPERS: Dict[str, Callable] = {
+    "": default_mapper,  # detectron2's DatasetMapper to train; to test, one reading 16-bit images unclipped
+    "clipself": CLIPSelfDatasetMapper,
+    "region_recognition": RegionRecognitionDatasetMapper,
+    "mask_semantic": MaskSemanticMapper,  # the mask segmentor's semantic / panoptic training mappers
     "mask_panoptic_lsj": MaskPanopticLSJMapper,
 }
+
+
+def build_mapper(cfg, is_train: bool):
+    """The mapper INPUT.DATASET_MAPPER_NAME (training) or INPUT.TEST_DATASET_MAPPER_NAME names."""
+    name = cfg.INPUT.DATASET_MAPPER_NAME if is_train else cfg.INPUT.TEST_DATASET_MAPPER_NAME
+    if name not in DATASET_MAPPERS:
+        key = "INPUT.DATASET_MAPPER_NAME" if is_train else "INPUT.TEST_DATASET_MAPPER_NAME"
+        raise ValueError(f"{key}={name!r}; known mappers: {sorted(DATASET_MAPPERS)}")
+    return DATASET_MAPPERS[name](cfg, is_train)

@@ -32,10 +32,9 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.logger import setup_logger
 
 from ..config import get_ovseg_cfg
-from ..data.clipself_mapper import CLIPSelfDatasetMapper, RegionRecognitionDatasetMapper
 from ..data.custom import dataset_folder_name, register_dataset_names
 from ..data.datasets import check_benchmark_files
-from ..data.mappers import TRAIN_MAPPERS, default_mapper
+from ..data.mappers import DATASET_MAPPERS, build_mapper
 from ..evaluation import build_benchmark_evaluator
 from ..modeling.matcher import HungarianMatcher
 from ..modeling.meta_arch.base import OpenVocabModel
@@ -47,23 +46,6 @@ from .errors import NonFiniteLossError, UserError
 __all__ = ["DATASET_MAPPERS", "SaveOnSignal", "Trainer", "build_mapper", "check_inputs", "default_argument_parser",
            "full_model_clipping", "launch", "launched_main", "load_config", "load_eval_weights", "main",
            "resolve_device", "run", "set_test_vocabulary", "setup"]
-
-# INPUT.DATASET_MAPPER_NAME / INPUT.TEST_DATASET_MAPPER_NAME -> mapper class, built as cls(cfg, is_train)
-DATASET_MAPPERS = {
-    "": default_mapper,  # detectron2's DatasetMapper to train; to test, one reading 16-bit images unclipped
-    "clipself": CLIPSelfDatasetMapper,
-    "region_recognition": RegionRecognitionDatasetMapper,
-    **TRAIN_MAPPERS,  # the mask segmentor's semantic / panoptic training mappers
-}
-
-
-def build_mapper(cfg, is_train: bool):
-    name = cfg.INPUT.DATASET_MAPPER_NAME if is_train else cfg.INPUT.TEST_DATASET_MAPPER_NAME
-    if name not in DATASET_MAPPERS:
-        key = "INPUT.DATASET_MAPPER_NAME" if is_train else "INPUT.TEST_DATASET_MAPPER_NAME"
-        raise ValueError(f"{key}={name!r}; known mappers: {sorted(DATASET_MAPPERS)}")
-    return DATASET_MAPPERS[name](cfg, is_train)
-
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -452,3 +434,11 @@ def run(argv=None):
     except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except torch.multiprocessing.ProcessRaisedException as e:
+        # a rank's mistake (weights that do not fit, a NaN loss) arrives as that rank's traceback text
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        kind, _, message = last.partition(": ")
+        if kind.rsplit(".", 1)[-1] in ("UserError", "NonFiniteLossError", "FileNotFoundError"):
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
+        raise

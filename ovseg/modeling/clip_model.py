@@ -168,7 +168,8 @@ def load_open_clip(model_name: str, pretrained: str, trust_pickled_weights: bool
                 f"Could not get the {model_name!r} weights {pretrained!r} ({type(e).__name__}: {e}). Without "
                 "internet, download them elsewhere and set MODEL.CLIP.PRETRAINED to the local file "
                 "(train_net.py: MODEL.CLIP.PRETRAINED /path/to/weights.bin as a trailing option; demo: --opts "
-                "MODEL.CLIP.PRETRAINED /path/to/weights.bin, or --random-init for a smoke run)."
+                "MODEL.CLIP.PRETRAINED /path/to/weights.bin, or --random-init for a smoke run; Python: "
+                "Predictor(..., opts=['MODEL.CLIP.PRETRAINED', '/path/to/weights.bin']), '' for random weights)."
             ) from e
     return model.float().eval()
 
