@@ -55,13 +55,15 @@ def test_bf16_agrees_with_fp32(make_cfg):
 
 
 class AutocastSpy:
-    """Stands in for torch.autocast: records (device type, dtype, enabled) of every entry and runs the real one."""
+    """Stands in for torch.autocast: records (device type, dtype, enabled) of every entry that names a dtype (the
+    front-ends' precision; the text encoder's own `autocast(enabled=False)` names none) and runs the real one."""
 
     def __init__(self):
         self.calls = []
 
     def __call__(self, device_type, dtype=None, enabled=True, **kw):
-        self.calls.append((device_type, dtype, enabled))
+        if dtype is not None:
+            self.calls.append((device_type, dtype, enabled))
         return torch.amp.autocast(device_type, dtype=dtype, enabled=enabled, **kw)
 
 
