@@ -14,6 +14,7 @@ setup(
     name="ovseg",
     version="0.1.0",
     description="Open-vocabulary semantic/panoptic segmentation with CLIP(Self) on Detectron2",
+    license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(include=["ovseg", "ovseg.*"]),
     # shipped configs and class lists (authors/, fcclip/ included), so config names and `ovseg://` paths resolve
