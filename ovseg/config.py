@@ -139,6 +139,9 @@ def add_clipself_config(cfg: CN) -> CN:
     cfg.MODEL.CLIPSELF = CN()
     # Multiplier of the distillation loss 1 - cos(student region feature, teacher crop embedding).
     cfg.MODEL.CLIPSELF.LOSS_WEIGHT = 1.0
+    # Weight-space ensemble after the last step: trained student weights <- alpha * student + (1 - alpha) * teacher
+    # (authors' --alpha: 0.7 for B/16, 0.95 for L/14); 1.0 = off.
+    cfg.MODEL.CLIPSELF.ENSEMBLE_ALPHA = 1.0
 
     # Training data of the distiller (mapper "clipself"); sizes in pixels of the original image.
     cfg.INPUT.CLIPSELF = CN()

@@ -23,6 +23,7 @@ from detectron2.engine import (
     create_ddp_model,
     default_argument_parser,
     default_setup,
+    hooks,
     launch,
 )
 from detectron2.evaluation import verify_results
@@ -38,6 +39,7 @@ from ..data.mappers import DATASET_MAPPERS, build_mapper
 from ..evaluation import build_benchmark_evaluator
 from ..modeling.matcher import HungarianMatcher
 from ..modeling.meta_arch.base import OpenVocabModel
+from ..modeling.meta_arch.clipself import CLIPSelfDistiller
 from ..utils.precision import inference_autocast
 from .checkpoint import SafeCheckpointer
 from .data import ResumableTrainLoader, capture_rng_state, resolve_data_seed, restore_rng_state
@@ -121,6 +123,18 @@ class SaveOnSignal(HookBase):
         self._previous = {}
 
 
+class StudentTeacherEnsemble(HookBase):
+    """CLIPSelf: after the last training step, mix the student with its teacher in weight space
+    (`CLIPSelfDistiller.ensemble_with_teacher_`, MODEL.CLIPSELF.ENSEMBLE_ALPHA)."""
+
+    def __init__(self, model: CLIPSelfDistiller):
+        self.model = model
+
+    def after_step(self):
+        if self.trainer.iter == self.trainer.max_iter - 1:
+            self.model.ensemble_with_teacher_()
+
+
 WEIGHT_DECAY_RULES = ("ndim", "fcclip")
 # Norm layers as FC-CLIP's train_net.py lists them, plus detectron2's channels-first LayerNorm ("LN" norm)
 NORM_MODULES = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
@@ -179,7 +193,13 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
-        return super().build_hooks() + [SaveOnSignal(self.checkpointer)]
+        ret = super().build_hooks()
+        if isinstance(_unwrap(self.model), CLIPSelfDistiller):
+            # before the checkpointer (main process only) and the evaluation: model_final.pth and the final
+            # evaluation hold the mix, on every rank alike
+            at = next(i for i, h in enumerate(ret) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook)))
+            ret.insert(at, StudentTeacherEnsemble(_unwrap(self.model)))
+        return ret + [SaveOnSignal(self.checkpointer)]
 
     def state_dict(self):
         ret = super().state_dict()

@@ -44,7 +44,8 @@ class CLIPSelfDistiller(OpenVocabModel):
     @configurable
     def __init__(self, *, backbone: CLIPViTDenseEncoder, teacher: CLIPViTDenseEncoder,
                  text_classifier: Optional[TextClassifier], pixel_mean: Sequence[float], pixel_std: Sequence[float],
-                 loss_weight: float = 1.0, vocabulary=None, vocabulary_dataset: Optional[str] = None):
+                 loss_weight: float = 1.0, ensemble_alpha: float = 1.0, vocabulary=None,
+                 vocabulary_dataset: Optional[str] = None):
         """
         Args:
             backbone: the student, the dense encoder being refined (its `unlock_last_blocks` decide what trains);
@@ -53,6 +54,8 @@ class CLIPSelfDistiller(OpenVocabModel):
             text_classifier: the frozen text tower (region recognition, export); None = training only.
             pixel_mean, pixel_std: normalisation of 0-255 RGB inputs (images and crops alike).
             loss_weight: multiplier of the cosine loss.
+            ensemble_alpha: weight of the student in the end-of-training mix with the teacher
+                (`ensemble_with_teacher_`); 1.0 keeps the student as trained.
             vocabulary: initial vocabulary for inference; `set_vocabulary` changes it.
             vocabulary_dataset: the dataset `vocabulary` is given for (see `OpenVocabModel`).
         """
@@ -67,6 +70,10 @@ class CLIPSelfDistiller(OpenVocabModel):
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.loss_weight = loss_weight
+        if not 0.0 <= float(ensemble_alpha) <= 1.0:  # also rejects NaN
+            raise ValueError(f"MODEL.CLIPSELF.ENSEMBLE_ALPHA must be in [0, 1] (1.0 = no ensemble), got "
+                             f"{ensemble_alpha!r}")
+        self.ensemble_alpha = float(ensemble_alpha)
 
     @classmethod
     def from_config(cls, cfg):
@@ -79,6 +86,7 @@ class CLIPSelfDistiller(OpenVocabModel):
             "teacher": CLIPViTDenseEncoder(visual=teacher_visual, feature_blocks=[0], dense_mode="value",
                                            unlock_last_blocks=0),
             "loss_weight": cfg.MODEL.CLIPSELF.LOSS_WEIGHT,
+            "ensemble_alpha": cfg.MODEL.CLIPSELF.ENSEMBLE_ALPHA,
         }
 
     @classmethod
@@ -90,6 +98,37 @@ class CLIPSelfDistiller(OpenVocabModel):
         super().train(mode)
         self.teacher.train(False)  # never dropout / patch dropout in the teacher
         return self
+
+    # ------------------------------------------------------------------ weight-space ensemble
+    @torch.no_grad()
+    def ensembled_student_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The student's state dict (`backbone`'s keys) with each trained parameter (``requires_grad``: the
+        unlocked blocks and UNLOCK_PATTERNS) replaced by ``alpha * student + (1 - alpha) * teacher``, as CLIPSelf's
+        `student_teacher_ensemble`. Frozen tensors are the teacher's already; they are kept bit-exact rather than
+        re-mixed (a float mix of two equal values need not give the value back)."""
+        state = {k: v.detach().clone() for k, v in self.backbone.state_dict().items()}
+        if self.ensemble_alpha == 1.0:
+            return state
+        teacher = dict(self.teacher.named_parameters())
+        alpha = self.ensemble_alpha
+        for name, p in self.backbone.named_parameters():
+            if p.requires_grad:
+                state[name] = alpha * p.detach() + (1.0 - alpha) * teacher[name].detach().to(p.dtype)
+        return state
+
+    def ensemble_with_teacher_(self) -> None:
+        """Replace the student's trained parameters in place by their mix with the teacher
+        (`ensembled_student_state_dict`); a no-op for ENSEMBLE_ALPHA 1.0. Called once, after the last training step
+        and before the final checkpoint is written (the Trainer's hook), so `model_final.pth`, the evaluation after
+        training and every export (`open_clip_state_dict`, `save_open_clip_checkpoint`) carry the mix."""
+        if self.ensemble_alpha == 1.0:
+            return
+        mixed = self.ensembled_student_state_dict()
+        with torch.no_grad():
+            for name, p in self.backbone.named_parameters():
+                if p.requires_grad:
+                    p.copy_(mixed[name])
+        logger.info("CLIPSelf: student mixed with the teacher in weight space, alpha %.3g", self.ensemble_alpha)
 
     # ------------------------------------------------------------------ steps
     def region_boxes(self, batched_inputs: List[Dict]) -> List[torch.Tensor]:
