@@ -17,6 +17,7 @@ from detectron2.utils.env import seed_all_rng
 
 from ovseg import engine
 from ovseg.config import get_ovseg_cfg
+from tests.helpers import free_dist_url
 from tests.synthetic_panoptic import make_dataset
 from tests.test_mask_segmentor_training import _cfg
 
@@ -267,7 +268,8 @@ def _run(*argv, driver=None, timeout=600, env=ENV):
 def test_two_gloo_processes_train_and_evaluate_on_cpu(tmp_path, dataset):
     train, val = dataset
     _, path = _cfg(tmp_path, train, val, 3, OUTPUT_DIR=str(tmp_path / "out"), SOLVER__IMS_PER_BATCH=2)
-    proc = _run("--config-file", str(path), "--num-gpus", "2", driver=_driver(tmp_path, dataset))
+    proc = _run("--config-file", str(path), "--num-gpus", "2", "--dist-url", free_dist_url(),
+                driver=_driver(tmp_path, dataset))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "out" / "model_final.pth").exists()
     assert "PQ" in proc.stdout + proc.stderr  # the evaluation at the end of training ran
@@ -286,7 +288,8 @@ def test_a_ranks_user_error_is_one_line(tmp_path, dataset):
     other.MODEL.MASK_SEG.DECODER.NUM_QUERIES = cfg.MODEL.MASK_SEG.DECODER.NUM_QUERIES * 2
     weights = tmp_path / "other.pth"
     torch.save({"model": build_model(other).state_dict()}, weights)
-    proc = _run("--config-file", str(path), "--num-gpus", "2", "--eval-only", "MODEL.WEIGHTS", str(weights),
+    proc = _run("--config-file", str(path), "--num-gpus", "2", "--dist-url", free_dist_url(), "--eval-only",
+                "MODEL.WEIGHTS", str(weights),
                 driver=_driver(tmp_path, dataset))
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]

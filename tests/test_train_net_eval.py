@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import tiny_cfg
+from tests.helpers import free_dist_url, tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_eval_only_two_processes_equals_one(tmp_path, tiny_clip):
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "data"), OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "train_net.py", "--config-file", "configs/clip_dense_vitb16.yaml", "--eval-only",
-         "--num-gpus", "2", *opts, "OUTPUT_DIR", str(tmp_path / "out")],
+         "--num-gpus", "2", "--dist-url", free_dist_url(), *opts, "OUTPUT_DIR", str(tmp_path / "out")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
