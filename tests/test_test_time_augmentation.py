@@ -173,3 +173,16 @@ def test_engine_evaluates_the_augmented_model_when_test_aug_is_enabled(dense, mo
     assert wrapped.augmentations() == [(32, False), (32, True), (48, False), (48, True)]
     inp = {"image": torch.rand(3, 40, 40) * 255, "height": 40, "width": 40}
     torch.testing.assert_close(wrapped.eval()([inp])[0]["sem_seg"], reference_tta(dense, inp, (32, 48), 96, True))
+
+
+def test_predictor_applies_test_aug_when_enabled():
+    from ovseg import Predictor
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(INPUT__MIN_SIZE_TEST=32, INPUT__MAX_SIZE_TEST=1000, TEST__AUG__ENABLED=True,
+                   TEST__AUG__MIN_SIZES=(32, 48), TEST__AUG__MAX_SIZE=96)
+    predictor = Predictor(cfg, vocabulary=VOCAB)
+    image = (torch.rand(40, 56, 3) * 255).to(torch.uint8).numpy()
+    scores = predictor(image).outputs["sem_seg"]
+    inp = predictor._model_input(image)  # the predictor's own resize to INPUT.MIN_SIZE_TEST, then TTA
+    torch.testing.assert_close(scores, reference_tta(predictor.model, inp, (32, 48), 96, True))
