@@ -30,6 +30,7 @@ from .data.custom import PREFIXES, register_dataset_names
 from .data.image_io import image_to_tensor, read_image
 from .engine import load_eval_weights, resolve_device
 from .modeling.meta_arch import OpenVocabModel
+from .modeling.test_time_augmentation import SegmentorWithTTA
 from .modeling.text import Vocabulary, parse_vocabulary
 from .utils.paths import PACKAGE_DIR
 from .utils.precision import inference_autocast, resolve_inference_dtype
@@ -234,6 +235,8 @@ class Predictor:
             logger.warning("%s has trained parts but no weights were given (weights=... / MODEL.WEIGHTS): its "
                            "predictions come from random parameters", cfg.MODEL.META_ARCHITECTURE)
         self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+        # TEST.AUG.ENABLED: flip / multi-scale `sem_seg`, as train_net.py evaluates
+        self._segment = SegmentorWithTTA(cfg, self.model).eval() if cfg.TEST.AUG.ENABLED else self.model
         if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT={cfg.INPUT.FORMAT!r}: the predictor feeds RGB or BGR images")
         self._vocabulary: Optional[Vocabulary] = None
@@ -302,7 +305,7 @@ class Predictor:
                 # same size: no padding, so the batch gives what each image gives alone
                 for start in range(0, len(same_size), self.batch_size):
                     idx = same_size[start:start + self.batch_size]
-                    for i, out in zip(idx, self.model([inputs[i] for i in idx])):
+                    for i, out in zip(idx, self._segment([inputs[i] for i in idx])):
                         outputs[i] = out
         results = [Prediction(a, vocab, o) for a, o in zip(arrays, outputs)]
         return results[0] if single else results

@@ -40,6 +40,7 @@ from ..evaluation import build_benchmark_evaluator
 from ..modeling.matcher import HungarianMatcher
 from ..modeling.meta_arch.base import OpenVocabModel
 from ..modeling.meta_arch.clipself import CLIPSelfDistiller
+from ..modeling.test_time_augmentation import SegmentorWithTTA
 from ..utils.precision import inference_autocast
 from .checkpoint import SafeCheckpointer
 from .data import ResumableTrainLoader, capture_rng_state, resolve_data_seed, restore_rng_state
@@ -301,8 +302,10 @@ class Trainer(DefaultTrainer):
     @classmethod
     def test(cls, cfg, model, evaluators=None):
         """Evaluate on each test dataset in turn, switching the model's vocabulary to that dataset's classes, in the
-        precision of MODEL.INFERENCE_DTYPE."""
+        precision of MODEL.INFERENCE_DTYPE; with TEST.AUG.ENABLED, through `SegmentorWithTTA`."""
         results = OrderedDict()
+        # TEST.AUG: flip / multi-scale `sem_seg`, as detectron2 wraps a model in GeneralizedRCNNWithTTA
+        evaluated = SegmentorWithTTA(cfg, model) if cfg.TEST.AUG.ENABLED else model
         for idx, name in enumerate(cfg.DATASETS.TEST):
             if name not in DatasetCatalog.list():  # checked without loading: the test loader loads it once
                 raise KeyError(f"DATASETS.TEST names {name!r}, which is not registered; see datasets/README.md")
@@ -311,7 +314,7 @@ class Trainer(DefaultTrainer):
             one.defrost()
             one.DATASETS.TEST = (name,)
             with inference_autocast(cfg.MODEL.INFERENCE_DTYPE, cfg.MODEL.DEVICE):
-                results[name] = super().test(one, model, [evaluators[idx]] if evaluators else None)
+                results[name] = super().test(one, evaluated, [evaluators[idx]] if evaluators else None)
         return results
 
 
