@@ -316,6 +316,13 @@ def test_weight_decay_rules():
     wd = {id(p): g["weight_decay"] for g in train_net.Trainer.build_optimizer(cfg, m).param_groups
           for p in g["params"]}
     assert wd[id(m.in_vocab.log_scale)] == 0.01 and wd[id(m.transformer_decoder.class_embed[0].bias)] == 0.01
+    # embeddings as the modules declare them (no parameter names in the trainer)
+    assert wd[id(m.in_vocab.void_embedding)] == wd[id(m.transformer_decoder.level_embed.weight)] == 0.02
+    m.in_vocab.embedding_parameters = ()
+    wd = {id(p): g["weight_decay"] for g in train_net.Trainer.build_optimizer(cfg, m).param_groups
+          for p in g["params"]}
+    assert wd[id(m.in_vocab.void_embedding)] == 0.05
+    del m.in_vocab.embedding_parameters
 
     cfg.SOLVER.WEIGHT_DECAY_RULE = "timm"
     with pytest.raises(ValueError, match="WEIGHT_DECAY_RULE"):

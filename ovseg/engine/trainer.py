@@ -144,20 +144,21 @@ NORM_MODULES = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d
 
 
 def weight_decay_of(cfg, module: torch.nn.Module, name: str, param: torch.nn.Parameter) -> float:
-    """Weight decay of `module`'s own parameter `name` under SOLVER.WEIGHT_DECAY_RULE:
-    "ndim" (open_clip / CLIPSelf): embeddings (nn.Embedding, the void and level embeddings) at WEIGHT_DECAY_EMBED,
-        every other tensor with fewer than 2 dimensions (norm gains, biases, logit scale) at WEIGHT_DECAY_NORM;
-    "fcclip" (FC-CLIP's train_net.py): parameters of norm layers at WEIGHT_DECAY_NORM, of nn.Embedding (and the
-        void embedding, an nn.Embedding there) at WEIGHT_DECAY_EMBED; biases and the logit scale are decayed.
+    """Weight decay of `module`'s own parameter `name` under SOLVER.WEIGHT_DECAY_RULE. Embeddings are nn.Embedding
+    modules and the parameters a module declares in its `embedding_parameters` (e.g. the classifier's void
+    embedding); they get WEIGHT_DECAY_EMBED under both rules.
+    "ndim" (open_clip / CLIPSelf): every other tensor with fewer than 2 dimensions (norm gains, biases, logit scale)
+        at WEIGHT_DECAY_NORM;
+    "fcclip" (FC-CLIP's train_net.py): parameters of norm layers at WEIGHT_DECAY_NORM; biases and the logit scale
+        are decayed.
     Everything else at WEIGHT_DECAY."""
     s = cfg.SOLVER
+    embedding = isinstance(module, torch.nn.Embedding) or name in getattr(module, "embedding_parameters", ())
     if s.WEIGHT_DECAY_RULE == "fcclip":
         if isinstance(module, NORM_MODULES):
             return s.WEIGHT_DECAY_NORM
-        if isinstance(module, torch.nn.Embedding) or name == "void_embedding":
-            return s.WEIGHT_DECAY_EMBED
-        return s.WEIGHT_DECAY
-    if isinstance(module, torch.nn.Embedding) or name in ("void_embedding", "level_embed"):
+        return s.WEIGHT_DECAY_EMBED if embedding else s.WEIGHT_DECAY
+    if embedding:
         return s.WEIGHT_DECAY_EMBED
     if param.ndim < 2:
         return s.WEIGHT_DECAY_NORM

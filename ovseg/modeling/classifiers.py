@@ -42,6 +42,10 @@ class InVocabClassifier(nn.Module):
     needs a retrained output layer.
     """
 
+    # own parameters that are embeddings (learned tokens, FC-CLIP's nn.Embedding): the optimizer gives them
+    # SOLVER.WEIGHT_DECAY_EMBED, as it does nn.Embedding modules (ovseg.engine.trainer.weight_decay_of)
+    embedding_parameters = ("void_embedding",)
+
     def __init__(self, embed_dim: int, logit_scale: float = 1 / 0.07, learn_logit_scale: bool = True,
                  max_logit_scale: float = 100.0):
         super().__init__()
