@@ -25,10 +25,9 @@ from detectron2.modeling import build_model
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 
-from .config import get_ovseg_cfg
 from .data.custom import PREFIXES, register_dataset_names
 from .data.image_io import image_to_tensor, read_image
-from .engine import load_eval_weights, resolve_device
+from .engine import load_config_file, load_eval_weights, merge_opts, resolve_device
 from .modeling.meta_arch import OpenVocabModel
 from .modeling.test_time_augmentation import SegmentorWithTTA
 from .modeling.text import Vocabulary, parse_vocabulary
@@ -206,10 +205,9 @@ class Predictor:
         if self.config_path is None:
             cfg = config.clone()
             cfg.defrost()
-        else:
-            cfg = get_ovseg_cfg()
-            cfg.merge_from_file(str(self.config_path))
-        cfg.merge_from_list(list(opts))
+            merge_opts(cfg, opts)
+        else:  # unknown keys and odd opts: the same clear errors as train_net.py
+            cfg = load_config_file(str(self.config_path), opts, warn=False)
         if weights is not None:  # the whole model's checkpoint; CLIP's own weights are MODEL.CLIP.PRETRAINED
             if "://" not in weights and not os.path.isfile(weights):
                 raise FileNotFoundError(f"weights={weights!r}: no such file (a checkpoint of the whole model; for "

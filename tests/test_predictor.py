@@ -206,3 +206,12 @@ def test_weights_are_loaded_safely_and_strictly(tmp_path):
     torch.save({"model": other.state_dict()}, pth)
     with pytest.raises(UserError, match="do not fit the model"):
         Predictor(cfg, weights=str(pth), vocabulary=VOCAB)
+
+
+def test_config_mistakes_get_the_command_lines_errors():
+    from ovseg.engine import UserError
+
+    with pytest.raises(UserError, match="unknown config key INPUT.MIN_SIZE_TESTT .*did you mean INPUT.MIN_SIZE_TEST"):
+        Predictor("naclip_vitb16", opts=["INPUT.MIN_SIZE_TESTT", "32"])
+    with pytest.raises(UserError, match="odd number"):
+        Predictor(tiny_cfg(), opts=["INPUT.MIN_SIZE_TEST"])

@@ -12,8 +12,10 @@ from .trainer import (
     launch,
     launched_main,
     load_config,
+    load_config_file,
     load_eval_weights,
     main,
+    merge_opts,
     resolve_device,
     run,
     set_test_vocabulary,
@@ -22,5 +24,6 @@ from .trainer import (
 
 __all__ = ["DATASET_MAPPERS", "NonFiniteLossError", "ResumableTrainLoader", "SafeCheckpointer", "SaveOnSignal",
            "Trainer", "UserError", "build_mapper", "check_inputs", "default_argument_parser", "full_model_clipping",
-           "is_intact_checkpoint", "launch", "launched_main", "load_config", "load_eval_weights", "main",
+           "is_intact_checkpoint", "launch", "launched_main", "load_config", "load_config_file", "load_eval_weights",
+           "merge_opts", "main",
            "resolve_device", "run", "set_test_vocabulary", "setup"]

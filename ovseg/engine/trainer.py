@@ -47,7 +47,8 @@ from .data import ResumableTrainLoader, capture_rng_state, resolve_data_seed, re
 from .errors import NonFiniteLossError, UserError
 
 __all__ = ["DATASET_MAPPERS", "SaveOnSignal", "Trainer", "build_mapper", "check_inputs", "default_argument_parser",
-           "full_model_clipping", "launch", "launched_main", "load_config", "load_eval_weights", "main",
+           "full_model_clipping", "launch", "launched_main", "load_config", "load_config_file", "load_eval_weights",
+           "merge_opts", "main",
            "resolve_device", "run", "set_test_vocabulary", "setup"]
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -344,17 +345,28 @@ def _unknown_key(cfg: CfgNode, key: str, where: str) -> UserError:
 
 
 def load_config(args, warn: bool = True) -> CfgNode:
-    """The config of the command line (file, then `opts`), with one clear error for a user's mistake: an unknown key
-    (with the closest known ones), an odd number of `opts`, a missing config file. `warn`: log the device / AMP
-    fallbacks (`resolve_device`)."""
+    """The config of the command line (`args.config_file`, then `args.opts`); see `load_config_file`."""
+    return load_config_file(args.config_file, args.opts, warn)
+
+
+def load_config_file(path: str, opts=(), warn: bool = True) -> CfgNode:
+    """A config file with `opts` overrides, with one clear error for a user's mistake: an unknown key (with the
+    closest known ones), an odd number of `opts`, a missing file. `warn`: log the device / AMP fallbacks
+    (`resolve_device`)."""
     cfg = get_ovseg_cfg()
-    if not os.path.isfile(args.config_file):
-        raise UserError(f"config file not found: {args.config_file}")
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
     try:
-        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_file(path)
     except KeyError as e:  # detectron2: "Non-existent config key: X"
-        raise _unknown_key(cfg, str(e.args[0]).rsplit(" ", 1)[-1], args.config_file) from None
-    opts = list(args.opts)
+        raise _unknown_key(cfg, str(e.args[0]).rsplit(" ", 1)[-1], path) from None
+    merge_opts(cfg, opts)
+    return resolve_device(cfg, warn)
+
+
+def merge_opts(cfg: CfgNode, opts) -> None:
+    """`cfg.merge_from_list(opts)` with one clear error for an odd number of items or an unknown key."""
+    opts = list(opts)
     if len(opts) % 2:
         raise UserError(f"config overrides come in KEY VALUE pairs; got an odd number ({len(opts)}): "
                         f"{' '.join(opts)}")
@@ -363,7 +375,6 @@ def load_config(args, warn: bool = True) -> CfgNode:
         if key not in known:
             raise _unknown_key(cfg, key, "command line")
     cfg.merge_from_list(opts)
-    return resolve_device(cfg, warn)
 
 
 def check_inputs(cfg: CfgNode, eval_only: bool) -> None:
