@@ -19,7 +19,7 @@ setup(
     packages=find_packages(include=["ovseg", "ovseg.*"]),
     # shipped configs and class lists (authors/, fcclip/ included), so config names and `ovseg://` paths resolve
     # after `pip install`; `**` needs setuptools >= 62.3 (pyproject.toml [build-system])
-    package_data={"ovseg": ["model_configs/*.json", "configs/**/*.yaml", "data/class_lists/**/*.json",
+    package_data={"ovseg": ["model_zoo.json", "model_configs/*.json", "configs/**/*.yaml", "data/class_lists/**/*.json",
                             "data/class_lists/**/*.txt", "data/class_lists/**/*.md"]},
     install_requires=[
         "open_clip_torch>=3.0,<4",  # tested: 3.0.0, 3.3.0

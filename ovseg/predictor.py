@@ -28,6 +28,7 @@ from PIL import Image
 from .data.custom import PREFIXES, register_dataset_names
 from .data.image_io import image_to_tensor, read_image
 from .engine import load_config_file, load_eval_weights, merge_opts, resolve_device
+from .model_zoo import is_zoo_name, unknown_weights_error, zoo_entry
 from .modeling.meta_arch import OpenVocabModel
 from .modeling.test_time_augmentation import SegmentorWithTTA
 from .modeling.text import Vocabulary, parse_vocabulary
@@ -188,8 +189,9 @@ class Predictor:
         """
         Args:
             config: a shipped config's name (`naclip_vitb16`, see `resolve_config`), a yaml path, or a config.
-            weights: a checkpoint for the whole model (MODEL.WEIGHTS); default: the config's (CLIP weights alone
-                come from MODEL.CLIP.PRETRAINED).
+            weights: a checkpoint for the whole model (MODEL.WEIGHTS), or a name from ovseg's model zoo (CLIP
+                weights go to MODEL.CLIP.PRETRAINED, whole models to MODEL.WEIGHTS; see `ovseg.model_zoo`);
+                default: the config's.
             device: "cpu", "cuda", "cuda:1", ...; default: the config's MODEL.DEVICE (CPU when CUDA is missing).
             dtype: inference precision "fp32", "bf16", "fp16" or "auto" (bf16 on CUDA GPUs that support it, fp32
                 on CPU); default: the config's MODEL.INFERENCE_DTYPE.
@@ -208,10 +210,13 @@ class Predictor:
             merge_opts(cfg, opts)
         else:  # unknown keys and odd opts: the same clear errors as train_net.py
             cfg = load_config_file(str(self.config_path), opts, warn=False)
-        if weights is not None:  # the whole model's checkpoint; CLIP's own weights are MODEL.CLIP.PRETRAINED
+        if weights is not None and is_zoo_name(weights) and not os.path.isfile(weights):
+            # a model-zoo name goes to the key its entry is for (a CLIP's weights or the whole model's)
+            cfg.merge_from_list([zoo_entry(weights).key, weights])
+        elif weights is not None:  # the whole model's checkpoint; CLIP's own weights are MODEL.CLIP.PRETRAINED
             if "://" not in weights and not os.path.isfile(weights):
-                raise FileNotFoundError(f"weights={weights!r}: no such file (a checkpoint of the whole model; for "
-                                        "CLIP weights alone use opts=['MODEL.CLIP.PRETRAINED', path])")
+                raise FileNotFoundError(f"{unknown_weights_error('weights', weights)} (a checkpoint of the whole "
+                                        "model; for CLIP weights alone use opts=['MODEL.CLIP.PRETRAINED', path])")
             cfg.MODEL.WEIGHTS = weights
         if device is not None:
             cfg.MODEL.DEVICE = device

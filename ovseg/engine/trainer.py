@@ -37,10 +37,12 @@ from ..data.custom import dataset_folder_name, register_dataset_names
 from ..data.datasets import check_benchmark_files
 from ..data.mappers import DATASET_MAPPERS, build_mapper
 from ..evaluation import build_benchmark_evaluator
+from ..model_zoo import is_zoo_name, resolve_weights, unknown_weights_error, zoo_entry, zoo_path
 from ..modeling.matcher import HungarianMatcher
 from ..modeling.meta_arch.base import OpenVocabModel
 from ..modeling.meta_arch.clipself import CLIPSelfDistiller
 from ..modeling.test_time_augmentation import SegmentorWithTTA
+from ..utils.download import WeightsUnavailableError
 from ..utils.precision import inference_autocast
 from .checkpoint import SafeCheckpointer
 from .data import ResumableTrainLoader, capture_rng_state, resolve_data_seed, restore_rng_state
@@ -391,9 +393,17 @@ def check_inputs(cfg: CfgNode, eval_only: bool) -> None:
             raise UserError(f"dataset {name!r} is not registered{hint} (see datasets/README.md)")
         check_benchmark_files(name)
     weights = cfg.MODEL.WEIGHTS
+    if weights and "://" not in weights and not os.path.isfile(weights) and is_zoo_name(weights):
+        if not eval_only:  # training starts from a file (detectron2's checkpointer reads paths)
+            raise UserError(f"MODEL.WEIGHTS={weights!r} is a model-zoo name: names are read by --eval-only and "
+                            f"ovseg.Predictor; to train from it, give its file ({zoo_path(zoo_entry(weights))})")
+        try:  # downloaded (or found in the cache) now: an offline machine fails here, in one line
+            weights = resolve_weights(weights, "MODEL.WEIGHTS")
+        except (ValueError, WeightsUnavailableError) as e:
+            raise UserError(str(e)) from e
     if weights and "://" not in weights:
         if not os.path.isfile(weights):
-            raise UserError(f"MODEL.WEIGHTS file not found: {weights}")
+            raise UserError(str(unknown_weights_error("MODEL.WEIGHTS", weights)))
         if os.path.getsize(weights) == 0:
             raise UserError(f"MODEL.WEIGHTS file {weights} is empty (0 bytes): an interrupted save or download?")
 
@@ -406,7 +416,8 @@ def load_eval_weights(cfg: CfgNode, model: torch.nn.Module, resume: bool = False
     checkpointer = SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR, trust_pickle=cfg.MODEL.TRUST_PICKLED_WEIGHTS,
                                     strict=not allow_random)
     if cfg.MODEL.WEIGHTS or (resume and checkpointer.has_checkpoint()):
-        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+        # a model-zoo name -> its verified file in the cache
+        checkpointer.resume_or_load(resolve_weights(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS"), resume=resume)
         return
     # the CLIP towers' unlocked blocks start from MODEL.CLIP.PRETRAINED (CLIPSelf's "original" evaluation)
     core = _unwrap(model)

@@ -16,6 +16,7 @@ import open_clip
 import torch
 from torch import nn
 
+from ..utils.download import WeightsUnavailableError  # noqa: F401 - defined with the downloader, used here too
 from ..utils.safe_load import load_weights_file
 from .checkpoint_layouts import to_open_clip_layout
 from .tiny_models import TINY_MODELS, register_tiny_models
@@ -23,10 +24,6 @@ from .tiny_models import TINY_MODELS, register_tiny_models
 logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be downloaded (offline?) or found."""
 
 
 def _is_path(spec: str) -> bool:
@@ -132,7 +129,8 @@ def load_open_clip(model_name: str, pretrained: str, trust_pickled_weights: bool
     Args:
         model_name: an open_clip architecture (``open_clip.list_models()``), including ovseg's tiny ones.
         pretrained: an open_clip pretrained tag (downloaded to the open_clip/HF cache on first use), a local
-            checkpoint file, or "" for random initialisation.
+            checkpoint file, a name from ovseg's model zoo (`ovseg.model_zoo`: downloaded, verified and cached on
+            first use), or "" for random initialisation.
         trust_pickled_weights: let a local file that needs full unpickling (objects beyond tensors, TorchScript)
             load; such a file can run code (MODEL.CLIP.TRUST_PICKLED_WEIGHTS). Safetensors and plain state dicts
             load either way.
@@ -142,6 +140,10 @@ def load_open_clip(model_name: str, pretrained: str, trust_pickled_weights: bool
     if model_name in TINY_MODELS:  # asked for by name: make them known to open_clip now
         register_tiny_models()
     _check_model_name(model_name)
+    # imported here: `python -m ovseg.model_zoo` must not find the module already imported by the package
+    from ..model_zoo import resolve_weights, unknown_weights_error
+
+    pretrained = resolve_weights(pretrained, "MODEL.CLIP.PRETRAINED", model_name)  # a zoo name -> its cached file
     if not pretrained:
         logger.warning("MODEL.CLIP.PRETRAINED is empty: %s is randomly initialised (smoke tests only)", model_name)
         model = open_clip.create_model(model_name, pretrained=None)
@@ -156,10 +158,8 @@ def load_open_clip(model_name: str, pretrained: str, trust_pickled_weights: bool
     else:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         if pretrained not in tags:
-            raise ValueError(
-                f"MODEL.CLIP.PRETRAINED={pretrained!r} is neither a file nor an open_clip tag of {model_name}; "
-                f"tags: {tags}"
-            )
+            raise unknown_weights_error("MODEL.CLIP.PRETRAINED", pretrained,
+                                        f" nor an open_clip tag of {model_name} ({tags})")
         try:
             with _hub_cache_only_when_unreachable():
                 model = open_clip.create_model(model_name, pretrained=pretrained)
