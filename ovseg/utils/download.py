@@ -15,7 +15,7 @@ import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from http.client import HTTPException
+from http.client import HTTPException, IncompleteRead
 from typing import Callable, Optional
 
 __all__ = ["ChecksumMismatchError", "Download", "UnverifiableDownloadError", "WeightsUnavailableError",
@@ -152,6 +152,10 @@ def _fetch(dl: Download, expected: Optional[str], progress: bool, timeout: float
                 f.write(chunk)
                 h.update(chunk)
                 bar.update(len(chunk))
+            received = f.tell()
+    if total is not None and received < total:
+        # http.client ends a cut-off body quietly: short of Content-Length is an interruption, kept for resuming
+        raise IncompleteRead(b"", total - received)
     digest = h.hexdigest()
     if expected is not None and digest != expected:
         os.remove(part)
