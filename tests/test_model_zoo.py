@@ -76,7 +76,7 @@ class FileServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def gets(self):
@@ -122,7 +122,7 @@ def quiet_fetch(name, **kw):
     return model_zoo.fetch(name, progress=False, **kw)
 
 
-def test_download_verified_then_cache_hit_costs_no_request(server, zoo, capsys):
+def test_download_verified_then_cache_hit_costs_no_request(server, zoo, capsys, monkeypatch):
     srv = server()
     path = zoo(dict(name="w", url=srv.url + "/w.bin", sha256=sha(DATA)))["w"]
     got = quiet_fetch("w")
@@ -131,6 +131,12 @@ def test_download_verified_then_cache_hit_costs_no_request(server, zoo, capsys):
     assert "Test-Licence-1.0" in capsys.readouterr().err  # the weights' licence is shown on download
     assert len(srv.gets()) == 1
     before = len(srv.requests)
+    import ovseg.utils.download as download
+
+    def no_hashing(path):
+        raise AssertionError("a file verified at download is not hashed again on every use")
+
+    monkeypatch.setattr(download, "sha256_of_file", no_hashing)
     assert quiet_fetch("w") == got
     assert len(srv.requests) == before  # cache hit: no request of any kind
     assert "Test-Licence-1.0" not in capsys.readouterr().err
@@ -167,6 +173,16 @@ def test_partial_file_restarted_when_range_is_ignored(server, zoo):
     assert path.read_bytes() == DATA
 
 
+def test_partial_file_longer_than_the_servers_restarts(server, zoo):
+    srv = server()
+    path = zoo(dict(name="w", url=srv.url + "/w.bin", sha256=sha(DATA)))["w"]
+    path.parent.mkdir(parents=True)
+    Path(f"{path}.part").write_bytes(b"\xff" * (len(DATA) + 5))  # stale: the server answers 416
+    quiet_fetch("w")
+    assert [r[2] for r in srv.gets()] == [f"bytes={len(DATA) + 5}-", None]
+    assert path.read_bytes() == DATA
+
+
 def test_file_url_and_stale_partial(tmp_path, zoo):
     src = tmp_path / "src.bin"
     src.write_bytes(DATA)
@@ -200,6 +216,11 @@ def test_offline_error_names_url_sha256_and_path(zoo):
         quiet_fetch("w")
     msg = str(info.value)
     assert url in msg and sha(DATA) in msg and f"put it at {path}" in msg
+    # train_net.py checks its inputs first: the same message as one UserError line, before any model is built
+    from ovseg.engine import UserError, check_inputs
+
+    with pytest.raises(UserError, match=re.escape(f"put it at {path}")):
+        check_inputs(tiny_cfg(MODEL__CLIP__PRETRAINED="w"), eval_only=True)
 
 
 def test_no_published_sha256_uses_the_servers_or_refuses(server, zoo):
@@ -236,6 +257,12 @@ def test_zoo_name_through_clip_pretrained_loads_the_file(tmp_path, zoo, tiny_cli
     model = load_open_clip_from_cfg(tiny_cfg(MODEL__CLIP__PRETRAINED="tiny_clip"))
     for k, v in ref.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
+    from ovseg import Predictor
+
+    p = Predictor(tiny_cfg(), weights="tiny_clip")  # a CLIP's weights go to MODEL.CLIP.PRETRAINED
+    assert p.cfg.MODEL.CLIP.PRETRAINED == "tiny_clip" and not p.cfg.MODEL.WEIGHTS
+    conv1 = p.model.state_dict()["backbone.tower.visual.conv1.weight"]
+    assert torch.equal(conv1, ref.state_dict()["visual.conv1.weight"])
     with pytest.raises(ValueError, match="is ovseg-tiny-ViT-16 weights but MODEL.CLIP.MODEL_NAME"):
         load_open_clip("ovseg-tiny-EVA02-16", "tiny_clip")
     with pytest.raises(ValueError, match="nor a model-zoo name; names for MODEL.CLIP.PRETRAINED: tiny_clip"):

@@ -393,14 +393,15 @@ def check_inputs(cfg: CfgNode, eval_only: bool) -> None:
             raise UserError(f"dataset {name!r} is not registered{hint} (see datasets/README.md)")
         check_benchmark_files(name)
     weights = cfg.MODEL.WEIGHTS
-    if weights and "://" not in weights and not os.path.isfile(weights) and is_zoo_name(weights):
-        if not eval_only:  # training starts from a file (detectron2's checkpointer reads paths)
-            raise UserError(f"MODEL.WEIGHTS={weights!r} is a model-zoo name: names are read by --eval-only and "
-                            f"ovseg.Predictor; to train from it, give its file ({zoo_path(zoo_entry(weights))})")
-        try:  # downloaded (or found in the cache) now: an offline machine fails here, in one line
-            weights = resolve_weights(weights, "MODEL.WEIGHTS")
-        except (ValueError, WeightsUnavailableError) as e:
-            raise UserError(str(e)) from e
+    if not eval_only and weights and is_zoo_name(weights) and not os.path.isfile(weights):
+        # training starts from a file (detectron2's checkpointer reads paths)
+        raise UserError(f"MODEL.WEIGHTS={weights!r} is a model-zoo name: names are read by --eval-only and "
+                        f"ovseg.Predictor; to train from it, give its file ({zoo_path(zoo_entry(weights))})")
+    try:  # model-zoo names are downloaded (or found in the cache) now: an offline machine fails here, in one line
+        resolve_weights(cfg.MODEL.CLIP.PRETRAINED, "MODEL.CLIP.PRETRAINED", cfg.MODEL.CLIP.MODEL_NAME)
+        weights = resolve_weights(weights, "MODEL.WEIGHTS")
+    except (ValueError, WeightsUnavailableError) as e:
+        raise UserError(str(e)) from e
     if weights and "://" not in weights:
         if not os.path.isfile(weights):
             raise UserError(str(unknown_weights_error("MODEL.WEIGHTS", weights)))

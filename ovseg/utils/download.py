@@ -122,7 +122,8 @@ def _resumed(resp, offset: int) -> bool:
             and (resp.headers.get("Content-Range") or "").startswith(f"bytes {offset}-"))
 
 
-def _fetch(dl: Download, expected: Optional[str], progress: bool, timeout: float) -> str:
+def _fetch(dl: Download, expected: Optional[str], progress: bool, timeout: float,
+           log: Callable[[str], None]) -> str:
     """Download into `<path>.part` (resuming it), check the digest, rename. Returns the digest."""
     from tqdm import tqdm
 
@@ -136,6 +137,8 @@ def _fetch(dl: Download, expected: Optional[str], progress: bool, timeout: float
         offset = 0  # the partial file does not fit the server's file: start over
         resp = _open(dl.url, 0, timeout)
     with resp:
+        if dl.licence:  # shown once the server answers, before the bytes come
+            log(f"{dl.name}: licence: {dl.licence}")
         if offset and not _resumed(resp, offset):
             offset = 0  # Range ignored (200, or file://): the body is the whole file
         h = hashlib.sha256()
@@ -216,9 +219,7 @@ def cached_or_download(dl: Download, *, allow_unverified: bool = False, progress
                     "could not be verified and was not started. Download it yourself and put it at "
                     f"{dl.path}, or allow it once: python -m ovseg.model_zoo download {dl.name} "
                     "--allow-unverified")
-        if dl.licence:
-            log(f"{dl.name}: licence: {dl.licence}")
-        digest = _fetch(dl, expected, progress, timeout)
+        digest = _fetch(dl, expected, progress, timeout, log)
     except (urllib.error.URLError, HTTPException, socket.timeout, ConnectionError, TimeoutError) as e:
         why = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
         if os.path.isfile(dl.path + ".part"):
