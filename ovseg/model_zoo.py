@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .utils.download import Download, WeightsUnavailableError, cached_or_download
 
-__all__ = ["ZooEntry", "cache_dir", "is_zoo_name", "licence_of", "markdown_table", "resolve_weights",
+__all__ = ["ZooEntry", "cache_dir", "is_zoo_name", "licence_of", "licences_of_cfg", "markdown_table", "resolve_weights",
            "zoo", "zoo_entry", "zoo_path"]
 
 TABLE_PATH = Path(__file__).resolve().with_name("model_zoo.json")
@@ -163,17 +163,28 @@ def licence_of(spec: str) -> Optional[str]:
     return None
 
 
+def licences_of_cfg(cfg) -> Dict[str, str]:
+    """{config key: licence} of the model-zoo weights a config names (MODEL.CLIP.PRETRAINED, MODEL.WEIGHTS): what
+    an exported model should carry next to it. Weights not from the zoo are left out (their licence is unknown)."""
+    found = {key: licence_of(value) for key, value in (("MODEL.CLIP.PRETRAINED", cfg.MODEL.CLIP.PRETRAINED),
+                                                       ("MODEL.WEIGHTS", cfg.MODEL.WEIGHTS))}
+    return {key: lic for key, lic in found.items() if lic}
+
+
 def _checksum_cell(e: ZooEntry) -> str:
     return f"`{e.sha256[:12]}…`" if e.sha256 else "none published: the server's LFS sha256, else `--allow-unverified`"
 
 
 def markdown_table(entries: Optional[Sequence[ZooEntry]] = None) -> str:
     """The zoo as a markdown table (what `list` prints and the README shows)."""
-    rows = ["| name | what | for | layout | sha256 | licence |", "|---|---|---|---|---|---|"]
+    rows = ["| name | what | for | fits configs | layout | sha256 | licence |", "|---|---|---|---|---|---|---|"]
     for e in entries if entries is not None else zoo().values():
         target = f"`{e.key}` ({e.model_name})"
-        layout = e.layout + (f" (needs {e.needs})" if e.needs else "")
-        rows.append(f"| `{e.name}` | [{e.what}]({e.url}) | {target} | {layout} | {_checksum_cell(e)} | {e.licence} |")
+        configs = ", ".join(f"`{c}`" for c in e.configs) or "-"
+        layout = e.layout + (f" (needs {e.needs})" if e.needs else
+                             ", converted on load" if e.layout == "eva-clip" else "")
+        rows.append(f"| `{e.name}` | [{e.what}]({e.url}) | {target} | {configs} | {layout} | {_checksum_cell(e)} "
+                    f"| {e.licence} |")
     return "\n".join(rows)
 
 

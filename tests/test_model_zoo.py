@@ -308,6 +308,8 @@ def test_licence_is_exposed_for_names_and_cached_files(tmp_path, zoo):
     assert model_zoo.licence_of("w") == "Test-Licence-1.0"
     assert model_zoo.licence_of(os.fspath(path)) == "Test-Licence-1.0"
     assert model_zoo.licence_of(os.fspath(src)) is None
+    cfg = tiny_cfg(MODEL__CLIP__PRETRAINED="w", MODEL__WEIGHTS=os.fspath(src))
+    assert model_zoo.licences_of_cfg(cfg) == {"MODEL.CLIP.PRETRAINED": "Test-Licence-1.0"}
 
 
 def test_package_table_entries_fit_their_configs():
