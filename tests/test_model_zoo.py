@@ -16,7 +16,13 @@ import pytest
 import torch
 
 from ovseg import model_zoo
-from ovseg.utils.download import ChecksumMismatchError, UnverifiableDownloadError, WeightsUnavailableError
+from ovseg.utils.download import (
+    ChecksumMismatchError,
+    Download,
+    UnverifiableDownloadError,
+    WeightsUnavailableError,
+    cached_or_download,
+)
 from tests.helpers import TINY_VIT, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +71,8 @@ class FileServer:
                     self.send_response(200)
                 body = data[start:]
                 self.send_header("Content-Length", str(len(body)))
+                if self.path.endswith(".html"):
+                    self.send_header("Content-Type", "text/html; charset=utf-8")
                 if state.linked_etag:
                     self.send_header("X-Linked-Etag", f'"{state.linked_etag}"')
                 self.end_headers()
@@ -240,9 +248,16 @@ def test_no_published_sha256_uses_the_servers_or_refuses(server, zoo):
     with pytest.raises(UnverifiableDownloadError, match="--allow-unverified"):
         quiet_fetch("silent")
     assert silent.gets() == [] and not paths["silent"].exists()
+    # a web page (Google Drive's quota / confirmation page) is never taken for the file, allowed or not
+    silent.files["/page.html"] = b"<html>Google Drive - quota exceeded</html>"
+    page = Download(url=silent.url + "/page.html", path=os.fspath(paths["silent"]), sha256=None,
+                              name="silent")
+    with pytest.raises(WeightsUnavailableError, match="answered with a web page"):
+        cached_or_download(page, allow_unverified=True, progress=False)
+    assert not paths["silent"].exists()
     logged = []
-    got = model_zoo.cached_or_download(
-        model_zoo.Download(url=silent.url + "/w.bin", path=os.fspath(paths["silent"]), sha256=None, name="silent"),
+    got = cached_or_download(
+        Download(url=silent.url + "/w.bin", path=os.fspath(paths["silent"]), sha256=None, name="silent"),
         allow_unverified=True, progress=False, log=logged.append)
     assert Path(got).read_bytes() == DATA and sha(DATA) in logged[-1]
 

@@ -137,6 +137,11 @@ def _fetch(dl: Download, expected: Optional[str], progress: bool, timeout: float
         offset = 0  # the partial file does not fit the server's file: start over
         resp = _open(dl.url, 0, timeout)
     with resp:
+        if (resp.headers.get("Content-Type") or "").startswith("text/html"):
+            # file hosts (Google Drive) answer a quota, sign-in or confirmation page with 200: not the file
+            raise WeightsUnavailableError(
+                f"{dl.url} answered with a web page, not {dl.name}'s file (a quota, sign-in or confirmation page?). "
+                f"Download it in a browser and put it at {dl.path}")
         if dl.licence:  # shown once the server answers, before the bytes come
             log(f"{dl.name}: licence: {dl.licence}")
         if offset and not _resumed(resp, offset):
