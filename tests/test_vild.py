@@ -30,7 +30,7 @@ def _build(**vild):
 def _batch():
     def inst(h, w, boxes, classes):
         i = Instances((h, w))
-        i.gt_classes = torch.tensor(classes)
+        i.gt_classes = torch.tensor(classes, dtype=torch.int64)
         m = torch.zeros(len(boxes), h, w, dtype=torch.bool)
         for k, (x0, y0, x1, y1) in enumerate(boxes):
             m[k, y0:y1, x0:x1] = True
@@ -39,7 +39,8 @@ def _batch():
     g = torch.Generator().manual_seed(1)
     return [{"image": torch.rand(3, 64, 80, generator=g) * 255,
              "instances": inst(64, 80, [(0, 0, 40, 32), (40, 16, 80, 64)], [0, 1])},
-            {"image": torch.rand(3, 48, 64, generator=g) * 255, "instances": inst(48, 64, [(8, 8, 40, 40)], [1])}]
+            {"image": torch.rand(3, 48, 64, generator=g) * 255, "instances": inst(48, 64, [(8, 8, 40, 40)], [1])},
+            {"image": torch.rand(3, 32, 32, generator=g) * 255, "instances": inst(32, 32, [], [])}]  # no segments
 
 
 def test_distillation_loss_equals_hand_computation():
@@ -47,7 +48,8 @@ def test_distillation_loss_equals_hand_computation():
     embeds = torch.randn(2, 4, 5, generator=g)  # (B, Q, D) region embeddings, unnormalised
     targets = [{"labels": torch.tensor([0, 1]), "masks": torch.zeros(2, 8, 8),
                 "clip_embeds": torch.randn(2, 5, generator=g) * 3},
-               {"labels": torch.tensor([1]), "masks": torch.zeros(1, 8, 8), "clip_embeds": torch.randn(1, 5, generator=g)}]
+               {"labels": torch.tensor([1]), "masks": torch.zeros(1, 8, 8),
+                "clip_embeds": torch.randn(1, 5, generator=g)}]
     # image 0: query 3 <-> segment 1, query 0 <-> segment 0; image 1: query 2 <-> segment 0
     indices = [(torch.tensor([3, 0]), torch.tensor([1, 0])), (torch.tensor([2]), torch.tensor([0]))]
     crit = SetCriterion(matcher=lambda outputs, tgts: indices, num_points=0, deep_supervision=False,
@@ -188,9 +190,9 @@ def test_inference_ensemble_is_vilds_rule():
     model.out_vocab = True
     with torch.no_grad():
         both = model.class_probabilities(embeds, mask_logits, dense, images, ClassText(text, 3), seen)
-        on_grid = F.interpolate(mask_logits, size=(4, 4), mode="bilinear", align_corners=False)
-        out_logits = 100.0 * F.normalize(torch.einsum("bqhw,bdhw->bqd", (on_grid > 0).float(), dense)
-                                         / (on_grid > 0).float().sum((2, 3))[..., None].clamp(min=1e-6), dim=-1) @ text.T
+        inside = (F.interpolate(mask_logits, size=(4, 4), mode="bilinear", align_corners=False) > 0).float()
+        pooled = torch.einsum("bqhw,bdhw->bqd", inside, dense) / inside.sum((2, 3))[..., None].clamp(min=1e-6)
+        out_logits = 100.0 * F.normalize(pooled, dim=-1) @ text.T
     ref = geometric_ensemble(expected.log(), out_logits, seen, model.ensemble_alpha, model.ensemble_beta)
     torch.testing.assert_close(both, ref, atol=1e-5, rtol=1e-4)
 
