@@ -318,7 +318,9 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
                             images: ImageList, text: ClassText, seen: Optional[torch.Tensor] = None
                             ) -> torch.Tensor:
         """(B, Q, C + 1) class probabilities (last = void) from the ensemble of both classifiers, given the
-        queries' (B, Q, D) class embeddings and (B, Q, h, w) mask logits on the mask grid of the padded batch."""
+        queries' (B, Q, D) class embeddings and (B, Q, h, w) mask logits on the mask grid of the padded batch.
+        With ViLD's ensemble, its scores stand for the in-vocabulary classifier's (not renormalised when it is
+        the only classifier, as ViLD ranks them)."""
         in_logits = self.in_vocab(embeds, text)
         if self.vild_head is not None and self.vild_ensemble:
             seen = self.seen if seen is None else seen
