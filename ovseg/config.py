@@ -262,6 +262,36 @@ def add_mask_segmentor_config(cfg: CN) -> CN:
     cfg.MODEL.MASK_SEG.LOSS.OVERSAMPLE_RATIO = 3.0
     cfg.MODEL.MASK_SEG.LOSS.IMPORTANCE_SAMPLE_RATIO = 0.75
 
+    # ViLD-image (Gu et al., ICLR 2022): a head mapping each query's class embedding into CLIP's image-embedding
+    # space, distilled towards the frozen CLIP embedding of its matched segment; ViLD's text head is the
+    # in-vocabulary classifier above. Values from the authors' code (tensorflow/tpu, projects/vild) and paper.
+    cfg.MODEL.MASK_SEG.VILD = CN()
+    # Build the head and train it with the L1 distillation loss ("loss_vild_image"). False: no new parameters.
+    cfg.MODEL.MASK_SEG.VILD.ENABLED = False
+    # Weight w of the distillation loss (ViLD's feat_distill_weight: 0.5 for ResNet-50; 1.0 / 2.0 for ResNet-152).
+    cfg.MODEL.MASK_SEG.VILD.IMAGE_LOSS_WEIGHT = 0.5
+    # The teacher's view of a segment: "crop" (ViLD: its box cut from the input and resized, through CLIP's image
+    # encoder) or "mask_pool" (the frozen `clip_dense` map averaged over the segment: no extra CLIP forward).
+    cfg.MODEL.MASK_SEG.VILD.TARGET = "crop"
+    # ("crop") box enlargements about the centre, clipped to the image; the embeddings of all scales are
+    # normalised, summed and normalised again (ViLD: 1x and 1.5x crops).
+    cfg.MODEL.MASK_SEG.VILD.CROP_SCALES = [1.0, 1.5]
+    # ("crop") side of the square the box is resized to (stretched, bilinear): CLIP's input size (ViLD: 224).
+    cfg.MODEL.MASK_SEG.VILD.CROP_SIZE = 224
+    # Linear layers of the head's MLP on the query's class embedding (1 = ViLD's single projection).
+    cfg.MODEL.MASK_SEG.VILD.HEAD_LAYERS = 2
+    # Let the distillation's gradient reach the query embedding and the decoder (ViLD: it shapes the detector's
+    # shared region features); False: only the head learns from it.
+    cfg.MODEL.MASK_SEG.VILD.DISTILL_INTO_DECODER = True
+    # Multiplier of the head's cosine similarities to text (ViLD's temperature 0.01).
+    cfg.MODEL.MASK_SEG.VILD.IMAGE_LOGIT_SCALE = 100.0
+    # Inference with ViLD's ensemble: s = p_text^(1-w) * p_image^w, w = ENSEMBLE_ALPHA on seen classes and
+    # ENSEMBLE_BETA on unseen ones (ViLD's lambda = 2/3: 1/3 and 2/3). It replaces the in-vocabulary classifier's
+    # probabilities; with CLASSIFIER.OUT_VOCAB the FC-CLIP ensemble then combines them with frozen CLIP.
+    cfg.MODEL.MASK_SEG.VILD.ENSEMBLE = True
+    cfg.MODEL.MASK_SEG.VILD.ENSEMBLE_ALPHA = 1.0 / 3.0
+    cfg.MODEL.MASK_SEG.VILD.ENSEMBLE_BETA = 2.0 / 3.0
+
     cfg.MODEL.MASK_SEG.TEST = CN()
     # Which outputs inference produces (detectron2 formats "sem_seg", "panoptic_seg", "instances").
     cfg.MODEL.MASK_SEG.TEST.SEMANTIC_ON = True

@@ -1,7 +1,9 @@
 """Open-vocabulary classification of mask queries: the trained in-vocabulary classifier, the frozen
 out-of-vocabulary classifier (CLIP features pooled in each mask) and their geometric ensemble, by FC-CLIP's
 rules (`fcclip/fcclip.py` and `MaskPooling` / `get_classification_logits` in its transformer decoder,
-bytedance/fc-clip@2b0bbe2)."""
+bytedance/fc-clip@2b0bbe2); and ViLD's image head with its ensemble (Gu et al., ICLR 2022; the rules read in
+tensorflow/tpu@7dc921f, models/official/detection/projects/vild: `modeling/vild_head.py`,
+`ops/postprocess_ops.py`)."""
 from __future__ import annotations
 
 import math
@@ -13,6 +15,7 @@ from torch import nn
 
 from .region_pooling import pool_masks
 from .text import max_over_synonyms
+from .transformer_decoder.masked_attention import MLP
 
 
 class ClassText(NamedTuple):
@@ -114,3 +117,63 @@ def geometric_ensemble(in_logits: torch.Tensor, out_logits: torch.Tensor, seen: 
     ensemble = ((1 - w) * log_in + w * log_out).softmax(-1)  # e / sum(e)
     void = in_logits.float().softmax(-1)[..., -1:]
     return torch.cat([ensemble * (1 - void), void], dim=-1).add_(1e-8).log_().softmax(-1)
+
+
+class ImageEmbeddingHead(nn.Module):
+    """ViLD-image's region embedding: each query's class embedding mapped into CLIP's image-embedding space.
+
+    Trained by an L1 distillation towards the frozen CLIP embedding of the query's region
+    (`SetCriterion.image_embed_loss`); at inference it classifies like CLIP does an image, against the same text
+    embeddings, for ViLD's ensemble (`vild_ensemble`). ViLD's own head ends in one Linear ("project-to-clip"); here
+    it sits on the class embedding the in-vocabulary classifier also reads, so `layers` > 1 gives the image branch
+    capacity of its own (ViLD-ensemble's separate branch has several layers).
+    """
+
+    def __init__(self, embed_dim: int, layers: int = 2, logit_scale: float = 100.0):
+        """
+        Args:
+            embed_dim: D, the CLIP embedding size (input and output).
+            layers: Linear layers of the MLP (ReLU between them); 1 = ViLD's single projection.
+            logit_scale: multiplier of the cosine similarities to text (ViLD: temperature 0.01, i.e. 100).
+        """
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"MODEL.MASK_SEG.VILD.HEAD_LAYERS={layers} must be at least 1")
+        if logit_scale <= 0:
+            raise ValueError(f"MODEL.MASK_SEG.VILD.IMAGE_LOGIT_SCALE={logit_scale} must be positive")
+        self.proj = MLP(embed_dim, embed_dim, embed_dim, layers)
+        self.logit_scale = logit_scale
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        """(..., D) query class embeddings -> (..., D) L2-normalised region embeddings (ViLD normalises them)."""
+        return F.normalize(self.proj(embeds), dim=-1)
+
+    def logits(self, region_embeds: torch.Tensor, text: Union[torch.Tensor, ClassText]) -> torch.Tensor:
+        """(..., D) normalised region embeddings -> (..., C) logits = scale * cos(region, text); no void class
+        (ViLD's image head has no background)."""
+        text = as_class_text(text)
+        return text.reduce(self.logit_scale * region_embeds @ text.embeds.to(region_embeds.dtype).t())
+
+
+def vild_ensemble(text_logits: torch.Tensor, image_logits: torch.Tensor, seen: torch.Tensor, alpha: float,
+                  beta: float) -> torch.Tensor:
+    """ViLD's ensemble of its text and image heads, as log scores.
+
+    p_text = softmax of `text_logits` over the C classes and the background (void), its class entries kept as they
+    are (not renormalised); p_image = softmax of `image_logits` over the C classes. Each class scores
+    s_c = p_text[c]^(1 - w_c) * p_image[c]^w_c with w_c = alpha for seen (base) classes and beta for unseen
+    (novel) ones: ViLD's lambda = 2/3 is alpha = 1/3, beta = 2/3 (the text head dominates on base classes, the image
+    head on novel ones; the authors' code writes it as the cube root of p_text * p_image * (p_text or p_image)).
+    ViLD ranks detections by s_c without renormalising; the void entry here is the text head's background
+    probability, so that the shared post-processing can drop void queries.
+
+    Args:
+        text_logits: (..., C + 1), last = void; image_logits: (..., C); seen: (C,) bool.
+    Returns:
+        (..., C + 1) log([s_1 .. s_C, p_text[void]]) in float32 (its exp is ViLD's scores).
+    """
+    log_text = text_logits.float().log_softmax(-1)
+    log_image = image_logits.float().log_softmax(-1)
+    w = torch.where(seen.to(log_text.device), torch.tensor(alpha), torch.tensor(beta)).to(log_text)  # (C,)
+    scores = (1 - w) * log_text[..., :-1] + w * log_image
+    return torch.cat([scores, log_text[..., -1:]], dim=-1)

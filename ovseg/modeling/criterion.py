@@ -1,5 +1,6 @@
 """Set-prediction losses of the mask segmentor: class CE over matched / unmatched queries and point-sampled
-mask BCE + dice over matched ones, on the final and (deep supervision) every intermediate prediction."""
+mask BCE + dice over matched ones, and optionally ViLD-image's L1 distillation of matched queries' region
+embeddings, on the final and (deep supervision) every intermediate prediction."""
 from __future__ import annotations
 
 from typing import Dict, List
@@ -36,14 +37,15 @@ def _uncertainty(logits: torch.Tensor) -> torch.Tensor:
 
 
 class SetCriterion(nn.Module):
-    """Hungarian-matched losses. Returns a dict of weighted losses ("loss_ce", "loss_mask", "loss_dice", and
-    "..._<i>" for the i-th intermediate prediction) that detectron2's trainer sums."""
+    """Hungarian-matched losses. Returns a dict of weighted losses ("loss_ce", "loss_mask", "loss_dice", with
+    `vild_image_weight` > 0 also "loss_vild_image", and "..._<i>" for the i-th intermediate prediction) that
+    detectron2's trainer sums."""
 
     @configurable
     def __init__(self, *, matcher: HungarianMatcher, class_weight: float = 2.0, mask_weight: float = 5.0,
                  dice_weight: float = 5.0, no_object_weight: float = 0.1, num_points: int = 12544,
                  oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
-                 deep_supervision: bool = True):
+                 deep_supervision: bool = True, vild_image_weight: float = 0.0):
         """
         Args:
             matcher: assigns queries to targets.
@@ -52,10 +54,15 @@ class SetCriterion(nn.Module):
             num_points, oversample_ratio, importance_sample_ratio: point sampling of the mask losses (PointRend's
                 uncertainty-based importance sampling); num_points <= 0 uses every cell of the prediction grid.
             deep_supervision: add the losses of the intermediate predictions.
+            vild_image_weight: weight of ViLD-image's distillation loss (`image_embed_loss`); 0 = off.
         """
         super().__init__()
         self.matcher = matcher
+        if vild_image_weight < 0:
+            raise ValueError(f"MODEL.MASK_SEG.VILD.IMAGE_LOSS_WEIGHT={vild_image_weight} must be >= 0")
         self.weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
+        if vild_image_weight > 0:
+            self.weights["loss_vild_image"] = vild_image_weight
         self.no_object_weight = no_object_weight
         self.num_points = num_points
         self.oversample_ratio = oversample_ratio
@@ -71,6 +78,7 @@ class SetCriterion(nn.Module):
             "no_object_weight": loss.NO_OBJECT_WEIGHT, "num_points": loss.NUM_POINTS,
             "oversample_ratio": loss.OVERSAMPLE_RATIO, "importance_sample_ratio": loss.IMPORTANCE_SAMPLE_RATIO,
             "deep_supervision": loss.DEEP_SUPERVISION,
+            "vild_image_weight": cfg.MODEL.MASK_SEG.VILD.IMAGE_LOSS_WEIGHT if cfg.MODEL.MASK_SEG.VILD.ENABLED else 0.0,
         }
 
     def class_loss(self, logits: torch.Tensor, targets: List[Dict[str, torch.Tensor]], indices) -> torch.Tensor:
@@ -103,18 +111,39 @@ class SetCriterion(nn.Module):
         return {"loss_mask": sigmoid_bce_loss(logits, labels, num_masks),
                 "loss_dice": dice_loss(logits, labels, num_masks)}
 
+    def image_embed_loss(self, embeds: torch.Tensor, targets: List[Dict[str, torch.Tensor]], indices,
+                         num_masks: float) -> torch.Tensor:
+        """ViLD-image: sum over matched (query, segment) pairs of || e_q / |e_q| - t_s / |t_s| ||_1, / num_masks.
+
+        `embeds` (B, Q, D) are the queries' region embeddings; each target's "clip_embeds" (N_i, D) the frozen
+        CLIP embeddings of its segments. As the authors' loss (vild_model.py: L1 summed over the D dims, averaged
+        over the distilled regions), both sides L2-normalised; unmatched queries are not distilled."""
+        src = torch.cat([embeds[i, s.to(embeds.device)] for i, (s, _) in enumerate(indices)])  # (M, D)
+        if len(src) == 0:
+            return embeds.sum() * 0.0  # keeps the graph connected
+        tgt = torch.cat([t["clip_embeds"][j.to(t["clip_embeds"].device)] for t, (_, j) in zip(targets, indices)])
+        src, tgt = F.normalize(src.float(), dim=-1), F.normalize(tgt.float().to(src.device), dim=-1)
+        return (src - tgt).abs().sum() / num_masks
+
     def single(self, outputs: Dict[str, torch.Tensor], targets, num_masks: float) -> Dict[str, torch.Tensor]:
         indices = self.matcher(outputs, targets)
         losses = {"loss_ce": self.class_loss(outputs["pred_logits"], targets, indices)}
         losses.update(self.mask_losses(outputs["pred_masks"], targets, indices, num_masks))
+        if "loss_vild_image" in self.weights:
+            if "pred_image_embeds" not in outputs or any("clip_embeds" not in t for t in targets):
+                raise ValueError("the ViLD-image loss needs the outputs' 'pred_image_embeds' and the targets' "
+                                 "'clip_embeds' (MODEL.MASK_SEG.VILD.ENABLED builds both)")
+            losses["loss_vild_image"] = self.image_embed_loss(outputs["pred_image_embeds"], targets, indices,
+                                                              num_masks)
         return {k: v * self.weights[k] for k, v in losses.items()}
 
     def forward(self, outputs: Dict[str, object], targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """
         Args:
-            outputs: "pred_logits" (B, Q, K + 1), "pred_masks" (B, Q, h, w), optional "aux_outputs" (a list of
-                dicts with the same two keys).
-            targets: per image "labels" (N_i,) int64 and "masks" (N_i, H, W) over the same padded extent.
+            outputs: "pred_logits" (B, Q, K + 1), "pred_masks" (B, Q, h, w), with the ViLD-image loss
+                "pred_image_embeds" (B, Q, D); optional "aux_outputs" (a list of dicts with the same keys).
+            targets: per image "labels" (N_i,) int64 and "masks" (N_i, H, W) over the same padded extent; with the
+                ViLD-image loss "clip_embeds" (N_i, D).
         """
         num_masks = torch.tensor(float(sum(len(t["labels"]) for t in targets)),
                                  device=outputs["pred_masks"].device)

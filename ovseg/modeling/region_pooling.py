@@ -1,4 +1,5 @@
-"""Region pooling on dense CLIP maps: one helper for boxes and one for masks, shared by every model."""
+"""Region pooling on dense CLIP maps: one helper for boxes and one for masks, shared by every model; and the
+crop-and-resize of boxes out of an image batch (a teacher's view of a region)."""
 from __future__ import annotations
 
 from typing import List, Union
@@ -28,6 +29,19 @@ def pool_boxes(dense: torch.Tensor, boxes: Union[torch.Tensor, List[torch.Tensor
     pooled = roi_align(dense, boxes, output_size=output_size, spatial_scale=1.0 / stride, sampling_ratio=-1,
                        aligned=True)  # (K, D, s, s)
     return pooled.mean(dim=(2, 3))
+
+
+def crop_boxes(images: torch.Tensor, boxes: List[torch.Tensor], size: int) -> torch.Tensor:
+    """Cut boxes out of images and resize each to size x size (stretched; bilinear, one sample per output pixel at
+    its centre, i.e. RoIAlign with one sample per bin; no anti-aliasing when shrinking).
+
+    Args:
+        images: (B, C, H, W); boxes: per image (K_i, 4) xyxy in pixels of `images`.
+    Returns:
+        (K, C, size, size), K = total boxes, in batch order.
+    """
+    boxes = [b.to(images.dtype) for b in boxes]
+    return roi_align(images, boxes, output_size=size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
 
 
 def pool_masks(dense: torch.Tensor, masks: torch.Tensor, eps: float = 1e-6, binary: bool = False) -> torch.Tensor:

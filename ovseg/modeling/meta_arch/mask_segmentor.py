@@ -17,11 +17,20 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import BitMasks, ImageList
 from torch import nn
 
+from ...data.clipself_mapper import scale_boxes
 from ..backbone.clip_vit import CLIPViTDenseEncoder
-from ..classifiers import ClassText, InVocabClassifier, geometric_ensemble, out_of_vocab_logits
+from ..classifiers import (
+    ClassText,
+    ImageEmbeddingHead,
+    InVocabClassifier,
+    geometric_ensemble,
+    out_of_vocab_logits,
+    vild_ensemble,
+)
 from ..criterion import SetCriterion
 from ..pixel_decoder import build_pixel_decoder
 from ..postprocessing import OutputMasks, instance_inference, panoptic_inference, resize_to_output, semantic_inference
+from ..region_pooling import crop_boxes, pool_masks
 from ..text import TextClassifier, Vocabulary, dataset_vocabulary, parse_vocabulary
 from ..transformer_decoder import build_transformer_decoder
 from .base import OpenVocabModel
@@ -55,6 +64,11 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
     Training: Hungarian-matched class / mask / dice losses against the training vocabulary's text embeddings.
     Inference: in-vocabulary logits (query embedding vs text) ensembled with out-of-vocabulary logits (frozen
     CLIP features pooled in each mask vs text), then detectron2's `sem_seg`, `panoptic_seg` and `instances`.
+
+    ViLD-image (optional `vild_head`): each query's class embedding is also mapped into CLIP's image space and
+    distilled (L1) towards the frozen CLIP embedding of its matched ground-truth segment; at inference ViLD's
+    ensemble of the text classifier and this head replaces the in-vocabulary probabilities, and the FC-CLIP
+    ensemble (when `out_vocab`) combines the result with frozen CLIP.
     """
 
     @configurable
@@ -66,7 +80,11 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
                  ensemble_beta: float = 0.8, ensemble_on_valid_mask: bool = False, synonyms: str = "max",
                  soft_mask_pooling: bool = False, semantic_on: bool = True, panoptic_on: bool = True,
                  instance_on: bool = False, semantic_resolution: str = "auto", object_mask_threshold: float = 0.8,
-                 overlap_threshold: float = 0.8, detections_per_image: int = 100):
+                 overlap_threshold: float = 0.8, detections_per_image: int = 100,
+                 vild_head: Optional[ImageEmbeddingHead] = None, vild_target: str = "crop",
+                 vild_crop_scales: Sequence[float] = (1.0, 1.5), vild_crop_size: int = 224,
+                 vild_distill_into_decoder: bool = True, vild_ensemble: bool = True,
+                 vild_ensemble_alpha: float = 1.0 / 3.0, vild_ensemble_beta: float = 2.0 / 3.0):
         """
         Args:
             backbone, text_classifier: the frozen CLIP towers.
@@ -91,6 +109,13 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
                 or "mask" (on the mask grid, then the class scores resized: cheapest).
             object_mask_threshold, overlap_threshold: panoptic post-processing.
             detections_per_image: instance top-k.
+            vild_head: ViLD-image's head (None: off; the criterion then needs no "clip_embeds").
+            vild_target: the teacher's view of a segment, "crop" (its box through CLIP's image encoder) or
+                "mask_pool" (the frozen `clip_dense` averaged over it).
+            vild_crop_scales, vild_crop_size: ("crop") box enlargements and the crop side.
+            vild_distill_into_decoder: the distillation's gradient reaches the query embedding (else the head only).
+            vild_ensemble, vild_ensemble_alpha, vild_ensemble_beta: ViLD's ensemble at inference and its weights
+                of the image head on seen / unseen classes (`vild_ensemble`).
         """
         super().__init__(backbone=backbone, text_classifier=text_classifier, pixel_mean=pixel_mean,
                          pixel_std=pixel_std, vocabulary=vocabulary, vocabulary_dataset=vocabulary_dataset,
@@ -107,6 +132,21 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
         for name, v in (("ENSEMBLE_ALPHA", ensemble_alpha), ("ENSEMBLE_BETA", ensemble_beta)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"MODEL.MASK_SEG.CLASSIFIER.{name}={v} must be in [0, 1]")
+        if vild_target not in ("crop", "mask_pool"):
+            raise ValueError(f"MODEL.MASK_SEG.VILD.TARGET={vild_target!r}; use 'crop' or 'mask_pool'")
+        if not vild_crop_scales or min(vild_crop_scales) <= 0 or vild_crop_size < 1:
+            raise ValueError(f"MODEL.MASK_SEG.VILD: CROP_SCALES={list(vild_crop_scales)} must be positive (at least "
+                             f"one) and CROP_SIZE={vild_crop_size} at least 1")
+        for name, v in (("ENSEMBLE_ALPHA", vild_ensemble_alpha), ("ENSEMBLE_BETA", vild_ensemble_beta)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"MODEL.MASK_SEG.VILD.{name}={v} must be in [0, 1]")
+        self.vild_head = vild_head
+        self.vild_target = vild_target
+        self.vild_crop_scales = tuple(float(x) for x in vild_crop_scales)
+        self.vild_crop_size = vild_crop_size
+        self.vild_distill_into_decoder = vild_distill_into_decoder
+        self.vild_ensemble = vild_ensemble
+        self.vild_ensemble_alpha, self.vild_ensemble_beta = vild_ensemble_alpha, vild_ensemble_beta
         self.pixel_decoder = pixel_decoder
         self.transformer_decoder = transformer_decoder
         self.criterion = criterion
@@ -144,6 +184,7 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
         backbone = clip["backbone"]
         pixel_decoder = build_pixel_decoder(cfg, backbone.output_shape())
         pd, ms, clf = cfg.MODEL.MASK_SEG.PIXEL_DECODER, cfg.MODEL.MASK_SEG, cfg.MODEL.MASK_SEG.CLASSIFIER
+        vild = ms.VILD
         if ms.DECODER.NUM_LEVELS > len(pd.PYRAMID_SCALES) - 1:
             raise ValueError(f"MODEL.MASK_SEG.DECODER.NUM_LEVELS={ms.DECODER.NUM_LEVELS}, but the pixel decoder has "
                              f"only {len(pd.PYRAMID_SCALES) - 1} levels besides the mask features")
@@ -184,6 +225,15 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
             "object_mask_threshold": ms.TEST.OBJECT_MASK_THRESHOLD,
             "overlap_threshold": ms.TEST.OVERLAP_THRESHOLD,
             "detections_per_image": ms.TEST.DETECTIONS_PER_IMAGE,
+            "vild_head": ImageEmbeddingHead(backbone.embed_dim, vild.HEAD_LAYERS, vild.IMAGE_LOGIT_SCALE)
+            if vild.ENABLED else None,
+            "vild_target": vild.TARGET,
+            "vild_crop_scales": list(vild.CROP_SCALES),
+            "vild_crop_size": vild.CROP_SIZE,
+            "vild_distill_into_decoder": vild.DISTILL_INTO_DECODER,
+            "vild_ensemble": vild.ENSEMBLE,
+            "vild_ensemble_alpha": vild.ENSEMBLE_ALPHA,
+            "vild_ensemble_beta": vild.ENSEMBLE_BETA,
         }
 
     # ---- forward pieces ---------------------------------------------------------------------------------
@@ -221,24 +271,64 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
             targets.append({"labels": labels, "masks": padded})
         return targets
 
-    def losses(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList) -> Dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def segment_embeddings(self, targets: List[Dict], images: ImageList, dense: torch.Tensor) -> List[torch.Tensor]:
+        """ViLD-image's teacher: per image (N_i, D) L2-normalised frozen CLIP embeddings of its target segments.
+
+        "crop": each segment's box (clipped to the image's own pixels, enlarged by every crop scale) is cut from
+        the normalised input (normalising commutes with the bilinear resampling) and resized to a square for
+        CLIP's image encoder; per segment the scales' normalised embeddings are summed, then normalised (ViLD's
+        1x + 1.5x ensemble). "mask_pool": `dense` (B, D, h, w) averaged over each segment's mask."""
+        if self.vild_target == "mask_pool":
+            return [F.normalize(pool_masks(dense[i:i + 1].float(), t["masks"][None].float())[0], dim=-1)
+                    for i, t in enumerate(targets)]
+        boxes = []
+        for t, (h, w) in zip(targets, images.image_sizes):
+            tight = BitMasks(t["masks"].bool()).get_bounding_boxes().tensor  # (N_i, 4) xyxy
+            boxes.append(torch.stack([scale_boxes(tight, s, h, w) for s in self.vild_crop_scales], 1))  # (N_i, S, 4)
+        crops = crop_boxes(images.tensor, [b.flatten(0, 1) for b in boxes], self.vild_crop_size)  # (N * S, 3, s, s)
+        embeds = F.normalize(self.backbone.encode_image(crops).float(), dim=-1) if len(crops) else \
+            crops.new_zeros((0, self.backbone.embed_dim), dtype=torch.float32)
+        embeds = F.normalize(embeds.view(-1, len(self.vild_crop_scales), embeds.shape[-1]).sum(1), dim=-1)
+        return list(embeds.split([len(b) for b in boxes]))
+
+    def losses(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList,
+               features: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """The criterion's weighted losses; `features` (the backbone's) are needed with ViLD-image."""
         if self.train_vocabulary is None:
             raise ValueError("no training vocabulary: set DATASETS.TRAIN or MODEL.MASK_SEG.TRAIN_VOCABULARY")
         text = self.text_embeddings(self.train_vocabulary)
 
         def classify(o):
-            return {"pred_logits": self.in_vocab(o["pred_embeds"], text), "pred_masks": o["pred_masks"]}
+            out = {"pred_logits": self.in_vocab(o["pred_embeds"], text), "pred_masks": o["pred_masks"]}
+            if self.vild_head is not None:
+                embeds = o["pred_embeds"] if self.vild_distill_into_decoder else o["pred_embeds"].detach()
+                out["pred_image_embeds"] = self.vild_head(embeds)
+            return out
 
         outs = classify(outputs)
         outs["aux_outputs"] = [classify(a) for a in outputs["aux_outputs"]]
-        return self.criterion(outs, self.prepare_targets(batched_inputs, tuple(images.tensor.shape[-2:])))
+        targets = self.prepare_targets(batched_inputs, tuple(images.tensor.shape[-2:]))
+        if self.vild_head is not None:
+            for t, e in zip(targets, self.segment_embeddings(targets, images, features["clip_dense"])):
+                t["clip_embeds"] = e
+        return self.criterion(outs, targets)
 
     def class_probabilities(self, embeds: torch.Tensor, mask_logits: torch.Tensor, dense: torch.Tensor,
                             images: ImageList, text: ClassText, seen: Optional[torch.Tensor] = None
                             ) -> torch.Tensor:
         """(B, Q, C + 1) class probabilities (last = void) from the ensemble of both classifiers, given the
-        queries' (B, Q, D) class embeddings and (B, Q, h, w) mask logits on the mask grid of the padded batch."""
+        queries' (B, Q, D) class embeddings and (B, Q, h, w) mask logits on the mask grid of the padded batch.
+        With ViLD's ensemble, its scores stand for the in-vocabulary classifier's (not renormalised when it is
+        the only classifier, as ViLD ranks them)."""
         in_logits = self.in_vocab(embeds, text)
+        if self.vild_head is not None and self.vild_ensemble:
+            seen = self.seen if seen is None else seen
+            image_logits = self.vild_head.logits(self.vild_head(embeds), text)
+            # ViLD's scores (log) take the in-vocabulary classifier's place, also inside FC-CLIP's ensemble below
+            in_logits = vild_ensemble(in_logits, image_logits, seen, self.vild_ensemble_alpha, self.vild_ensemble_beta)
+            if not self.out_vocab:
+                return in_logits.exp()  # ViLD's own scores, not renormalised
         if not self.out_vocab:
             return in_logits.float().softmax(-1)
         mask_logits = mask_logits.float()
@@ -313,7 +403,8 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
         """Training: dict of losses. Inference: per image {"sem_seg", "panoptic_seg", "instances"} (as enabled)."""
         images = self.preprocess(batched_inputs)
         if self.training:
-            return self.losses(self.predict(images.tensor)[1], batched_inputs, images)
+            features, outputs = self.predict(images.tensor)
+            return self.losses(outputs, batched_inputs, images, features)
         text = self.text_embeddings(self.vocabulary)
         out = self.segment(images.tensor, text.embeds, text.owner, images.image_sizes)
         probs, mask_logits = out["class_probs"], out["pred_masks"]
