@@ -183,8 +183,8 @@ class GroupViTEncoder(nn.Module):
         depths, tokens, outputs = list(depths), list(num_group_tokens), list(num_output_groups)
         if not (len(depths) == len(tokens) == len(outputs) + 1) or any(t <= 0 for t in tokens[:-1]):
             raise ValueError(f"GroupViT stages: DEPTHS {depths} and NUM_GROUP_TOKENS {tokens} need one entry per "
-                             f"stage, NUM_OUTPUT_GROUPS {outputs} one per stage but the last, and every stage but the last "
-                             "needs group tokens")
+                             f"stage, NUM_OUTPUT_GROUPS {outputs} one per stage but the last, and every stage "
+                             "but the last needs group tokens")
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
         self.patch_size, self.embed_dim = patch_size, embed_dim
