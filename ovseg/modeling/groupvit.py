@@ -212,9 +212,6 @@ class GroupViTEncoder(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def no_weight_decay(self) -> Tuple[str, ...]:
-        return ("pos_embed",)
-
     def positions(self, h: int, w: int) -> torch.Tensor:
         """(1, h*w, D) position embeddings for an h x w patch grid (bicubic from the training grid)."""
         if (h, w) == (self.grid, self.grid):
