@@ -328,7 +328,8 @@ def add_groupvit_config(cfg: CN) -> CN:
     g.MULTI_LABEL_WEIGHT = 1.0
     g.NOUN_TEMPLATES = "imagenet"
     # Zero-shot segmentation: each group's classes restricted to the image's TOP_K most similar classes (0 = off);
-    # pixels whose best class score is below BG_THRESHOLD (0 = off) go to the class named BACKGROUND_CLASS.
+    # pixels whose best class score is below BG_THRESHOLD (0 = off) go to the class named BACKGROUND_CLASS (a
+    # vocabulary without that class has no background rule: PASCAL Context-59, COCO-Stuff).
     g.TOP_K_CLASSES = 5
     g.BG_THRESHOLD = 0.95
     g.BACKGROUND_CLASS = "background"

@@ -231,6 +231,9 @@ class ImageCaptionMapper:
             augs.append(T.RandomFlip(horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
                                      vertical=cfg.INPUT.RANDOM_FLIP == "vertical"))
         nouns = NounExtractor(read_noun_vocabulary(c.NOUN_VOCABULARY)) if c.NOUN_VOCABULARY else None
+        if nouns is None and cfg.MODEL.GROUPVIT.MULTI_LABEL > 0:
+            logger.warning("INPUT.CAPTIONS.NOUN_VOCABULARY is empty: no nouns are found, so every multi-label prompt "
+                           "is the caption itself (MODEL.GROUPVIT.MULTI_LABEL %d)", cfg.MODEL.GROUPVIT.MULTI_LABEL)
         return {"augmentations": augs, "image_format": cfg.INPUT.FORMAT, "nouns": nouns}
 
     def __call__(self, dataset_dict: Dict) -> Dict:
