@@ -91,6 +91,8 @@ def add_ovseg_config(cfg: CN) -> CN:
 
     add_mask_segmentor_config(cfg)
 
+    add_groupvit_config(cfg)
+
     add_engine_config(cfg)
     return cfg
 
@@ -317,6 +319,59 @@ def add_mask_segmentor_config(cfg: CN) -> CN:
     cfg.INPUT.IMAGE_SIZE = 1024
     cfg.INPUT.MIN_SCALE = 0.1
     cfg.INPUT.MAX_SCALE = 2.0
+    return cfg
+
+
+def add_groupvit_config(cfg: CN) -> CN:
+    """`GroupViTSegmentor` and its captioned-image data (mapper "image_caption"). Defaults are GroupViT-S as in the
+    authors' configs/group_vit_gcc_yfcc_30e.yml and models/group_vit.py (github.com/NVlabs/GroupViT @ 13b7861)."""
+    g = cfg.MODEL.GROUPVIT = CN()
+    # Image encoder: patch size, width, blocks per stage, attention heads (every stage).
+    g.PATCH_SIZE = 16
+    g.EMBED_DIM = 384
+    g.DEPTHS = [6, 3, 3]
+    g.NUM_HEADS = 6
+    # Learnable group tokens per stage (the last stage has none) and segment tokens each grouping block outputs.
+    g.NUM_GROUP_TOKENS = [64, 8, 0]
+    g.NUM_OUTPUT_GROUPS = [64, 8]
+    # Hard (straight-through one-hot) assignment of tokens to groups; Gumbel noise on the assignment logits while
+    # training, at temperature GUMBEL_TAU.
+    g.HARD_ASSIGNMENT = True
+    g.GUMBEL = True
+    g.GUMBEL_TAU = 1.0
+    # Stochastic depth, rising linearly to this over the blocks.
+    g.DROP_PATH_RATE = 0.1
+    # Text encoder (open_clip's causal text transformer, trained from scratch): context, width, layers, heads.
+    g.TEXT_CONTEXT_LENGTH = 77
+    g.TEXT_WIDTH = 256
+    g.TEXT_LAYERS = 12
+    g.TEXT_HEADS = 4
+    # Image and text projections into the joint space: Linear-BN-ReLU-Linear (PROJ_LAYERS 2), hidden and output dims.
+    g.PROJ_LAYERS = 2
+    g.PROJ_HIDDEN_DIM = 4096
+    g.PROJ_DIM = 256
+    # Initial temperature of both contrastive losses (each learns its own scale, clamped to at most 100).
+    g.TEMPERATURE = 0.07
+    # Multi-label contrastive loss: prompted nouns per caption (padded with the caption itself; 0 = loss off), its
+    # weight, and the prompt templates (a name of MODEL.TEXT.TEMPLATES' sets, one drawn per noun).
+    g.MULTI_LABEL = 3
+    g.MULTI_LABEL_WEIGHT = 1.0
+    g.NOUN_TEMPLATES = "imagenet"
+    # Zero-shot segmentation: each group's classes restricted to the image's TOP_K most similar classes (0 = off);
+    # pixels whose best class score is below BG_THRESHOLD (0 = off) go to the class named BACKGROUND_CLASS (a
+    # vocabulary without that class has no background rule: PASCAL Context-59, COCO-Stuff).
+    g.TOP_K_CLASSES = 5
+    g.BG_THRESHOLD = 0.95
+    g.BACKGROUND_CLASS = "background"
+
+    cfg.INPUT.CAPTIONS = CN()
+    # Side of the square training crops (random resized crop); also the grid the position embeddings are learned at.
+    cfg.INPUT.CAPTIONS.IMAGE_SIZE = 224
+    # Area fraction range of the random resized crop.
+    cfg.INPUT.CAPTIONS.CROP_SCALE = [0.08, 1.0]
+    # Nouns looked for in captions for the multi-label loss: a file (one a line, synonyms joined by '|') or a
+    # comma-separated list; "" = none (only the image-text loss learns).
+    cfg.INPUT.CAPTIONS.NOUN_VOCABULARY = ""
     return cfg
 
 

@@ -34,7 +34,10 @@ def test_config_builds(path, tmp_path, monkeypatch):
     if cfg.MODEL.META_ARCHITECTURE == "OpenVocabMaskSegmentor":  # the tiny tower exports two levels
         cfg.MODEL.MASK_SEG.PIXEL_DECODER.IN_FEATURES = ["res2", "res2", "res3", "res3"]
     model = build_model(cfg)
-    assert model.backbone.dense_mode == cfg.MODEL.CLIP.DENSE_MODE
+    if cfg.MODEL.META_ARCHITECTURE == "GroupViTSegmentor":  # its own encoder, trained from scratch, no CLIP tower
+        assert model.backbone.patch_size == cfg.MODEL.GROUPVIT.PATCH_SIZE
+    else:
+        assert model.backbone.dense_mode == cfg.MODEL.CLIP.DENSE_MODE
     for name in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST:  # datasets named by configs are registered
         assert name in DatasetCatalog.list(), name
     if cfg.MODEL.DENSE_SEG.BG_THRESHOLD > 0:  # the background rule needs a class of that name in the vocabulary

@@ -5,6 +5,7 @@
     coco:<json>         a COCO instances JSON (every class a thing) or COCO panoptic JSON (things and stuff from its
                         `isthing`), images under <json folder>/images/, panoptic PNGs in <json folder>/<json stem>/
     custom:<yaml>       a description naming the same parts explicitly (see `DESCRIPTION_KEYS`)
+    captions:<json|dir> captioned images for image-text training (`ovseg.data.captions`)
 
 `register_dataset_names` registers the names of these forms found in a list (plain image folders too, as
 `register_image_folders` does), like the benchmark table: metadata now, files read when the dataset is loaded.
@@ -26,6 +27,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json
 from PIL import Image
 
+from .captions import PREFIX as CAPTIONS_PREFIX
+from .captions import register_caption_dataset
 from .class_table import _fallback_colors
 from .clipself_mapper import register_image_folders
 from .datasets import COCO_PANOPTIC, INSTANCE, SEM_SEG, files_under, missing_record_files
@@ -270,7 +273,9 @@ def register_dataset_names(names: Sequence[str]) -> None:
     for name in names:
         if name.startswith(PREFIXES):
             register_custom_dataset(name)
-    register_image_folders([n for n in names if not n.startswith(PREFIXES)])
+        elif name.startswith(CAPTIONS_PREFIX):
+            register_caption_dataset(name)
+    register_image_folders([n for n in names if not n.startswith(PREFIXES + (CAPTIONS_PREFIX,))])
 
 
 __all__ = ["CustomDataset", "dataset_folder_name", "parse_dataset_name", "register_custom_dataset",

@@ -349,4 +349,7 @@ def register_all_ovseg_datasets(root: Optional[str] = None) -> List[str]:
     """
     for bench in BENCHMARKS:
         register_benchmark(bench, root)
-    return [b.name for b in BENCHMARKS]
+    from .captions import register_caption_table  # captioned-image training sets (no classes, no evaluator)
+
+    captions = register_caption_table(default_root() if root is None else os.path.expanduser(root))
+    return [b.name for b in BENCHMARKS] + captions

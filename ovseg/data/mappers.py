@@ -18,6 +18,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 
+from .captions import ImageCaptionMapper
 from .clipself_mapper import CLIPSelfDatasetMapper, RegionRecognitionDatasetMapper
 from .image_io import check_label_size, image_to_tensor, read_image, rgb2id
 
@@ -181,6 +182,7 @@ DATASET_MAPPERS: Dict[str, Callable] = {
     "region_recognition": RegionRecognitionDatasetMapper,
     "mask_semantic": MaskSemanticMapper,  # the mask segmentor's semantic / panoptic training mappers
     "mask_panoptic_lsj": MaskPanopticLSJMapper,
+    "image_caption": ImageCaptionMapper,  # captioned images for image-text training (GroupViT)
 }
 
 
