@@ -121,6 +121,14 @@ class LSegSegmentor(OpenVocabModel):
             self.train_vocabulary  # noqa: B018 - parsed now: a bad training vocabulary fails at build time
         if logit_scale <= 0:
             raise ValueError(f"MODEL.LSEG.LOGIT_SCALE={logit_scale} must be positive")
+        read = [b for k, b in enumerate(backbone.feature_blocks) if f"res{k + 2}" in decoder.in_features]
+        idle = [i for i, blk in enumerate(backbone.tower.blocks)
+                if i > max(read) and any(p.requires_grad for p in blk.parameters())]
+        if idle:
+            # blocks after the last decoded one feed only `clip_dense`, which LSeg does not use: they would not train
+            raise ValueError(f"blocks {idle} are unlocked (MODEL.CLIP.UNLOCK_LAST_BLOCKS / UNLOCK_PATTERNS) but "
+                             f"come after the last block the decoder reads ({max(read)}); add them to "
+                             "MODEL.CLIP.FEATURE_BLOCKS / MODEL.LSEG.IN_FEATURES or unlock fewer")
         self.decoder = decoder
         # LSeg's head1: the fusion path's channels -> the CLIP text width
         self.head = nn.Conv2d(decoder.features, backbone.embed_dim, kernel_size=1)
