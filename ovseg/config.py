@@ -42,7 +42,7 @@ def add_ovseg_config(cfg: CN) -> CN:
 
     cfg.MODEL.TEXT = CN()
     # Prompt templates: "imagenet" (CLIP's 80 ImageNet prompts), "simple" (open_clip's short set of 7),
-    # "vild" (FC-CLIP's 14 ViLD-style prompts) or "single" ("a photo of a {}.").
+    # "vild" (FC-CLIP's 14 ViLD-style prompts), "single" ("a photo of a {}.") or "name" (the bare name, as LSeg).
     cfg.MODEL.TEXT.TEMPLATES = "imagenet"
     # Test vocabulary: "" = the test dataset's classes; else "cat,sofa|couch" or a text file (one class a line,
     # synonyms separated by "|").
@@ -92,6 +92,7 @@ def add_ovseg_config(cfg: CN) -> CN:
     add_mask_segmentor_config(cfg)
 
     add_groupvit_config(cfg)
+    add_lseg_config(cfg)
 
     add_engine_config(cfg)
     return cfg
@@ -372,6 +373,30 @@ def add_groupvit_config(cfg: CN) -> CN:
     # Nouns looked for in captions for the multi-label loss: a file (one a line, synonyms joined by '|') or a
     # comma-separated list; "" = none (only the image-text loss learns).
     cfg.INPUT.CAPTIONS.NOUN_VOCABULARY = ""
+def add_lseg_config(cfg: CN) -> CN:
+    """Keys of `LSegSegmentor` (Li et al., ICLR 2022). Defaults follow the authors' code (github.com/isl-org/lang-seg,
+    modules/models/lseg_net.py, lseg_blocks.py, lseg_vit.py) for a ViT-B/16 tower (DPT-Base's reassemble channels)."""
+    cfg.MODEL.LSEG = CN()
+    # Training vocabulary: "" = the vocabulary of DATASETS.TRAIN[0] (every training set must share it); labels index it.
+    cfg.MODEL.LSEG.TRAIN_VOCABULARY = ""
+    # Backbone features the DPT decoder reassembles, finest level first (MODEL.CLIP.FEATURE_BLOCKS says which blocks).
+    cfg.MODEL.LSEG.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Channels of each reassembled level (DPT-Base / ViT-B: 96, 192, 384, 768; LSeg ViT-L/16: 256, 512, 1024, 1024).
+    cfg.MODEL.LSEG.REASSEMBLE_CHANNELS = [96, 192, 384, 768]
+    # Resampling of each level relative to the patch grid (DPT: x4, x2, x1, x0.5), powers of two, decreasing.
+    cfg.MODEL.LSEG.REASSEMBLE_SCALES = [4.0, 2.0, 1.0, 0.5]
+    # Channels of the fusion path (LSeg's --num_features, 256).
+    cfg.MODEL.LSEG.FEATURES = 256
+    # Batch norm in the fusion blocks' residual units (LSegNet sets use_bn=True).
+    cfg.MODEL.LSEG.USE_BN = True
+    # Fixed temperature of the pixel-text cosines: LSeg's exp(log(1 / 0.07)), not learned.
+    cfg.MODEL.LSEG.LOGIT_SCALE = 14.285714
+    # Spatial regularisation of the logits: "none", "depthwise" or "bottleneck" (LSeg's --arch_option 0, 2, 1;
+    # its train.sh uses 0), applied BLOCK_DEPTH times with shared weights (--block_depth), BLOCK_ACTIVATION between
+    # applications ("lrelu" = LSeg's default --activation, "relu", "tanh").
+    cfg.MODEL.LSEG.BLOCK_KIND = "none"
+    cfg.MODEL.LSEG.BLOCK_DEPTH = 1
+    cfg.MODEL.LSEG.BLOCK_ACTIVATION = "lrelu"
     return cfg
 
 

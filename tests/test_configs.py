@@ -33,6 +33,9 @@ def test_config_builds(path, tmp_path, monkeypatch):
                          "cpu", "MODEL.CLIP.UNLOCK_LAST_BLOCKS", min(cfg.MODEL.CLIP.UNLOCK_LAST_BLOCKS, 3)])  # 3 blocks
     if cfg.MODEL.META_ARCHITECTURE == "OpenVocabMaskSegmentor":  # the tiny tower exports two levels
         cfg.MODEL.MASK_SEG.PIXEL_DECODER.IN_FEATURES = ["res2", "res2", "res3", "res3"]
+    if cfg.MODEL.META_ARCHITECTURE == "LSegSegmentor":  # the tiny tower has 3 blocks, all unlocked and decoded
+        cfg.MODEL.CLIP.FEATURE_BLOCKS = [0, 1, 2]
+        cfg.MODEL.LSEG.IN_FEATURES = ["res2", "res3", "res4", "res4"]
     model = build_model(cfg)
     if cfg.MODEL.META_ARCHITECTURE == "GroupViTSegmentor":  # its own encoder, trained from scratch, no CLIP tower
         assert model.backbone.patch_size == cfg.MODEL.GROUPVIT.PATCH_SIZE

@@ -36,6 +36,7 @@ TEMPLATE_SETS = {
     "imagenet": tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES),
     "simple": tuple(t("{}") for t in open_clip.SIMPLE_IMAGENET_TEMPLATES),
     "single": ("a photo of a {}.",),
+    "name": ("{}",),  # the bare class name (LSeg encodes its labels so)
     "vild": (
         "a photo of a {}.",
         "This is a photo of a {}",
