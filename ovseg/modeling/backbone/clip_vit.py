@@ -41,7 +41,7 @@ def resize_pos_embed(pos: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tup
     """
     if rule not in POS_EMBED_RESIZE_RULES:
         raise ValueError(f"MODEL.CLIP.POS_EMBED_RESIZE={rule!r}; valid rules: {list(POS_EMBED_RESIZE_RULES)}")
-    if tuple(old_grid) == tuple(new_grid):
+    if not _symbolic(new_grid) and tuple(old_grid) == tuple(new_grid):  # a symbolic grid: resized in the graph
         return pos
     prefix, grid = pos[:num_prefix], pos[num_prefix:]
     channels = grid.shape[-1]
@@ -57,6 +57,13 @@ def resize_pos_embed(pos: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tup
     return torch.cat([prefix, grid], dim=0)
 
 
+def _symbolic(values) -> bool:
+    """Whether a (nested) tuple holds a symbolic size, as torch.export traces with dynamic image sizes."""
+    if isinstance(values, (tuple, list)):
+        return any(_symbolic(v) for v in values)
+    return isinstance(values, (torch.SymInt, torch.SymFloat))
+
+
 class PerGridCache:
     """Tensors derived from a weight at one patch grid (resized position embeddings, RoPE tables), kept for the
     last `maxsize` keys: they cost a bicubic resize per forward otherwise. An entry is keyed on the weight's
@@ -69,6 +76,8 @@ class PerGridCache:
 
     def get(self, key: tuple, weight: torch.Tensor, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         if weight.requires_grad and torch.is_grad_enabled():
+            return make()
+        if _symbolic(key):  # a grid known only as symbols (torch.export at any image size): computed in the graph
             return make()
         # `_version` is bumped by every in-place write (load_state_dict's copy_, optimizer steps, no_grad edits)
         full = (key, weight.device, weight.dtype, weight.data_ptr(), weight._version)
@@ -158,8 +167,10 @@ def neighbourhood_bias(grid: Tuple[int, int], sigma: float, num_prefix: int = 1,
     builds it by convolving a (2h-1, 2w-1) Gaussian window, which reaches every pair, so no truncation.
     """
     h, w = grid
-    ys = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)  # (h*w,) row of each patch
-    xs = torch.arange(w, device=device, dtype=torch.float32).repeat(h)
+    # (h*w,) row and column of each patch; expand + reshape rather than repeat_interleave / repeat, which the ONNX
+    # exporter translates wrongly for a symbolic grid
+    ys = torch.arange(h, device=device, dtype=torch.float32)[:, None].expand(h, w).reshape(-1)
+    xs = torch.arange(w, device=device, dtype=torch.float32)[None, :].expand(h, w).reshape(-1)
     d2 = (ys[:, None] - ys[None]) ** 2 + (xs[:, None] - xs[None]) ** 2  # (h*w, h*w)
     return F.pad(torch.exp(-d2 / (2.0 * sigma ** 2)), (num_prefix, 0, num_prefix, 0))
 
