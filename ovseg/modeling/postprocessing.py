@@ -26,7 +26,8 @@ def resize_to_output(maps: torch.Tensor, padded_size: Sequence[int], image_size:
     it is the identity). Channels-last, so that the resize is vectorised over the N maps."""
     x = maps[None].contiguous(memory_format=torch.channels_last)
     x = F.interpolate(x, size=tuple(padded_size), mode="bilinear", align_corners=False)
-    x = x[..., : image_size[0], : image_size[1]]
+    # the crop as a negative pad (a new tensor): a slice view would make torch.export guard on the image size
+    x = F.pad(x, (0, image_size[1] - x.shape[-1], 0, image_size[0] - x.shape[-2]))
     if tuple(image_size) != tuple(output_size):
         x = F.interpolate(x, size=tuple(output_size), mode="bilinear", align_corners=False)
     return x[0]

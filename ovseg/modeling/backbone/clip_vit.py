@@ -635,7 +635,12 @@ class CLIPViTDenseEncoder(Backbone):
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Zero-pad (bottom/right) to a multiple of the patch size; never crop."""
         p = self.patch_size
-        ph, pw = (-x.shape[-2]) % p, (-x.shape[-1]) % p
+        h, w = x.shape[-2:]
+        # the padded size written as a multiple of p (torch.export then knows that padding again is a no-op), with
+        # non-negative operands only (ONNX integer division truncates towards zero, Python's floors)
+        ph, pw = (h + p - 1) // p * p - h, (w + p - 1) // p * p - w
+        if _symbolic((ph, pw)):  # torch.export at any image size: the pad is in the graph (zero where aligned)
+            return F.pad(x, (0, pw, 0, ph))
         return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
 
     def _to_map(self, tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
