@@ -42,11 +42,12 @@ def registered_dataset(name: str, key: str) -> str:
 def image_cells(images: ImageList, grid: Sequence[int]) -> torch.Tensor:
     """(B, 1, *grid) bool: the cells of a grid over the padded batch that cover each image's own pixels."""
     ph, pw = images.tensor.shape[-2:]
-    inside = torch.zeros((len(images.image_sizes), 1, *grid), dtype=torch.bool, device=images.tensor.device)
-    for i, (h, w) in enumerate(images.image_sizes):
-        # ceil division on non-negative operands (ONNX integer division truncates, Python's floors)
-        inside[i, :, : (h * grid[0] + ph - 1) // ph, : (w * grid[1] + pw - 1) // pw] = True
-    return inside
+    rows = torch.arange(grid[0], device=images.tensor.device)[:, None]
+    cols = torch.arange(grid[1], device=images.tensor.device)[None]
+    # cell r starts inside the image when r < ceil(h * grid / ph), i.e. r * ph < h * grid: comparisons rather than
+    # slices by a computed size, which torch.export cannot reason about for any image size
+    inside = [(rows * ph < h * grid[0]) & (cols * pw < w * grid[1]) for h, w in images.image_sizes]
+    return torch.stack(inside)[:, None]
 
 
 def semantic_scores(probs: torch.Tensor, mask_logits: torch.Tensor, padded_size: Tuple[int, int],
