@@ -35,8 +35,8 @@ from .modeling.meta_arch.dense_segmentor import QueryGroups
 from .modeling.meta_arch.mask_segmentor import semantic_scores
 from .modeling.postprocessing import OutputMasks, panoptic_inference
 
-__all__ = ["DenseSegmentorExport", "MaskSegmentorExport", "ExportedFiles", "export_model", "export_module",
-           "panoptic_from_outputs", "padded_size"]
+__all__ = ["DenseSegmentorExport", "MaskSegmentorExport", "ExportedFiles", "compare_with_eager", "export_model",
+           "export_module", "panoptic_from_outputs", "padded_size"]
 
 DENSE_OUTPUTS = ("sem_seg", "labels")
 MASK_OUTPUTS = DENSE_OUTPUTS + ("pred_masks", "class_probs")
@@ -148,6 +148,33 @@ def panoptic_from_outputs(class_probs, pred_masks, image_size: Sequence[int], is
                               overlap_threshold)
 
 
+def compare_with_eager(model: OpenVocabModel, files: "ExportedFiles", sizes: Sequence[Tuple[int, int]],
+                       seed: int = 0) -> Dict[str, float]:
+    """Max |exported - eager| of the semantic scores (and the share of equal labels) on random images of `sizes`:
+    the ONNX model under onnxruntime and the reloaded .pt2 program, against `model` called as detectron2 does."""
+    torch.manual_seed(seed)
+    diffs = {"onnx": 0.0, "program": 0.0, "onnx_labels_equal": 1.0}
+    session = program = None
+    if files.onnx is not None:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(files.onnx), providers=["CPUExecutionProvider"])
+    if files.program is not None:
+        program = torch.export.load(files.program).module()
+    for size in sizes:
+        image = torch.rand(1, 3, *size) * 255
+        with torch.no_grad():
+            ref = model([{"image": image[0]}])[0]["sem_seg"]
+            if program is not None:
+                diffs["program"] = max(diffs["program"], float((program(image)[0][0] - ref).abs().max()))
+        if session is not None:
+            scores, labels = session.run(DENSE_OUTPUTS, {"image": image.numpy()})
+            diffs["onnx"] = max(diffs["onnx"], float((torch.from_numpy(scores[0]) - ref).abs().max()))
+            same = float((torch.from_numpy(labels[0]) == ref.argmax(0)).float().mean())
+            diffs["onnx_labels_equal"] = min(diffs["onnx_labels_equal"], same)
+    return diffs
+
+
 @dataclass
 class ExportedFiles:
     """Where `export_model` wrote, and what it wrote there."""
@@ -199,7 +226,7 @@ def _metadata(model: OpenVocabModel, cfg: Optional[CfgNode], outputs: Sequence[s
 
 def export_model(model: Union[OpenVocabModel, str, os.PathLike, CfgNode], output: Union[str, os.PathLike],
                  vocabulary=None, weights: Optional[str] = None, opts: Sequence[str] = (), onnx: bool = True,
-                 program: bool = True, opset: Optional[int] = None) -> ExportedFiles:
+                 program: bool = True, opset: Optional[int] = None, cfg: Optional[CfgNode] = None) -> ExportedFiles:
     """Write `<output>.pt2` (torch.export), `<output>.onnx` and `<output>.json` (metadata) for one vocabulary.
 
     Args:
@@ -210,8 +237,8 @@ def export_model(model: Union[OpenVocabModel, str, os.PathLike, CfgNode], output
             the model's current / the config's vocabulary.
         onnx, program: which files to write.
         opset: ONNX opset (default: torch's).
+        cfg: the config a built `model` comes from (its input format and test resize go into the metadata).
     """
-    cfg = None
     if not isinstance(model, nn.Module):
         from .predictor import Predictor  # the predictor's config resolution, weights and vocabulary rules
 
