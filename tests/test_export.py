@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.modeling import build_model
 
 from ovseg.export import export_model, export_module, panoptic_from_outputs
+from ovseg.modeling.backbone.clip_vit import bicubic_matrix
 from tests.helpers import tiny_cfg
 from tests.tiny_mask import tiny_mask_cfg
 
@@ -34,10 +36,14 @@ def _run_onnx(session, image):
     return dict(zip(names, (torch.from_numpy(a) for a in session.run(None, {"image": image.numpy()}))))
 
 
-@pytest.fixture(scope="module", params=["value", "naclip"])
+# the NACLIP preset's positional-embedding rule (its interpolation by a scale factor of the grid size) included
+DENSE_CASES = {"value": {}, "naclip": {"MODEL__CLIP__POS_EMBED_RESIZE": "scale_factor"}}
+
+
+@pytest.fixture(scope="module", params=list(DENSE_CASES))
 def dense(request, tmp_path_factory):
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(MODEL__CLIP__DENSE_MODE=request.param)).eval()
+    model = build_model(tiny_cfg(MODEL__CLIP__DENSE_MODE=request.param, **DENSE_CASES[request.param])).eval()
     model.set_vocabulary(VOCAB)
     files = export_model(model, tmp_path_factory.mktemp("dense") / request.param)
     return model, files, ort.InferenceSession(str(files.onnx), providers=["CPUExecutionProvider"])
@@ -138,6 +144,16 @@ def test_metadata_names_the_baked_vocabulary(mask):
     program = torch.export.load(files.program).module()
     with pytest.raises(Exception, match="size"):
         program(_image((info["min_size"][0] - 1, 64), 0))
+
+
+def test_bicubic_matrix_is_torchs_scale_factor_interpolation():
+    # the traced form of the "scale_factor" rule (SCLIP / ClearCLIP / NACLIP) against F.interpolate itself
+    grid = torch.randn(1, 5, 14, 14)
+    for n, m in [(1, 30), (3, 14), (14, 5), (41, 20)]:
+        ref = F.interpolate(grid, scale_factor=((n + 0.1) / 14, (m + 0.1) / 14), mode="bicubic", align_corners=False)
+        out = torch.einsum("yh,bchw,xw->bcyx", bicubic_matrix(n, 14, 14 / (n + 0.1)), grid,
+                           bicubic_matrix(m, 14, 14 / (m + 0.1)))
+        torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
 
 
 def test_slide_inference_and_other_models_are_refused():

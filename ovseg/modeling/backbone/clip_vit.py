@@ -48,6 +48,10 @@ def resize_pos_embed(pos: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tup
     grid = grid.reshape(1, old_grid[0], old_grid[1], channels).permute(0, 3, 1, 2).float()  # (1, C, h0, w0)
     if rule == "size":
         grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
+    elif _symbolic(new_grid):
+        # torch.export at any image size: F.interpolate would fix the scale factor to the traced one's value
+        rows, cols = (bicubic_matrix(n, o, o / (n + 0.1), grid.device) for n, o in zip(new_grid, old_grid))
+        grid = torch.einsum("yh,bchw,xw->bcyx", rows, grid, cols)
     else:
         factor = tuple((n + 0.1) / o for n, o in zip(new_grid, old_grid))
         grid = F.interpolate(grid, scale_factor=factor, mode="bicubic", align_corners=False)
@@ -55,6 +59,27 @@ def resize_pos_embed(pos: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tup
             raise RuntimeError(f"positional embedding resized to {tuple(grid.shape[-2:])}, expected {new_grid}")
     grid = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], channels)
     return torch.cat([prefix, grid], dim=0)
+
+
+def bicubic_matrix(n_out, n_in: int, step, device=None) -> torch.Tensor:
+    """(n_out, n_in) weights of PyTorch's bicubic resampling along one axis (align_corners=False, a = -0.75, border
+    indices clamped), output sample i reading input position (i + 0.5) * step - 0.5: `F.interpolate(...,
+    scale_factor=1 / step, mode="bicubic")` as a matrix, for an `n_out` known only as a symbol (torch.export)."""
+    a = -0.75
+    src = (torch.arange(n_out, device=device, dtype=torch.float32) + 0.5) * step - 0.5
+    start = src.floor()
+    t = src - start
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    weights = torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=1)  # (n_out, 4)
+    taps = (start.long()[:, None] + torch.arange(-1, 3, device=device)).clamp(0, n_in - 1)  # (n_out, 4)
+    onehot = taps[..., None] == torch.arange(n_in, device=device)  # (n_out, 4, n_in)
+    return (onehot * weights[..., None]).sum(1)
 
 
 def _symbolic(values) -> bool:
