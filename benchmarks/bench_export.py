@@ -4,6 +4,7 @@ vocabulary baked in) from random weights (size and agreement do not depend on th
 as the reloaded program on random images of other sizes than the traced one.
 
     python benchmarks/bench_export.py                              # ViT-B/16: dense value, dense NACLIP
+    python benchmarks/bench_export.py --cases mask                 # the mask segmentor (slow to export)
     python benchmarks/bench_export.py --model ovseg-tiny-ViT-16    # smoke run (tiny random CLIP)
 
 Prints a table and writes benchmarks/results/bench_export.json.
@@ -22,7 +23,10 @@ sys.path.insert(0, ROOT)
 CASES = {
     "dense value": ("clip_dense_vitb16", ["MODEL.CLIP.DENSE_MODE", "value"]),
     "dense naclip": ("naclip_vitb16", ["MODEL.DENSE_SEG.INFERENCE_MODE", "whole", "MODEL.DENSE_SEG.PAMR_ITERS", "0"]),
+    # FC-CLIP-sized heads (250 queries, 9 decoder layers) on the CLIP tower
+    "mask": ("Base-MaskSeg", []),
 }
+DEFAULT_CASES = ("dense value", "dense naclip")
 
 
 def run_case(name: str, model_name: str, classes: int, sizes, out_dir: str) -> dict:
@@ -52,7 +56,7 @@ def run_case(name: str, model_name: str, classes: int, sizes, out_dir: str) -> d
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="ViT-B-16", help="open_clip architecture (random weights)")
-    ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--cases", nargs="*", default=list(DEFAULT_CASES), choices=list(CASES))
     ap.add_argument("--classes", type=int, default=20)
     ap.add_argument("--sizes", nargs="*", type=int, default=[224, 304, 250, 333], metavar="H W")
     ap.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "bench_export.json"))

@@ -62,6 +62,12 @@ def mask(tmp_path_factory):
     return model, files, ort.InferenceSession(str(files.onnx), providers=["CPUExecutionProvider"])
 
 
+@pytest.fixture(scope="module")
+def mask_program(mask):
+    """The mask segmentor's .pt2, reloaded from the file."""
+    return torch.export.load(mask[1].program).module()
+
+
 def test_dense_onnx_equals_pytorch(dense):
     model, files, session = dense
     for i, size in enumerate(SIZES):
@@ -101,9 +107,8 @@ def test_mask_onnx_equals_pytorch(mask):
         torch.testing.assert_close(out["class_probs"], core["class_probs"], rtol=0, atol=ATOL)
 
 
-def test_mask_program_reloads_and_runs_at_another_size(mask):
-    model, files, _ = mask
-    program = torch.export.load(files.program).module()
+def test_mask_program_reloads_and_runs_at_another_size(mask, mask_program):
+    model, program = mask[0], mask_program
     image = _image((70, 52), 3)
     with torch.no_grad():
         ref = model([{"image": image[0]}])[0]["sem_seg"]
@@ -133,7 +138,7 @@ def test_panoptic_from_exported_outputs_equals_the_models(mask):
     assert segments_seen > 0  # the comparison saw segments
 
 
-def test_metadata_names_the_baked_vocabulary(mask):
+def test_metadata_names_the_baked_vocabulary(mask, mask_program):
     _, files, session = mask
     info = json.loads(files.metadata.read_text())
     assert info["classes"] == ["cat", "dog", "sky", "grass"] and info["synonyms"][1] == ["dog", "puppy"]
@@ -141,9 +146,8 @@ def test_metadata_names_the_baked_vocabulary(mask):
     assert info["outputs"] == [o.name for o in session.get_outputs()]
     assert info["panoptic"] == {"object_mask_threshold": 0.0, "overlap_threshold": 0.0}
     # the program checks its size range: below the minimum is refused, not silently wrong
-    program = torch.export.load(files.program).module()
     with pytest.raises(Exception, match="size"):
-        program(_image((info["min_size"][0] - 1, 64), 0))
+        mask_program(_image((info["min_size"][0] - 1, 64), 0))
 
 
 def test_bicubic_matrix_is_torchs_scale_factor_interpolation():
