@@ -21,6 +21,7 @@ from detectron2.modeling import Backbone
 from timm.layers import RotaryEmbeddingCat, apply_rot_embed_cat
 from torch import nn
 
+from ...utils.shapes import is_symbolic
 from ..clip_model import load_clip_towers
 from ..trainable import unlock_by_patterns
 
@@ -41,14 +42,14 @@ def resize_pos_embed(pos: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tup
     """
     if rule not in POS_EMBED_RESIZE_RULES:
         raise ValueError(f"MODEL.CLIP.POS_EMBED_RESIZE={rule!r}; valid rules: {list(POS_EMBED_RESIZE_RULES)}")
-    if not _symbolic(new_grid) and tuple(old_grid) == tuple(new_grid):  # a symbolic grid: resized in the graph
+    if not is_symbolic(new_grid) and tuple(old_grid) == tuple(new_grid):  # a symbolic grid: resized in the graph
         return pos
     prefix, grid = pos[:num_prefix], pos[num_prefix:]
     channels = grid.shape[-1]
     grid = grid.reshape(1, old_grid[0], old_grid[1], channels).permute(0, 3, 1, 2).float()  # (1, C, h0, w0)
     if rule == "size":
         grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
-    elif _symbolic(new_grid):
+    elif is_symbolic(new_grid):
         # torch.export at any image size: F.interpolate would fix the scale factor to the traced one's value
         rows, cols = (bicubic_matrix(n, o, o / (n + 0.1), grid.device) for n, o in zip(new_grid, old_grid))
         grid = torch.einsum("yh,bchw,xw->bcyx", rows, grid, cols)
@@ -82,13 +83,6 @@ def bicubic_matrix(n_out, n_in: int, step, device=None) -> torch.Tensor:
     return (onehot * weights[..., None]).sum(1)
 
 
-def _symbolic(values) -> bool:
-    """Whether a (nested) tuple holds a symbolic size, as torch.export traces with dynamic image sizes."""
-    if isinstance(values, (tuple, list)):
-        return any(_symbolic(v) for v in values)
-    return isinstance(values, (torch.SymInt, torch.SymFloat))
-
-
 class PerGridCache:
     """Tensors derived from a weight at one patch grid (resized position embeddings, RoPE tables), kept for the
     last `maxsize` keys: they cost a bicubic resize per forward otherwise. An entry is keyed on the weight's
@@ -102,7 +96,7 @@ class PerGridCache:
     def get(self, key: tuple, weight: torch.Tensor, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         if weight.requires_grad and torch.is_grad_enabled():
             return make()
-        if _symbolic(key):  # a grid known only as symbols (torch.export at any image size): computed in the graph
+        if is_symbolic(key):  # a grid known only as symbols (torch.export at any image size): computed in the graph
             return make()
         # `_version` is bumped by every in-place write (load_state_dict's copy_, optimizer steps, no_grad edits)
         full = (key, weight.device, weight.dtype, weight.data_ptr(), weight._version)
@@ -664,7 +658,7 @@ class CLIPViTDenseEncoder(Backbone):
         # the padded size written as a multiple of p (torch.export then knows that padding again is a no-op), with
         # non-negative operands only (ONNX integer division truncates towards zero, Python's floors)
         ph, pw = (h + p - 1) // p * p - h, (w + p - 1) // p * p - w
-        if _symbolic((ph, pw)):  # torch.export at any image size: the pad is in the graph (zero where aligned)
+        if is_symbolic((ph, pw)):  # torch.export at any image size: the pad is in the graph (zero where aligned)
             return F.pad(x, (0, pw, 0, ph))
         return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
 
