@@ -31,5 +31,10 @@ setup(
         "pycocotools",
         "opencv-python-headless",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout", "ruff"]},
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout", "ruff"],
+        # ovseg.export: the ONNX writer (torch's dynamo exporter needs onnxscript) and the runtime the tests compare
+        # against; tested: onnx 1.23.2, onnxruntime 1.32.0, onnxscript 0.7.2
+        "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"],
+    },
 )

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates a virtual environment with torch, detectron2, a panoptic-quality backend and ovseg (editable, with
-# test extras). Safe to re-run. Environment overrides:
+# test and export extras). Safe to re-run. Environment overrides:
 #   OVSEG_VENV   where the venv goes (default .venv)
 #   PYTHON       interpreter used to create it (default python3)
 #   TORCH_SPEC   pip spec for torch/torchvision (default: the pinned pair below; pick the build for your CUDA)
@@ -72,10 +72,10 @@ else
   "${PIP[@]}" install -q hotcoco
 fi
 
-say "installing ovseg (editable, with test extras)"
+say "installing ovseg (editable, with test and export extras)"
 # the fallback build needs numpy<2: keep pip from upgrading it
 extra=(); [ -f "$VENV/.d2-fallback" ] && extra=("numpy<2" "opencv-python-headless<4.12")
-"${PIP[@]}" install -q -e ".[test]" "${extra[@]}"
+"${PIP[@]}" install -q -e ".[test,export]" "${extra[@]}"
 "$PY" -c "import ovseg, detectron2; print('ovseg', ovseg.__version__, '| detectron2', detectron2.__version__)"
 touch "$VENV/.ovseg-installed"
 say "done: activate with 'source $VENV/bin/activate'"

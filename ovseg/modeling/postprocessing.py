@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
 
+from ..utils.shapes import is_symbolic
+
 
 def resize_to_output(maps: torch.Tensor, padded_size: Sequence[int], image_size: Sequence[int],
                      output_size: Sequence[int]) -> torch.Tensor:
@@ -26,7 +28,10 @@ def resize_to_output(maps: torch.Tensor, padded_size: Sequence[int], image_size:
     it is the identity). Channels-last, so that the resize is vectorised over the N maps."""
     x = maps[None].contiguous(memory_format=torch.channels_last)
     x = F.interpolate(x, size=tuple(padded_size), mode="bilinear", align_corners=False)
-    x = x[..., : image_size[0], : image_size[1]]
+    if is_symbolic(image_size):  # torch.export: a slice view would make it guard on the image size; a crop by a
+        x = F.pad(x, (0, image_size[1] - x.shape[-1], 0, image_size[0] - x.shape[-2]))  # negative pad copies
+    else:
+        x = x[..., : image_size[0], : image_size[1]]
     if tuple(image_size) != tuple(output_size):
         x = F.interpolate(x, size=tuple(output_size), mode="bilinear", align_corners=False)
     return x[0]

@@ -21,6 +21,7 @@ from detectron2.modeling import Backbone
 from timm.layers import RotaryEmbeddingCat, apply_rot_embed_cat
 from torch import nn
 
+from ...utils.shapes import is_symbolic
 from ..clip_model import load_clip_towers
 from ..trainable import unlock_by_patterns
 
@@ -41,13 +42,17 @@ def resize_pos_embed(pos: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tup
     """
     if rule not in POS_EMBED_RESIZE_RULES:
         raise ValueError(f"MODEL.CLIP.POS_EMBED_RESIZE={rule!r}; valid rules: {list(POS_EMBED_RESIZE_RULES)}")
-    if tuple(old_grid) == tuple(new_grid):
+    if not is_symbolic(new_grid) and tuple(old_grid) == tuple(new_grid):  # a symbolic grid: resized in the graph
         return pos
     prefix, grid = pos[:num_prefix], pos[num_prefix:]
     channels = grid.shape[-1]
     grid = grid.reshape(1, old_grid[0], old_grid[1], channels).permute(0, 3, 1, 2).float()  # (1, C, h0, w0)
     if rule == "size":
         grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
+    elif is_symbolic(new_grid):
+        # torch.export at any image size: F.interpolate would fix the scale factor to the traced one's value
+        rows, cols = (bicubic_matrix(n, o, o / (n + 0.1), grid.device) for n, o in zip(new_grid, old_grid))
+        grid = torch.einsum("yh,bchw,xw->bcyx", rows, grid, cols)
     else:
         factor = tuple((n + 0.1) / o for n, o in zip(new_grid, old_grid))
         grid = F.interpolate(grid, scale_factor=factor, mode="bicubic", align_corners=False)
@@ -55,6 +60,27 @@ def resize_pos_embed(pos: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tup
             raise RuntimeError(f"positional embedding resized to {tuple(grid.shape[-2:])}, expected {new_grid}")
     grid = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], channels)
     return torch.cat([prefix, grid], dim=0)
+
+
+def bicubic_matrix(n_out, n_in: int, step, device=None) -> torch.Tensor:
+    """(n_out, n_in) weights of PyTorch's bicubic resampling along one axis (align_corners=False, a = -0.75, border
+    indices clamped), output sample i reading input position (i + 0.5) * step - 0.5: `F.interpolate(...,
+    scale_factor=1 / step, mode="bicubic")` as a matrix, for an `n_out` known only as a symbol (torch.export)."""
+    a = -0.75
+    src = (torch.arange(n_out, device=device, dtype=torch.float32) + 0.5) * step - 0.5
+    start = src.floor()
+    t = src - start
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    weights = torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=1)  # (n_out, 4)
+    taps = (start.long()[:, None] + torch.arange(-1, 3, device=device)).clamp(0, n_in - 1)  # (n_out, 4)
+    onehot = taps[..., None] == torch.arange(n_in, device=device)  # (n_out, 4, n_in)
+    return (onehot * weights[..., None]).sum(1)
 
 
 class PerGridCache:
@@ -69,6 +95,8 @@ class PerGridCache:
 
     def get(self, key: tuple, weight: torch.Tensor, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         if weight.requires_grad and torch.is_grad_enabled():
+            return make()
+        if is_symbolic(key):  # a grid known only as symbols (torch.export at any image size): computed in the graph
             return make()
         # `_version` is bumped by every in-place write (load_state_dict's copy_, optimizer steps, no_grad edits)
         full = (key, weight.device, weight.dtype, weight.data_ptr(), weight._version)
@@ -158,8 +186,10 @@ def neighbourhood_bias(grid: Tuple[int, int], sigma: float, num_prefix: int = 1,
     builds it by convolving a (2h-1, 2w-1) Gaussian window, which reaches every pair, so no truncation.
     """
     h, w = grid
-    ys = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)  # (h*w,) row of each patch
-    xs = torch.arange(w, device=device, dtype=torch.float32).repeat(h)
+    # (h*w,) row and column of each patch; expand + reshape rather than repeat_interleave / repeat, which the ONNX
+    # exporter translates wrongly for a symbolic grid
+    ys = torch.arange(h, device=device, dtype=torch.float32)[:, None].expand(h, w).reshape(-1)
+    xs = torch.arange(w, device=device, dtype=torch.float32)[None, :].expand(h, w).reshape(-1)
     d2 = (ys[:, None] - ys[None]) ** 2 + (xs[:, None] - xs[None]) ** 2  # (h*w, h*w)
     return F.pad(torch.exp(-d2 / (2.0 * sigma ** 2)), (num_prefix, 0, num_prefix, 0))
 
@@ -624,7 +654,12 @@ class CLIPViTDenseEncoder(Backbone):
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Zero-pad (bottom/right) to a multiple of the patch size; never crop."""
         p = self.patch_size
-        ph, pw = (-x.shape[-2]) % p, (-x.shape[-1]) % p
+        h, w = x.shape[-2:]
+        # the padded size written as a multiple of p (torch.export then knows that padding again is a no-op), with
+        # non-negative operands only (ONNX integer division truncates towards zero, Python's floors)
+        ph, pw = (h + p - 1) // p * p - h, (w + p - 1) // p * p - w
+        if is_symbolic((ph, pw)):  # torch.export at any image size: the pad is in the graph (zero where aligned)
+            return F.pad(x, (0, pw, 0, ph))
         return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
 
     def _to_map(self, tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:

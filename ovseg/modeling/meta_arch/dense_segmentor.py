@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,24 @@ def centre_padding(size: Tuple[int, int], multiple: int) -> Tuple[int, int, int,
     evenly with the odd pixel at the right/bottom (ClearCLIP's rule for windows not aligned to the patches)."""
     ph, pw = (-size[0]) % multiple, (-size[1]) % multiple
     return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
+
+
+class QueryGroups(NamedTuple):
+    """Which class each of S text queries scores: `owner` (S,) int64 on the CPU, and `starts` (C + 1 Python ints):
+    class c owns queries starts[c]:starts[c + 1]. Made once per vocabulary, on the host, outside any traced graph."""
+
+    owner: torch.Tensor
+    starts: List[int]
+
+    @classmethod
+    def of(cls, owner: Optional[torch.Tensor], num_queries: int) -> "QueryGroups":
+        """From (S,) class indices, non-decreasing, every class 0..C-1 present; None = one query per class."""
+        owner = torch.arange(num_queries) if owner is None else owner.detach().cpu().long()
+        if owner.shape != (num_queries,) or owner[0] != 0 or not ((owner.diff() == 0) | (owner.diff() == 1)).all():
+            raise ValueError("owner must give each of the S queries its class, classes 0..C-1 in order, each with "
+                             "at least one query")
+        num_classes = int(owner[-1]) + 1
+        return cls(owner, torch.searchsorted(owner, torch.arange(num_classes + 1)).tolist())
 
 
 @META_ARCH_REGISTRY.register()
@@ -217,7 +235,9 @@ class CLIPDenseSegmentor(OpenVocabModel):
                     if gh == 0 or gw == 0:
                         raise ValueError(f"a {y1 - y0}x{x1 - x0} window is smaller than one {p}x{p} patch; "
                                          "use a larger INPUT.MIN_SIZE_TEST or UNALIGNED_WINDOWS='pad'")
-                    crop = crop[:, :gh * p, :gw * p]  # what the stride-p patch convolution reads
+                    # what the stride-p patch convolution reads; a negative pad crops into a new tensor, where a
+                    # slice view would make torch.export guard on the image size (its strides' contiguity check)
+                    crop = F.pad(crop, (0, gw * p - (x1 - x0), 0, gh * p - (y1 - y0)))
                     geometry.append(((y1 - y0, x1 - x0), (0, 0)))
                 crops.append(crop)
             # windows of one image share one size (sliding_windows), so they stack
@@ -279,7 +299,8 @@ class CLIPDenseSegmentor(OpenVocabModel):
         return logits, 3 * out_h * out_w  # the (q, out_w) product, the chunk and the softmax's temporary
 
     def segment(self, image: torch.Tensor, text: torch.Tensor, out_size: Optional[Tuple[int, int]] = None,
-                owner: Optional[torch.Tensor] = None) -> torch.Tensor:
+                owner: Union[None, torch.Tensor, QueryGroups] = None,
+                chunk_elements: Optional[int] = _CHUNK_ELEMENTS) -> torch.Tensor:
         """(3, H, W) normalised image -> (C, out_h, out_w) class probabilities (default out size: H, W).
 
         Args:
@@ -287,19 +308,18 @@ class CLIPDenseSegmentor(OpenVocabModel):
             text: (S, D) normalised query embeddings.
             out_size: output (height, width).
             owner: (S,) class index of each query, non-decreasing, every class 0..C-1 present (as
-                `TextClassifier.synonym_embeddings` returns it); None = one query per class.
+                `TextClassifier.synonym_embeddings` returns it), or those as `QueryGroups`; None = one query per
+                class.
+            chunk_elements: bound on the temporaries of one chunk of classes; None = all classes in one chunk
+                (export: the chunks would otherwise depend on the image size).
         Returns:
             (C, out_h, out_w): per class, the highest softmax probability (softmax over all S queries) among its
             queries, after the area and background rules.
         """
         out_h, out_w = out_size or tuple(image.shape[-2:])
-        num_queries = text.shape[0]
-        owner = torch.arange(num_queries) if owner is None else owner.detach().cpu().long()
-        if owner.shape != (num_queries,) or owner[0] != 0 or not ((owner.diff() == 0) | (owner.diff() == 1)).all():
-            raise ValueError("owner must give each of the S queries its class, classes 0..C-1 in order, each with "
-                             "at least one query")
-        num_classes = int(owner[-1]) + 1
-        starts = torch.searchsorted(owner, torch.arange(num_classes + 1)).tolist()  # class c: starts[c]:starts[c+1]
+        groups = owner if isinstance(owner, QueryGroups) else QueryGroups.of(owner, text.shape[0])
+        owner, starts = groups
+        num_classes = len(starts) - 1
         build = self._image_space_logits if self.window_merge == "image" else self._patch_grid_logits
         logits_of, per_query = build(image, text, (out_h, out_w))
         affinities = None
@@ -311,7 +331,8 @@ class CLIPDenseSegmentor(OpenVocabModel):
         c0 = 0
         while c0 < num_classes:
             c1 = c0 + 1
-            while c1 < num_classes and (starts[c1 + 1] - starts[c0]) * per_query <= _CHUNK_ELEMENTS:
+            while c1 < num_classes and (chunk_elements is None
+                                        or (starts[c1 + 1] - starts[c0]) * per_query <= chunk_elements):
                 c1 += 1
             q0, q1 = starts[c0], starts[c1]
             chunk = logits_of(q0, q1)  # (q, out_h, out_w)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -51,10 +51,30 @@ def registered_dataset(name: str, key: str) -> str:
 def image_cells(images: ImageList, grid: Sequence[int]) -> torch.Tensor:
     """(B, 1, *grid) bool: the cells of a grid over the padded batch that cover each image's own pixels."""
     ph, pw = images.tensor.shape[-2:]
-    inside = torch.zeros((len(images.image_sizes), 1, *grid), dtype=torch.bool, device=images.tensor.device)
-    for i, (h, w) in enumerate(images.image_sizes):
-        inside[i, :, : -(-h * grid[0] // ph), : -(-w * grid[1] // pw)] = True
-    return inside
+    rows = torch.arange(grid[0], device=images.tensor.device)[:, None]
+    cols = torch.arange(grid[1], device=images.tensor.device)[None]
+    # cell r starts inside the image when r < ceil(h * grid / ph), i.e. r * ph < h * grid: comparisons rather than
+    # slices by a computed size, which torch.export cannot reason about for any image size
+    inside = [(rows * ph < h * grid[0]) & (cols * pw < w * grid[1]) for h, w in images.image_sizes]
+    return torch.stack(inside)[:, None]
+
+
+def semantic_scores(probs: torch.Tensor, mask_logits: torch.Tensor, padded_size: Tuple[int, int],
+                    image_size: Tuple[int, int], output_size: Tuple[int, int], resolution: str = "auto",
+                    masks_resized: bool = False) -> torch.Tensor:
+    """One image's `sem_seg`: (C, *output_size) scores from (Q, C + 1) probabilities and (Q, h, w) mask logits on
+    the mask grid of the padded input, combined where `resolution` says (`OpenVocabMaskSegmentor`'s
+    `semantic_resolution`; "auto" reads `masks_resized`: whether panoptic or instance inference is on)."""
+    sizes = (padded_size, image_size, output_size)
+    if resolution == "auto":  # FC-CLIP resizes the masks first when panoptic or instance inference is on
+        resolution = "output" if masks_resized else "padded"
+    if resolution == "output":
+        return semantic_inference(probs, OutputMasks(mask_logits, *sizes))
+    if resolution == "padded":  # sigmoid at the padded input size, then crop and resize the scores
+        padded = OutputMasks(mask_logits, padded_size, padded_size, padded_size)
+        return resize_to_output(semantic_inference(probs, padded), *sizes)
+    # combine on the mask grid, resize the class scores once
+    return resize_to_output(semantic_inference(probs, mask_logits.sigmoid()), *sizes)
 
 
 @META_ARCH_REGISTRY.register()
@@ -348,20 +368,11 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
                     image_size: Tuple[int, int], height: int, width: int) -> Dict:
         """One image: (Q, C + 1) probabilities and (Q, h, w) mask logits on the mask grid of the padded input
         -> detectron2 output dict at (height, width)."""
-        sizes = (padded_size, image_size, (height, width))
-        masks = OutputMasks(mask_logits, *sizes)  # resized per query, on demand
+        masks = OutputMasks(mask_logits, padded_size, image_size, (height, width))  # resized per query, on demand
         result = {}
         if self.semantic_on:
-            where = self.semantic_resolution
-            if where == "auto":  # FC-CLIP resizes the masks first when panoptic or instance inference is on
-                where = "output" if self.panoptic_on or self.instance_on else "padded"
-            if where == "output":
-                result["sem_seg"] = semantic_inference(probs, masks)
-            elif where == "padded":  # sigmoid at the padded input size, then crop and resize the scores
-                padded = OutputMasks(mask_logits, padded_size, padded_size, padded_size)
-                result["sem_seg"] = resize_to_output(semantic_inference(probs, padded), *sizes)
-            else:  # combine on the mask grid, resize the class scores once
-                result["sem_seg"] = resize_to_output(semantic_inference(probs, mask_logits.sigmoid()), *sizes)
+            result["sem_seg"] = semantic_scores(probs, mask_logits, padded_size, image_size, (height, width),
+                                                self.semantic_resolution, self.panoptic_on or self.instance_on)
         is_thing = self.is_thing.to(masks.device)
         if self.panoptic_on:
             result["panoptic_seg"] = panoptic_inference(probs, masks, is_thing, self.object_mask_threshold,
@@ -377,14 +388,15 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
         mask_features, multi_scale = self.pixel_decoder(features)
         return features, self.transformer_decoder(multi_scale, mask_features)
 
-    def segment(self, images: torch.Tensor, text: torch.Tensor, owner: Optional[torch.Tensor] = None,
+    def segment(self, images: torch.Tensor, text: Union[torch.Tensor, ClassText], owner: Optional[torch.Tensor] = None,
                 image_sizes: Optional[Sequence[Tuple[int, int]]] = None, seen: Optional[torch.Tensor] = None
                 ) -> Dict[str, torch.Tensor]:
         """The tensor-only inference core (export, other front-ends): masks and their class probabilities.
 
         Args:
             images: (B, 3, H, W) normalised images, H and W multiples of the patch size.
-            text: (S, D) normalised text embeddings; owner: (S,) the class of each row (None: a row per class).
+            text: (S, D) normalised text embeddings; owner: (S,) the class of each row (None: a row per class);
+                or both as `ClassText` (its class count known without reading `owner`, as export needs).
             image_sizes: each image's own (h, w) inside the padded batch; default: all (H, W).
             seen: (C,) bool seen classes (ensemble weights); default: the current vocabulary's `seen`.
         Returns:
@@ -392,11 +404,12 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
             "class_probs": (B, Q, C + 1) probabilities of the ensemble of both classifiers (last = void).
         """
         sizes = [tuple(s) for s in image_sizes] if image_sizes is not None else [tuple(images.shape[-2:])] * len(images)
-        num_classes = int(owner.max()) + 1 if owner is not None else len(text)
+        if not isinstance(text, ClassText):
+            text = ClassText(text, int(owner.max()) + 1 if owner is not None else len(text), owner)
         features, outputs = self.predict(images)
         mask_logits = outputs["pred_masks"].float()  # post-processing in fp32, also after bf16 / fp16 autocast
         probs = self.class_probabilities(outputs["pred_embeds"], mask_logits, features["clip_dense"],
-                                         ImageList(images, sizes), ClassText(text, num_classes, owner), seen)
+                                         ImageList(images, sizes), text, seen)
         return {"pred_masks": mask_logits, "class_probs": probs}
 
     def forward(self, batched_inputs: List[Dict]):

@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+r"""Export a model with its vocabulary baked in: <output>.pt2 (torch.export), <output>.onnx and <output>.json.
+
+    python tools/export.py --config naclip_vitb16 --vocab "cat,dog,sky" --output export/naclip \
+        [--weights model.pth] [--check] [KEY VALUE ...]
+
+--config: a shipped config's name or a yaml path (as `ovseg.Predictor`); trailing KEY VALUE pairs override it
+(slide inference cannot be exported for any image size: add MODEL.DENSE_SEG.INFERENCE_MODE whole).
+--check: run the ONNX model (onnxruntime) and the reloaded program against PyTorch on random images and print the
+largest difference. See README "Export" and `ovseg.export`.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True, help="shipped config name (naclip_vitb16) or yaml path")
+    ap.add_argument("--vocab", default=None, help='classes, e.g. "cat,sofa|couch", a file or a dataset name '
+                                                  "(default: the config's)")
+    ap.add_argument("--weights", default=None, help="checkpoint of the whole model (MODEL.WEIGHTS)")
+    ap.add_argument("--output", required=True, help="path prefix of the written files")
+    ap.add_argument("--no-onnx", action="store_true", help="write only the torch.export program")
+    ap.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's)")
+    ap.add_argument("--check", nargs="*", type=int, metavar="H W",
+                    help="compare with PyTorch on random images of these sizes (default 224 288 320 416)")
+    ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    args = ap.parse_args(argv)
+    if args.check is not None and len(args.check) % 2:
+        ap.error("--check takes pairs of H W")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from ovseg.export import compare_with_eager, export_model
+    from ovseg.predictor import Predictor
+
+    predictor = Predictor(args.config, weights=args.weights, device="cpu", dtype="fp32", opts=args.opts,
+                          vocabulary=args.vocab)
+    files = export_model(predictor.model, args.output, opset=args.opset, onnx=not args.no_onnx, cfg=predictor.cfg)
+    report = {"classes": len(files.info["classes"]), "min_size": files.info["min_size"]}
+    for kind in ("program", "onnx"):
+        path = getattr(files, kind)
+        if path is not None:
+            report[f"{kind}_bytes"] = os.path.getsize(path)
+            print(f"[export] wrote {path} ({os.path.getsize(path) / 2 ** 20:.1f} MiB)")
+    print(f"[export] wrote {files.metadata}")
+    if args.check is not None:
+        pairs = args.check or [224, 288, 320, 416]
+        sizes = [tuple(pairs[i:i + 2]) for i in range(0, len(pairs), 2)]
+        report["max_abs_diff"] = compare_with_eager(predictor.model, files, sizes)
+        report["check_sizes"] = sizes
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
