@@ -294,12 +294,15 @@ class CLIPDenseSegmentor(OpenVocabModel):
         """
         out_h, out_w = out_size or tuple(image.shape[-2:])
         num_queries = text.shape[0]
-        owner = torch.arange(num_queries) if owner is None else owner.detach().cpu().long()
-        if owner.shape != (num_queries,) or owner[0] != 0 or not ((owner.diff() == 0) | (owner.diff() == 1)).all():
+        # the class boundaries as Python numbers: one host read of `owner` (none without synonyms), not one per check
+        classes = list(range(num_queries)) if owner is None else owner.tolist()
+        if (len(classes) != num_queries or classes[0] != 0
+                or any(b - a not in (0, 1) for a, b in zip(classes, classes[1:]))):
             raise ValueError("owner must give each of the S queries its class, classes 0..C-1 in order, each with "
                              "at least one query")
-        num_classes = int(owner[-1]) + 1
-        starts = torch.searchsorted(owner, torch.arange(num_classes + 1)).tolist()  # class c: starts[c]:starts[c+1]
+        num_classes = classes[-1] + 1
+        starts = [q for q in range(num_queries) if q == 0 or classes[q] != classes[q - 1]] + [num_queries]
+        owner = torch.tensor(classes, device=text.device)  # class c: queries starts[c]:starts[c+1]
         build = self._image_space_logits if self.window_merge == "image" else self._patch_grid_logits
         logits_of, per_query = build(image, text, (out_h, out_w))
         affinities = None
@@ -330,7 +333,7 @@ class CLIPDenseSegmentor(OpenVocabModel):
             area[bg] = 0
             small = area <= self.area_threshold * area.sum()
             small[bg] = False
-            probs[small] = 0.0
+            probs.masked_fill_(small[:, None, None], 0.0)  # boolean indexing would read the count back (nonzero)
         if self.bg_threshold > 0:
             # SCLIP / ClearCLIP / NACLIP: argmax, then background where the top probability is below the threshold
             uncertain = probs.amax(0) < self.bg_threshold  # (out_h, out_w)

@@ -288,8 +288,8 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
         return features, self.transformer_decoder(multi_scale, mask_features)
 
     def segment(self, images: torch.Tensor, text: torch.Tensor, owner: Optional[torch.Tensor] = None,
-                image_sizes: Optional[Sequence[Tuple[int, int]]] = None, seen: Optional[torch.Tensor] = None
-                ) -> Dict[str, torch.Tensor]:
+                image_sizes: Optional[Sequence[Tuple[int, int]]] = None, seen: Optional[torch.Tensor] = None,
+                num_classes: Optional[int] = None) -> Dict[str, torch.Tensor]:
         """The tensor-only inference core (export, other front-ends): masks and their class probabilities.
 
         Args:
@@ -297,12 +297,14 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
             text: (S, D) normalised text embeddings; owner: (S,) the class of each row (None: a row per class).
             image_sizes: each image's own (h, w) inside the padded batch; default: all (H, W).
             seen: (C,) bool seen classes (ensemble weights); default: the current vocabulary's `seen`.
+            num_classes: C, when known (saves reading `owner` back from the device); default: from owner / text.
         Returns:
             "pred_masks": (B, Q, h, w) float32 mask logits on the mask grid (H/4, W/4 of the padded input);
             "class_probs": (B, Q, C + 1) probabilities of the ensemble of both classifiers (last = void).
         """
         sizes = [tuple(s) for s in image_sizes] if image_sizes is not None else [tuple(images.shape[-2:])] * len(images)
-        num_classes = int(owner.max()) + 1 if owner is not None else len(text)
+        if num_classes is None:
+            num_classes = int(owner.max()) + 1 if owner is not None else len(text)
         features, outputs = self.predict(images)
         mask_logits = outputs["pred_masks"].float()  # post-processing in fp32, also after bf16 / fp16 autocast
         probs = self.class_probabilities(outputs["pred_embeds"], mask_logits, features["clip_dense"],
@@ -315,7 +317,7 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
         if self.training:
             return self.losses(self.predict(images.tensor)[1], batched_inputs, images)
         text = self.text_embeddings(self.vocabulary)
-        out = self.segment(images.tensor, text.embeds, text.owner, images.image_sizes)
+        out = self.segment(images.tensor, text.embeds, text.owner, images.image_sizes, num_classes=text.num_classes)
         probs, mask_logits = out["class_probs"], out["pred_masks"]
         results = []
         for i, inp in enumerate(batched_inputs):
