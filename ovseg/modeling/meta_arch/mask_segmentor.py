@@ -21,7 +21,14 @@ from ..backbone.clip_vit import CLIPViTDenseEncoder
 from ..classifiers import ClassText, InVocabClassifier, geometric_ensemble, out_of_vocab_logits
 from ..criterion import SetCriterion
 from ..pixel_decoder import build_pixel_decoder
-from ..postprocessing import OutputMasks, instance_inference, panoptic_inference, resize_to_output, semantic_inference
+from ..postprocessing import (
+    OutputMasks,
+    instance_inference,
+    panoptic_inference,
+    resize_to_output,
+    semantic_inference,
+    semantic_labels,
+)
 from ..text import TextClassifier, Vocabulary, dataset_vocabulary, parse_vocabulary
 from ..transformer_decoder import build_transformer_decoder
 from .base import OpenVocabModel
@@ -66,7 +73,7 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
                  ensemble_beta: float = 0.8, ensemble_on_valid_mask: bool = False, synonyms: str = "max",
                  soft_mask_pooling: bool = False, semantic_on: bool = True, panoptic_on: bool = True,
                  instance_on: bool = False, semantic_resolution: str = "auto", object_mask_threshold: float = 0.8,
-                 overlap_threshold: float = 0.8, detections_per_image: int = 100):
+                 overlap_threshold: float = 0.8, detections_per_image: int = 100, sem_seg_output: str = "scores"):
         """
         Args:
             backbone, text_classifier: the frozen CLIP towers.
@@ -91,10 +98,15 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
                 or "mask" (on the mask grid, then the class scores resized: cheapest).
             object_mask_threshold, overlap_threshold: panoptic post-processing.
             detections_per_image: instance top-k.
+            sem_seg_output: "scores" ((C, H, W)) or "labels" ((H, W) int64 argmax, banded: `semantic_labels`;
+                resolution "output" or "mask", and "auto" means "output").
         """
         super().__init__(backbone=backbone, text_classifier=text_classifier, pixel_mean=pixel_mean,
                          pixel_std=pixel_std, vocabulary=vocabulary, vocabulary_dataset=vocabulary_dataset,
-                         train_vocabulary=train_vocabulary)
+                         train_vocabulary=train_vocabulary, sem_seg_output=sem_seg_output)
+        if sem_seg_output == "labels" and semantic_resolution == "padded":
+            raise ValueError("MODEL.SEM_SEG_OUTPUT='labels' is computed at SEMANTIC_RESOLUTION 'output' or 'mask' "
+                             "('auto' = 'output'); 'padded' holds (C, H, W) scores at the padded input size")
         if train_vocabulary is not None:
             self.train_vocabulary  # noqa: B018 - parsed now: a bad training vocabulary fails at build time
         if not (semantic_on or panoptic_on or instance_on):
@@ -165,6 +177,7 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
         return {
             **clip,
             **cls.vocabulary_args(cfg),
+            **cls.sem_seg_args(cfg),
             "train_vocabulary": cls.training_vocabulary_spec(cfg),
             "pixel_decoder": pixel_decoder,
             "transformer_decoder": build_transformer_decoder(cfg, pd.CONV_DIM, pd.MASK_DIM, backbone.embed_dim),
@@ -264,8 +277,12 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
         if self.semantic_on:
             where = self.semantic_resolution
             if where == "auto":  # FC-CLIP resizes the masks first when panoptic or instance inference is on
-                where = "output" if self.panoptic_on or self.instance_on else "padded"
-            if where == "output":
+                labels = self.sem_seg_output == "labels"
+                where = "output" if self.panoptic_on or self.instance_on or labels else "padded"
+            if self.sem_seg_output == "labels":  # argmax a band of rows at a time: no (C, H, W) tensor
+                result["sem_seg"] = semantic_labels(probs, masks if where == "output" else mask_logits.sigmoid(),
+                                                    sizes=None if where == "output" else sizes)
+            elif where == "output":
                 result["sem_seg"] = semantic_inference(probs, masks)
             elif where == "padded":  # sigmoid at the padded input size, then crop and resize the scores
                 padded = OutputMasks(mask_logits, padded_size, padded_size, padded_size)
