@@ -112,10 +112,11 @@ def timed_forward(fn, clock: Clock, log: list, warmup: int, iters: int) -> dict:
 
 def profiled_counts(fn) -> dict:
     """Per-stage and total syncs / ops / casts of one call of `fn` (bench_syncs' rules)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
     table = bench_syncs.counts(prof)
-    table["TOTAL"] = {k: sum(r[k] for r in table.values()) for k in ("syncs", "ops", "casts", "host_only_reads")}
+    table["TOTAL"] = {k: sum(r[k] for r in table.values())
+                      for k in ("syncs", "ops", "casts", "scalar_casts", "host_only_reads")}
     return table
 
 

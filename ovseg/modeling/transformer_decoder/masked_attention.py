@@ -44,8 +44,17 @@ def attend(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, v
     """
     b, n, c = query.shape
     heads = mha.num_heads
-    w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
-    b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+    weight, bias = mha.in_proj_weight, mha.in_proj_bias
+    if torch.is_autocast_enabled(query.device.type):
+        # one cast of the packed projection: autocast would cast each chunk (a view, not cached) on its own
+        dtype = torch.get_autocast_dtype(query.device.type)
+        weight, bias = weight.to(dtype), bias.to(dtype)
+        # the inputs once each (self-attention's query and key are one tensor), not once per projection
+        shared = key is query
+        query, value = query.to(dtype), value.to(dtype)
+        key = query if shared else key.to(dtype)
+    w_q, w_k, w_v = weight.chunk(3)
+    b_q, b_k, b_v = bias.chunk(3)
 
     def split(x, w, bias):
         return F.linear(x, w, bias).view(b, x.shape[1], heads, c // heads).transpose(1, 2)
@@ -79,7 +88,11 @@ class DecoderLayer(nn.Module):
             allowed: (B, 1, Q, L) bool, True where a query may look (its predicted foreground); or None.
         """
         q = self.sub[0](q, lambda x: attend(self.cross_attn, x + query_pos, memory + memory_pos, memory, allowed))
-        q = self.sub[1](q, lambda x: attend(self.self_attn, x + query_pos, x + query_pos, x))
+        def self_attention(x):
+            with_pos = x + query_pos
+            return attend(self.self_attn, with_pos, with_pos, x)
+
+        q = self.sub[1](q, self_attention)
         return self.sub[2](q, self.ffn)
 
 
