@@ -92,3 +92,18 @@ def test_padded_resolution_cannot_give_labels():
                                   MODEL__MASK_SEG__TEST__SEMANTIC_RESOLUTION="padded"))
     with pytest.raises(ValueError, match="SEM_SEG_OUTPUT"):
         build_model(tiny_cfg(MODEL__SEM_SEG_OUTPUT="argmax"))
+
+
+def test_predictor_reads_a_label_map():
+    import numpy as np
+
+    from ovseg import Predictor
+
+    image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    out = {}
+    for output in ("scores", "labels"):
+        torch.manual_seed(0)
+        cfg = tiny_cfg(MODEL__SEM_SEG_OUTPUT=output, INPUT__MIN_SIZE_TEST=48)
+        out[output] = Predictor(cfg, vocabulary="a,b,c")(image)
+    assert out["labels"].outputs["sem_seg"].dim() == 2
+    assert torch.equal(out["labels"].sem_seg, out["scores"].sem_seg)
