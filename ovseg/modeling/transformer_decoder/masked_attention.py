@@ -103,11 +103,7 @@ class DecoderLayer(nn.Module):
             allowed: (B, 1, Q, L) bool, True where a query may look (its predicted foreground); or None.
         """
         q = self.sub[0](q, lambda x: attend(self.cross_attn, x + query_pos, memory + memory_pos, memory, allowed))
-        def self_attention(x):
-            with_pos = x + query_pos
-            return attend(self.self_attn, with_pos, with_pos, x)
-
-        q = self.sub[1](q, self_attention)
+        q = self.sub[1](q, lambda x: attend(self.self_attn, x + query_pos, x + query_pos, x))
         return self.sub[2](q, self.ffn)
 
 
