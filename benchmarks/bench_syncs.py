@@ -12,7 +12,9 @@ Counted per stage (the stage is the innermost wrapped method an op runs under; "
     tensor (aten::_local_scalar_dense), `.tolist()` (counted by a wrapper, it records no aten op), nonzero
     (also inside boolean indexing), unique, masked_select;
   - ops: aten ops called from Python (nested aten calls not counted again): a proxy of kernel launches;
-  - casts: aten::_to_copy (dtype casts; on a GPU also device copies);
+  - casts: aten::_to_copy of tensors with at least one dimension (dtype casts: a kernel each on a GPU; there
+    also device copies); scalar_casts: those of 0-dim tensors (Python numbers wrapped for an op, converted on the
+    host, no kernel), counted apart;
   - host_only_reads: reads of CPU tensors that never touch the device (detectron2's ImageList computing the
     padded size from the image shapes), not counted as syncs.
 
@@ -147,7 +149,7 @@ def stage_of(event) -> str:
 
 def counts(prof) -> dict:
     """{stage: {"ops", "casts", "syncs", "sync_kinds": {kind: n}}} from one profiled forward."""
-    table = defaultdict(lambda: {"ops": 0, "casts": 0, "syncs": 0, "host_only_reads": 0,
+    table = defaultdict(lambda: {"ops": 0, "casts": 0, "scalar_casts": 0, "syncs": 0, "host_only_reads": 0,
                                  "sync_kinds": defaultdict(int)})
     for e in prof.events():
         name = e.name
@@ -162,11 +164,12 @@ def counts(prof) -> dict:
         if not name.startswith("aten::"):
             continue
         parent = e.cpu_parent
-        if parent is None or not parent.name.startswith("aten::"):
-            row["ops"] += 1
-            row["casts"] += name == "aten::_to_copy"
-        elif name == "aten::_to_copy" and parent.name == "aten::to":
-            row["casts"] += 1  # .to(dtype) records aten::to -> aten::_to_copy
+        top = parent is None or not parent.name.startswith("aten::")
+        row["ops"] += top
+        # .to(dtype) and autocast record aten::to -> aten::_to_copy
+        if name == "aten::_to_copy" and (top or parent.name == "aten::to"):
+            scalar = bool(e.input_shapes) and e.input_shapes[0] == []
+            row["scalar_casts" if scalar else "casts"] += 1
     return {k: {**v, "sync_kinds": dict(v["sync_kinds"])} for k, v in sorted(table.items())}
 
 
@@ -176,7 +179,7 @@ def run(model, image: torch.Tensor, dtype: str, iters: int) -> dict:
     with torch.no_grad(), amp:
         for _ in range(iters - 1):
             model(inputs)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             model(inputs)
     return counts(prof)
 
@@ -209,15 +212,17 @@ def main():
             results[f"{name} {dtype}"] = run(model, image, dtype, args.iters)
 
     print(f"{args.label}: {args.model} {h}x{w}, {args.classes} classes, device {args.device}; per image")
-    print(f"{'model':44} {'stage':34} {'syncs':>5} {'ops':>6} {'casts':>5} {'host':>4}  sync kinds")
+    print(f"{'model':44} {'stage':34} {'syncs':>5} {'ops':>6} {'casts':>5} {'0-dim':>5} {'host':>4}  sync kinds")
     for case, table in results.items():
-        total = {k: sum(r[k] for r in table.values()) for k in ("syncs", "ops", "casts", "host_only_reads")}
+        total = {k: sum(r[k] for r in table.values()) for k in ("syncs", "ops", "casts", "scalar_casts",
+                                                                 "host_only_reads")}
         for stage, r in table.items():
             kinds = " ".join(f"{k}={n}" for k, n in sorted(r["sync_kinds"].items()))
-            print(f"{case:44} {stage:34} {r['syncs']:5d} {r['ops']:6d} {r['casts']:5d} {r['host_only_reads']:4d}"
+            print(f"{case:44} {stage:34} {r['syncs']:5d} {r['ops']:6d} {r['casts']:5d} {r['scalar_casts']:5d} "
+                  f"{r['host_only_reads']:4d}"
                   f"  {kinds}")
         print(f"{case:44} {'TOTAL':34} {total['syncs']:5d} {total['ops']:6d} {total['casts']:5d} "
-              f"{total['host_only_reads']:4d}")
+              f"{total['scalar_casts']:5d} {total['host_only_reads']:4d}")
         table["TOTAL"] = total
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.exists() else {}

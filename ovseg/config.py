@@ -52,6 +52,11 @@ def add_ovseg_config(cfg: CN) -> CN:
     # Train the text tower with the model (a head that fine-tunes it): no embedding cache, gradients through it.
     cfg.MODEL.TEXT.TRAINABLE = False
 
+    # What inference returns as `sem_seg`: "scores" (C, H, W) float32, or "labels" (H, W) int64, their argmax over
+    # classes computed a band of rows / chunk of classes at a time (no full-resolution (C, H, W) tensor: 847 classes
+    # at 2000x1500 would be 10 GB). ovseg's SemSegEvaluator reads either; test-time augmentation needs "scores".
+    cfg.MODEL.SEM_SEG_OUTPUT = "scores"
+
     cfg.MODEL.DENSE_SEG = CN()
     # Multiplier of the cosine similarities before the softmax over classes (CLIP's learned scale is 100).
     cfg.MODEL.DENSE_SEG.LOGIT_SCALE = 100.0

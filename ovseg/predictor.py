@@ -135,9 +135,12 @@ class Prediction:
 
     @property
     def sem_seg(self) -> Optional[torch.Tensor]:
-        """(H, W) int64 class indices (argmax of the class scores); None when the model makes no semantic output."""
+        """(H, W) int64 class indices (argmax of the class scores, or the label map itself under MODEL.SEM_SEG_OUTPUT
+        "labels"); None when the model makes no semantic output."""
         scores = self.outputs.get("sem_seg")
-        return None if scores is None else scores.argmax(0).to(torch.int64).cpu()
+        if scores is None:
+            return None
+        return (scores if scores.dim() == 2 else scores.argmax(0)).to(torch.int64).cpu()
 
     @property
     def panoptic(self) -> Optional[Tuple[torch.Tensor, List[Dict]]]:

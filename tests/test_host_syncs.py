@@ -86,3 +86,106 @@ def test_mask_segmentor_sem_seg_is_float32_under_bf16_autocast(instance_on):
     assert out["sem_seg"].dtype == torch.float32
     if instance_on:
         assert out["instances"].scores.dtype == torch.float32
+
+
+# ---- every model's inference: at most 3 host reads per image (issue #12) --------------------------------------
+MAX_SYNCS_PER_IMAGE = 3
+
+
+def model_host_reads(model, inputs):
+    """Host reads of one forward, leaving out detectron2's ImageList padding arithmetic on the CPU tensors of the
+    image shapes (never on the device)."""
+    from detectron2.structures import ImageList
+
+    real = ImageList.from_tensors
+
+    def from_tensors(*args, **kwargs):
+        with record_function("host_only::from_tensors"):
+            return real(*args, **kwargs)
+
+    ImageList.from_tensors = staticmethod(from_tensors)
+    try:
+        _, with_shapes = host_reads(model, inputs)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(inputs)
+    finally:
+        ImageList.from_tensors = staticmethod(real)
+    shape_reads = 0
+    for e in prof.events():
+        parent = e.cpu_parent
+        while parent is not None and not parent.name.startswith("host_only::"):
+            parent = parent.cpu_parent
+        shape_reads += e.name in _SYNC_OPS and parent is not None
+    return with_shapes - shape_reads
+
+
+_SYNONYMS = "sky|heaven,cat|kitten|kitty,dog,background"
+_DENSE_MODES = {
+    "whole": {},
+    "whole synonyms": {"MODEL__TEXT__VOCABULARY": _SYNONYMS},
+    "slide image-merge": {"MODEL__DENSE_SEG__INFERENCE_MODE": "slide", "MODEL__DENSE_SEG__WINDOW_SIZE": 48,
+                          "MODEL__DENSE_SEG__WINDOW_STRIDE": 24},
+    "slide pad": {"MODEL__DENSE_SEG__INFERENCE_MODE": "slide", "MODEL__DENSE_SEG__WINDOW_SIZE": 40,
+                  "MODEL__DENSE_SEG__WINDOW_STRIDE": 20, "MODEL__DENSE_SEG__UNALIGNED_WINDOWS": "pad"},
+    "slide patch-merge": {"MODEL__DENSE_SEG__INFERENCE_MODE": "slide", "MODEL__DENSE_SEG__WINDOW_SIZE": 48,
+                          "MODEL__DENSE_SEG__WINDOW_STRIDE": 24, "MODEL__DENSE_SEG__WINDOW_MERGE": "patch"},
+    "slide PAMR thresholds synonyms": {
+        "MODEL__DENSE_SEG__INFERENCE_MODE": "slide", "MODEL__DENSE_SEG__WINDOW_SIZE": 48,
+        "MODEL__DENSE_SEG__WINDOW_STRIDE": 24, "MODEL__DENSE_SEG__PAMR_ITERS": 2,
+        "MODEL__DENSE_SEG__PAMR_DILATIONS": [1, 2], "MODEL__DENSE_SEG__BG_THRESHOLD": 0.3,
+        "MODEL__DENSE_SEG__AREA_THRESHOLD": 0.1, "MODEL__TEXT__VOCABULARY": _SYNONYMS},
+}
+
+
+@pytest.mark.parametrize("mode", list(_DENSE_MODES))
+def test_dense_segmentor_reads_the_host_at_most_3_times_per_image(mode):
+    from tests.helpers import tiny_cfg
+
+    opts = {"MODEL__TEXT__VOCABULARY": "sky,cat,dog,background", **_DENSE_MODES[mode]}
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(**opts)).eval()
+    image = torch.randint(0, 255, (3, 56, 72), dtype=torch.uint8)
+    with torch.no_grad():
+        reads = model_host_reads(model, [{"image": image, "height": 60, "width": 80}])
+    assert reads <= MAX_SYNCS_PER_IMAGE
+
+
+@pytest.mark.parametrize("vocabulary", ["cat,dog,sky", _SYNONYMS])
+def test_mask_segmentor_semantic_panoptic_instance_reads_the_host_at_most_3_times_per_image(vocabulary):
+    cfg = tiny_mask_cfg(MODEL__MASK_SEG__TEST__INSTANCE_ON=True, MODEL__TEXT__VOCABULARY=vocabulary)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    classify = model.class_probabilities
+
+    def confident(*args, **kwargs):  # random weights keep no query: 4 queries sure of a class, as a trained model
+        probs = classify(*args, **kwargs)
+        probs[:, :4] *= 0.05
+        probs[:, torch.arange(4), torch.arange(4) % 3] += 0.95
+        return probs
+
+    model.class_probabilities = confident
+    image = torch.randint(0, 255, (3, 48, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        out = model([{"image": image}])[0]
+        reads = model_host_reads(model, [{"image": image}])
+    assert len(out["panoptic_seg"][1]) > 0 and len(out["instances"]) > 0  # every stage had segments to read
+    assert reads <= MAX_SYNCS_PER_IMAGE
+
+
+def test_clipself_inference_and_training_step_read_the_host_at_most_3_times_per_image():
+    from tests.helpers import tiny_cfg
+
+    cfg = tiny_cfg(MODEL__META_ARCHITECTURE="CLIPSelfDistiller", MODEL__CLIP__UNLOCK_LAST_BLOCKS=1,
+                   MODEL__TEXT__VOCABULARY="cat,dog,sky")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0], [16.0, 8.0, 64.0, 48.0]])
+    image = torch.randint(0, 255, (3, 48, 64), dtype=torch.uint8)
+    regions = torch.zeros(2, 48, 64, dtype=torch.bool)
+    regions[0, :32, :32] = regions[1, 8:48, 16:64] = True
+    step = [{"image": image, "region_boxes": boxes, "crops": torch.randint(0, 255, (2, 3, 32, 32)).float()}] * 2
+    assert model_host_reads(lambda x: model(x)["loss_clipself"].backward(), step) <= 2 * MAX_SYNCS_PER_IMAGE
+    model.eval()
+    with torch.no_grad():
+        reads = model_host_reads(model, [{"image": image, "region_boxes": boxes, "region_masks": regions}])
+    assert reads <= MAX_SYNCS_PER_IMAGE

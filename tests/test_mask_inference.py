@@ -224,7 +224,8 @@ def _postprocess(device, resolution="auto", panoptic=True, instance=True):
     probs, masks, full, is_thing = _random_case(1)
     model = SimpleNamespace(semantic_on=True, panoptic_on=panoptic, instance_on=instance,
                             semantic_resolution=resolution, is_thing=is_thing, object_mask_threshold=0.0,
-                            overlap_threshold=0.0, detections_per_image=20)
+                            overlap_threshold=0.0, detections_per_image=20,
+                            sem_seg_output="scores")
     return OpenVocabMaskSegmentor.postprocess(model, probs.to(device), masks.logits.to(device), (20, 24), (18, 21),
                                               27, 31), probs, masks, full
 

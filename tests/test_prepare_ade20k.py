@@ -104,3 +104,21 @@ def test_idempotent_and_clear_errors(prepared, tmp_path):
     assert (prepared / "ade20k_panoptic_val.json").stat().st_mtime_ns == before
     with pytest.raises(Exception, match="ADE20K folder"):
         prepare_ade20k_150.main(["--root", str(tmp_path / "empty")])
+
+
+def test_evaluator_reads_label_maps_as_the_argmax_of_scores(prepared):
+    """MODEL.SEM_SEG_OUTPUT "labels": an (H, W) sem_seg scores the same as (C, H, W) scores with that argmax."""
+    name = "ade20k_150_sem_seg_val"
+    results = []
+    for as_labels in (False, True):
+        ev = OVSemSegEvaluator(name, distributed=False)
+        ev.reset()
+        for r in DatasetCatalog.get(name):
+            gt = np.array(Image.open(r["sem_seg_file_name"])).astype(np.int64)
+            pred = torch.from_numpy(np.where(gt == 3, 2, np.where(gt == 255, 0, gt)))
+            scores = torch.nn.functional.one_hot(pred, 150).permute(2, 0, 1).float()
+            ev.process([r], [{"sem_seg": pred if as_labels else scores}])
+        results.append(ev.evaluate()["sem_seg"])
+    assert results[0]["mIoU"] < 100
+    assert results[0].keys() == results[1].keys()
+    assert all(np.isclose(results[0][k], results[1][k], equal_nan=True) for k in results[0])

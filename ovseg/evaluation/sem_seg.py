@@ -12,6 +12,19 @@ from PIL import Image
 from ..data.image_io import check_label_shape
 
 
+class _LabelMap:
+    """An (H, W) label map (MODEL.SEM_SEG_OUTPUT "labels") where detectron2's `SemSegEvaluator.process` expects
+    (C, H, W) scores, of which it reads only the argmax over classes."""
+
+    def __init__(self, labels):
+        self.labels = labels
+
+    def argmax(self, dim: int):
+        if dim != 0:
+            raise ValueError(f"a label map is the argmax over dim 0 of the scores, not over dim {dim}")
+        return self.labels
+
+
 def load_sem_seg_gt(filename: str, dtype: Optional[Union[np.dtype, str, type]] = None) -> np.ndarray:
     """A ground-truth label PNG as a fresh, writable (H, W) array of `dtype` (default: the PNG's own).
 
@@ -74,7 +87,8 @@ class OVSemSegEvaluator(SemSegEvaluator):
             with PathManager.open(gt_file, "rb") as f, Image.open(f) as label:
                 width, height = label.size
             check_label_shape((height, width), out["sem_seg"].shape[-2:], gt_file, inp["file_name"])
-        super().process(inputs, outputs)
+        super().process(inputs, [{**o, "sem_seg": _LabelMap(o["sem_seg"])} if o["sem_seg"].dim() == 2 else o
+                                 for o in outputs])
 
     def evaluate(self):
         results = super().evaluate()

@@ -12,7 +12,7 @@ CPU. Only the Python numbers of `segments_info` leave the device.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +121,11 @@ def _axis_matrix(in_size: int, padded: int, image: int, output: int, device) -> 
     return resize_to_output(eye, (padded, 1), (image, 1), (output, 1))[:, :, 0].T
 
 
-def semantic_labels(probs: torch.Tensor, masks: Masks, max_elements: int = 1 << 24) -> torch.Tensor:
+BAND_ELEMENTS = 1 << 24  # floats in one band of `semantic_labels` (64 MB in float32)
+
+
+def semantic_labels(probs: torch.Tensor, masks: Masks, max_elements: Optional[int] = None,
+                    sizes: Optional[Tuple[Sequence[int], Sequence[int], Sequence[int]]] = None) -> torch.Tensor:
     """(H, W) int64 class of each pixel: the argmax over classes of `semantic_inference`'s scores, computed a
     band of rows at a time, so that neither a (K, H, W) score tensor nor a (Q, H, W) mask stack is ever held
     (847 classes at 2000x1500 would be 10 GB of scores). For `OutputMasks` the resize is written as one matrix
@@ -130,8 +134,13 @@ def semantic_labels(probs: torch.Tensor, masks: Masks, max_elements: int = 1 << 
     Args:
         probs: (Q, K + 1) class probabilities, last = void (dropped).
         masks: (Q, H, W) mask probabilities or `OutputMasks`.
-        max_elements: bound on the floats of one band's temporaries ((Q + K) x rows x W).
+        max_elements: bound on the floats of one band's temporaries ((Q + K) x rows x W); default `BAND_ELEMENTS`.
+        sizes: (padded, image, output) sizes: the labels of `resize_to_output(semantic_inference(probs, masks),
+            *sizes)` instead (the scores combined on the masks' grid, then resized), band by band as well.
     """
+    max_elements = max_elements or BAND_ELEMENTS
+    if sizes is not None:
+        return _resized_labels(semantic_inference(probs, masks), *sizes, max_elements=max_elements)
     q, k = probs.shape[0], probs.shape[1] - 1
     h, w = masks.shape[-2:]
     device = masks.device
@@ -151,6 +160,24 @@ def semantic_labels(probs: torch.Tensor, masks: Masks, max_elements: int = 1 << 
             else:
                 band = masks[:, r0:r1].float()
             labels[r0:r1] = torch.einsum("qk,qyx->kyx", probs, band).argmax(0)
+    return labels
+
+
+def _resized_labels(scores: torch.Tensor, padded_size: Sequence[int], image_size: Sequence[int],
+                    output_size: Sequence[int], max_elements: int) -> torch.Tensor:
+    """(H, W) int64 argmax over classes of `resize_to_output(scores, ...)` for (K, h, w) scores, a band of output
+    rows at a time."""
+    k, gh, gw = scores.shape
+    h, w = output_size
+    with _fp32(scores.device):
+        ry = _axis_matrix(gh, padded_size[0], image_size[0], h, scores.device)  # (H, h)
+        rx = _axis_matrix(gw, padded_size[1], image_size[1], w, scores.device)  # (W, w)
+        scores = scores.float()
+        rows = max(1, max_elements // (k * (w + gw)))
+        labels = torch.empty((h, w), dtype=torch.long, device=scores.device)
+        for r0 in range(0, h, rows):
+            band = torch.einsum("yh,khv->kyv", ry[r0:r0 + rows], scores)  # (K, rows, w): rows first, then columns
+            labels[r0:r0 + rows] = torch.einsum("kyv,xv->kyx", band, rx).argmax(0)
     return labels
 
 

@@ -78,6 +78,9 @@ class SegmentorWithTTA(nn.Module):
                                  f"{type(self.model).__name__} does not output (it gives {sorted(out)})")
             other_outputs |= any(k != "sem_seg" for k in out)
             scores = out.pop("sem_seg")  # (C, height, width)
+            if scores.dim() != 3:
+                raise ValueError("test-time augmentation averages (C, H, W) scores: set MODEL.SEM_SEG_OUTPUT "
+                                 f"'scores' (got a {tuple(scores.shape)} sem_seg)")
             del out
             if flipped:
                 scores = scores.flip(-1)

@@ -25,6 +25,7 @@ from ..clip_model import load_clip_towers
 from ..text import TextClassifier, Vocabulary, dataset_vocabulary, is_registered_dataset, parse_vocabulary
 
 VocabularySpec = Union[str, Sequence[str], Vocabulary]
+SEM_SEG_OUTPUTS = ("scores", "labels")  # MODEL.SEM_SEG_OUTPUT
 
 
 def seen_mask(vocabulary: Vocabulary, train_vocabulary: Optional[Vocabulary]) -> torch.Tensor:
@@ -81,7 +82,8 @@ class OpenVocabModel(nn.Module):
 
     def __init__(self, *, backbone: CLIPViTDenseEncoder, text_classifier: Optional[TextClassifier],
                  pixel_mean: Sequence[float], pixel_std: Sequence[float], vocabulary: Optional[VocabularySpec] = None,
-                 vocabulary_dataset: Optional[str] = None, train_vocabulary: Optional[VocabularySpec] = None):
+                 vocabulary_dataset: Optional[str] = None, train_vocabulary: Optional[VocabularySpec] = None,
+                 sem_seg_output: str = "scores"):
         """
         Args:
             backbone, text_classifier: the CLIP towers (`clip_parts`).
@@ -89,8 +91,13 @@ class OpenVocabModel(nn.Module):
             vocabulary: the initial test vocabulary (dataset name, string, file, list), resolved on first use.
             vocabulary_dataset: the dataset `vocabulary` is meant for (its thing flags when the counts match).
             train_vocabulary: the classes the model learns to name (labels index it); None = it learns none.
+            sem_seg_output: "scores": `sem_seg` is (C, H, W) float32; "labels": (H, W) int64, their argmax over
+                classes, computed without a full-resolution (C, H, W) tensor.
         """
         super().__init__()
+        if sem_seg_output not in SEM_SEG_OUTPUTS:
+            raise ValueError(f"MODEL.SEM_SEG_OUTPUT={sem_seg_output!r}; use one of {list(SEM_SEG_OUTPUTS)}")
+        self.sem_seg_output = sem_seg_output
         self.backbone = backbone
         self.text_classifier = text_classifier
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
@@ -113,6 +120,11 @@ class OpenVocabModel(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
+
+    @staticmethod
+    def sem_seg_args(cfg) -> Dict[str, Any]:
+        """The keyword arguments of the models with a `sem_seg` output."""
+        return {"sem_seg_output": cfg.MODEL.SEM_SEG_OUTPUT}
 
     @classmethod
     def vocabulary_args(cls, cfg) -> Dict[str, Any]:

@@ -82,12 +82,14 @@ class QueryGroups(NamedTuple):
     @classmethod
     def of(cls, owner: Optional[torch.Tensor], num_queries: int) -> "QueryGroups":
         """From (S,) class indices, non-decreasing, every class 0..C-1 present; None = one query per class."""
-        owner = torch.arange(num_queries) if owner is None else owner.detach().cpu().long()
-        if owner.shape != (num_queries,) or owner[0] != 0 or not ((owner.diff() == 0) | (owner.diff() == 1)).all():
+        # one host read of `owner` (none without synonyms); the checks run on Python numbers
+        classes = list(range(num_queries)) if owner is None else owner.detach().reshape(-1).tolist()
+        if (len(classes) != num_queries or not classes or classes[0] != 0
+                or any(b - a not in (0, 1) for a, b in zip(classes, classes[1:]))):
             raise ValueError("owner must give each of the S queries its class, classes 0..C-1 in order, each with "
                              "at least one query")
-        num_classes = int(owner[-1]) + 1
-        return cls(owner, torch.searchsorted(owner, torch.arange(num_classes + 1)).tolist())
+        starts = [q for q in range(num_queries) if q == 0 or classes[q] != classes[q - 1]] + [num_queries]
+        return cls(torch.tensor(classes, dtype=torch.long), starts)
 
 
 @META_ARCH_REGISTRY.register()
@@ -113,7 +115,8 @@ class CLIPDenseSegmentor(OpenVocabModel):
                  inference_mode: str = "whole", window_size: int = 448,
                  window_stride: int = 224, window_batch_size: int = 4, window_merge: str = "image",
                  unaligned_windows: str = "truncate", synonyms: str = "max", bg_threshold: float = 0.0,
-                 area_threshold: float = 0.0, background_class: str = "background", pamr: Optional[PAMR] = None):
+                 area_threshold: float = 0.0, background_class: str = "background", pamr: Optional[PAMR] = None,
+                 sem_seg_output: str = "scores"):
         """
         Args:
             backbone: the CLIP dense encoder.
@@ -139,9 +142,11 @@ class CLIPDenseSegmentor(OpenVocabModel):
                 most this fraction of all foreground-argmax pixels gets probability 0 everywhere; 0 = off.
             background_class: display name of the vocabulary's background class (needed when either rule is on).
             pamr: optional PAMR refinement of the logits with the image.
+            sem_seg_output: "scores" ((C, H, W) probabilities) or "labels" ((H, W) int64, their argmax).
         """
         super().__init__(backbone=backbone, text_classifier=text_classifier, pixel_mean=pixel_mean,
-                         pixel_std=pixel_std, vocabulary=vocabulary, vocabulary_dataset=vocabulary_dataset)
+                         pixel_std=pixel_std, vocabulary=vocabulary, vocabulary_dataset=vocabulary_dataset,
+                         sem_seg_output=sem_seg_output)
         choices = {"INFERENCE_MODE": (inference_mode, ("whole", "slide")),
                    "WINDOW_MERGE": (window_merge, WINDOW_MERGES),
                    "UNALIGNED_WINDOWS": (unaligned_windows, UNALIGNED_WINDOWS),
@@ -180,6 +185,7 @@ class CLIPDenseSegmentor(OpenVocabModel):
         return {
             **cls.clip_parts(cfg),
             **cls.vocabulary_args(cfg),
+            **cls.sem_seg_args(cfg),
             "logit_scale": d.LOGIT_SCALE,
             "inference_mode": d.INFERENCE_MODE,
             "window_size": d.WINDOW_SIZE,
@@ -300,23 +306,28 @@ class CLIPDenseSegmentor(OpenVocabModel):
 
     def segment(self, image: torch.Tensor, text: torch.Tensor, out_size: Optional[Tuple[int, int]] = None,
                 owner: Union[None, torch.Tensor, QueryGroups] = None,
-                chunk_elements: Optional[int] = _CHUNK_ELEMENTS) -> torch.Tensor:
-        """(3, H, W) normalised image -> (C, out_h, out_w) class probabilities (default out size: H, W).
+                chunk_elements: Optional[int] = -1, labels: bool = False) -> torch.Tensor:
+        """(3, H, W) normalised image -> (C, out_h, out_w) class probabilities (default out size: H, W), or with
+        `labels` their (out_h, out_w) int64 argmax, computed a chunk of classes at a time (no (C, out_h, out_w)).
 
         Args:
             image: the normalised image.
             text: (S, D) normalised query embeddings.
             out_size: output (height, width).
             owner: (S,) class index of each query, non-decreasing, every class 0..C-1 present (as
-                `TextClassifier.synonym_embeddings` returns it), or those as `QueryGroups`; None = one query per
-                class.
-            chunk_elements: bound on the temporaries of one chunk of classes; None = all classes in one chunk
-                (export: the chunks would otherwise depend on the image size).
+                `TextClassifier.synonym_embeddings` returns it), or those as `QueryGroups` (made once per
+                vocabulary: no host read per image); None = one query per class.
+            chunk_elements: bound on the temporaries of one chunk of classes; -1 = the module's `_CHUNK_ELEMENTS`
+                (read at call time); None = all classes in one chunk (export: the chunks would otherwise depend on
+                the image size).
+            labels: return the argmax over classes only.
         Returns:
             (C, out_h, out_w): per class, the highest softmax probability (softmax over all S queries) among its
-            queries, after the area and background rules.
+            queries, after the area and background rules; with `labels`, (out_h, out_w) its argmax.
         """
         out_h, out_w = out_size or tuple(image.shape[-2:])
+        if chunk_elements == -1:
+            chunk_elements = _CHUNK_ELEMENTS
         groups = owner if isinstance(owner, QueryGroups) else QueryGroups.of(owner, text.shape[0])
         owner, starts = groups
         num_classes = len(starts) - 1
@@ -326,23 +337,33 @@ class CLIPDenseSegmentor(OpenVocabModel):
         if self.pamr is not None:
             rgb = F.interpolate(image[None].float(), size=(out_h, out_w), mode="bilinear", align_corners=False)
             affinities = self.pamr.affinities(rgb)  # (1, K, out_h, out_w)
-        out = image.new_empty((num_classes, out_h, out_w), dtype=torch.float32)
-        lse = None  # (out_h, out_w) log of the softmax denominator over all queries, accumulated chunk by chunk
+        chunks = []  # (c0, c1): classes resized (and refined) together
         c0 = 0
         while c0 < num_classes:
             c1 = c0 + 1
             while c1 < num_classes and (chunk_elements is None
                                         or (starts[c1 + 1] - starts[c0]) * per_query <= chunk_elements):
                 c1 += 1
+            chunks.append((c0, c1))
+            c0 = c1
+
+        def class_logits(c0: int, c1: int) -> Tuple[torch.Tensor, torch.Tensor]:
+            """Classes c0:c1's best query logits (c1 - c0, out_h, out_w) and the log-sum-exp of all their queries'
+            logits (out_h, out_w)."""
             q0, q1 = starts[c0], starts[c1]
             chunk = logits_of(q0, q1)  # (q, out_h, out_w)
             if affinities is not None:
                 chunk = self.pamr.propagate(chunk[None], affinities)[0]
-            part = torch.logsumexp(chunk, 0)
-            lse = part if lse is None else torch.logaddexp(lse, part)
             # softmax is monotone in the logit under one denominator: max of probabilities = exp(max logit - lse)
-            out[c0:c1] = max_over_synonyms(chunk, owner[q0:q1] - c0, c1 - c0, dim=0)
-            c0 = c1
+            return max_over_synonyms(chunk, owner[q0:q1] - c0, c1 - c0, dim=0), torch.logsumexp(chunk, 0)
+
+        if labels:
+            return self._segment_labels(chunks, class_logits, num_classes)
+        out = image.new_empty((num_classes, out_h, out_w), dtype=torch.float32)
+        lse = None  # (out_h, out_w) log of the softmax denominator over all queries, accumulated chunk by chunk
+        for c0, c1 in chunks:
+            out[c0:c1], part = class_logits(c0, c1)
+            lse = part if lse is None else torch.logaddexp(lse, part)
         probs = out.sub_(lse).exp_()
         if self.area_threshold > 0 or self.bg_threshold > 0:
             bg = self._background_index()
@@ -351,13 +372,48 @@ class CLIPDenseSegmentor(OpenVocabModel):
             area[bg] = 0
             small = area <= self.area_threshold * area.sum()
             small[bg] = False
-            probs[small] = 0.0
+            probs.masked_fill_(small[:, None, None], 0.0)  # boolean indexing would read the count back (nonzero)
         if self.bg_threshold > 0:
             # SCLIP / ClearCLIP / NACLIP: argmax, then background where the top probability is below the threshold
             uncertain = probs.amax(0) < self.bg_threshold  # (out_h, out_w)
             probs.masked_fill_(uncertain[None], 0.0)
             probs[bg].masked_fill_(uncertain, 1.0)
         return probs
+
+    def _segment_labels(self, chunks: List[Tuple[int, int]], class_logits, num_classes: int) -> torch.Tensor:
+        """`segment(labels=True)`: the running argmax of the class logits over the chunks (same argmax as the
+        probabilities', which share one denominator). SCLIP's area rule needs the argmax before it drops classes:
+        then a second pass recomputes the chunks with the dropped classes at -inf."""
+
+        def argmax_pass(dropped: Optional[torch.Tensor]):
+            best = label = lse = None
+            for c0, c1 in chunks:
+                logits, part = class_logits(c0, c1)
+                if dropped is not None:
+                    logits = logits.masked_fill(dropped[c0:c1, None, None], float("-inf"))
+                value, index = logits.max(0)
+                if best is None:
+                    best, label, lse = value, index, part
+                else:
+                    better = value > best  # ties keep the earlier class, as argmax
+                    best = torch.where(better, value, best)
+                    label = torch.where(better, index + c0, label)
+                    lse = torch.logaddexp(lse, part)
+            return best, label, lse
+
+        best, label, lse = argmax_pass(None)
+        if self.area_threshold > 0 or self.bg_threshold > 0:
+            bg = self._background_index()
+        if self.area_threshold > 0:
+            area = torch.zeros(num_classes, device=label.device).index_add_(
+                0, label.flatten(), torch.ones(label.numel(), device=label.device))
+            area[bg] = 0
+            small = area <= self.area_threshold * area.sum()
+            small[bg] = False
+            best, label, _ = argmax_pass(small)
+        if self.bg_threshold > 0:
+            label = label.masked_fill((best - lse).exp() < self.bg_threshold, bg)
+        return label
 
     def _background_index(self) -> int:
         names = [n.lower() for n in self.vocabulary.names]
@@ -379,6 +435,7 @@ class CLIPDenseSegmentor(OpenVocabModel):
         if self.training:
             raise RuntimeError("CLIPDenseSegmentor is training-free: use it with --eval-only or the demo")
         text, owner = self.queries()
+        groups = QueryGroups.of(owner, text.shape[0])  # the one host read of `owner`, per batch
         if self.bg_threshold > 0 or self.area_threshold > 0:
             self._background_index()  # fail before any image work
         results = []
@@ -388,5 +445,6 @@ class CLIPDenseSegmentor(OpenVocabModel):
             h, w = image.shape[-2:]
             normed = self.normalize(image)
             out_size = (inp.get("height", h), inp.get("width", w))
-            results.append({"sem_seg": self.segment(normed, text, out_size, owner)})
+            results.append({"sem_seg": self.segment(normed, text, out_size, groups,
+                                                        labels=self.sem_seg_output == "labels")})
         return results

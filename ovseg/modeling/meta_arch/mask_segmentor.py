@@ -29,7 +29,14 @@ from ..classifiers import (
 )
 from ..criterion import SetCriterion
 from ..pixel_decoder import build_pixel_decoder
-from ..postprocessing import OutputMasks, instance_inference, panoptic_inference, resize_to_output, semantic_inference
+from ..postprocessing import (
+    OutputMasks,
+    instance_inference,
+    panoptic_inference,
+    resize_to_output,
+    semantic_inference,
+    semantic_labels,
+)
 from ..region_pooling import crop_boxes, pool_masks
 from ..text import TextClassifier, Vocabulary, dataset_vocabulary, parse_vocabulary
 from ..transformer_decoder import build_transformer_decoder
@@ -61,13 +68,20 @@ def image_cells(images: ImageList, grid: Sequence[int]) -> torch.Tensor:
 
 def semantic_scores(probs: torch.Tensor, mask_logits: torch.Tensor, padded_size: Tuple[int, int],
                     image_size: Tuple[int, int], output_size: Tuple[int, int], resolution: str = "auto",
-                    masks_resized: bool = False) -> torch.Tensor:
+                    masks_resized: bool = False, labels: bool = False) -> torch.Tensor:
     """One image's `sem_seg`: (C, *output_size) scores from (Q, C + 1) probabilities and (Q, h, w) mask logits on
     the mask grid of the padded input, combined where `resolution` says (`OpenVocabMaskSegmentor`'s
-    `semantic_resolution`; "auto" reads `masks_resized`: whether panoptic or instance inference is on)."""
+    `semantic_resolution`; "auto" reads `masks_resized`: whether panoptic or instance inference is on); with
+    `labels`, their (*output_size) int64 argmax, a band of rows at a time (no (C, H, W) tensor; not "padded")."""
     sizes = (padded_size, image_size, output_size)
     if resolution == "auto":  # FC-CLIP resizes the masks first when panoptic or instance inference is on
-        resolution = "output" if masks_resized else "padded"
+        resolution = "output" if masks_resized or labels else "padded"
+    if labels:
+        if resolution == "output":
+            return semantic_labels(probs, OutputMasks(mask_logits, *sizes))
+        if resolution == "mask":
+            return semantic_labels(probs, mask_logits.sigmoid(), sizes=sizes)
+        raise ValueError(f"labels at resolution {resolution!r}: use 'output' or 'mask'")
     if resolution == "output":
         return semantic_inference(probs, OutputMasks(mask_logits, *sizes))
     if resolution == "padded":  # sigmoid at the padded input size, then crop and resize the scores
@@ -104,7 +118,8 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
                  vild_head: Optional[ImageEmbeddingHead] = None, vild_target: str = "crop",
                  vild_crop_scales: Sequence[float] = (1.0, 1.5), vild_crop_size: int = 224,
                  vild_distill_into_decoder: bool = True, vild_ensemble: bool = True,
-                 vild_ensemble_alpha: float = 1.0 / 3.0, vild_ensemble_beta: float = 2.0 / 3.0):
+                 vild_ensemble_alpha: float = 1.0 / 3.0, vild_ensemble_beta: float = 2.0 / 3.0,
+                 sem_seg_output: str = "scores"):
         """
         Args:
             backbone, text_classifier: the frozen CLIP towers.
@@ -136,10 +151,15 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
             vild_distill_into_decoder: the distillation's gradient reaches the query embedding (else the head only).
             vild_ensemble, vild_ensemble_alpha, vild_ensemble_beta: ViLD's ensemble at inference and its weights
                 of the image head on seen / unseen classes (`vild_ensemble`).
+            sem_seg_output: "scores" ((C, H, W)) or "labels" ((H, W) int64 argmax, banded: `semantic_labels`;
+                resolution "output" or "mask", and "auto" means "output").
         """
         super().__init__(backbone=backbone, text_classifier=text_classifier, pixel_mean=pixel_mean,
                          pixel_std=pixel_std, vocabulary=vocabulary, vocabulary_dataset=vocabulary_dataset,
-                         train_vocabulary=train_vocabulary)
+                         train_vocabulary=train_vocabulary, sem_seg_output=sem_seg_output)
+        if sem_seg_output == "labels" and semantic_resolution == "padded":
+            raise ValueError("MODEL.SEM_SEG_OUTPUT='labels' is computed at SEMANTIC_RESOLUTION 'output' or 'mask' "
+                             "('auto' = 'output'); 'padded' holds (C, H, W) scores at the padded input size")
         if train_vocabulary is not None:
             self.train_vocabulary  # noqa: B018 - parsed now: a bad training vocabulary fails at build time
         if not (semantic_on or panoptic_on or instance_on):
@@ -226,6 +246,7 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
         return {
             **clip,
             **cls.vocabulary_args(cfg),
+            **cls.sem_seg_args(cfg),
             "train_vocabulary": cls.training_vocabulary_spec(cfg),
             "pixel_decoder": pixel_decoder,
             "transformer_decoder": build_transformer_decoder(cfg, pd.CONV_DIM, pd.MASK_DIM, backbone.embed_dim),
@@ -372,7 +393,8 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
         result = {}
         if self.semantic_on:
             result["sem_seg"] = semantic_scores(probs, mask_logits, padded_size, image_size, (height, width),
-                                                self.semantic_resolution, self.panoptic_on or self.instance_on)
+                                                self.semantic_resolution, self.panoptic_on or self.instance_on,
+                                                labels=self.sem_seg_output == "labels")
         is_thing = self.is_thing.to(masks.device)
         if self.panoptic_on:
             result["panoptic_seg"] = panoptic_inference(probs, masks, is_thing, self.object_mask_threshold,
@@ -399,6 +421,7 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
                 or both as `ClassText` (its class count known without reading `owner`, as export needs).
             image_sizes: each image's own (h, w) inside the padded batch; default: all (H, W).
             seen: (C,) bool seen classes (ensemble weights); default: the current vocabulary's `seen`.
+            num_classes: C, when known (saves reading `owner` back from the device); default: from owner / text.
         Returns:
             "pred_masks": (B, Q, h, w) float32 mask logits on the mask grid (H/4, W/4 of the padded input);
             "class_probs": (B, Q, C + 1) probabilities of the ensemble of both classifiers (last = void).
@@ -419,7 +442,7 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
             features, outputs = self.predict(images.tensor)
             return self.losses(outputs, batched_inputs, images, features)
         text = self.text_embeddings(self.vocabulary)
-        out = self.segment(images.tensor, text.embeds, text.owner, images.image_sizes)
+        out = self.segment(images.tensor, text, image_sizes=images.image_sizes)
         probs, mask_logits = out["class_probs"], out["pred_masks"]
         results = []
         for i, inp in enumerate(batched_inputs):

@@ -34,6 +34,21 @@ class _SubLayer(nn.Module):
         return self.norm(x + self.dropout(fn(x)))
 
 
+def _cast_in_proj(mha: nn.MultiheadAttention, dtype: torch.dtype):
+    """`mha`'s packed in-projection weight and bias in `dtype`. Without autograd (inference) the cast copies are
+    kept on the module and reused while the parameters are unchanged (same storage, same version counter), so an
+    image's forward casts none of them again; with autograd they are cast anew (the cast is in the graph)."""
+    weight, bias = mha.in_proj_weight, mha.in_proj_bias
+    if torch.is_grad_enabled():
+        return weight.to(dtype), bias.to(dtype)
+    key = (dtype, weight.data_ptr(), weight._version, bias.data_ptr(), bias._version)
+    cached = getattr(mha, "_ovseg_in_proj_cast", None)
+    if cached is None or cached[0] != key:
+        cached = (key, weight.to(dtype), bias.to(dtype))
+        mha._ovseg_in_proj_cast = cached
+    return cached[1], cached[2]
+
+
 def attend(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
            allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`mha`'s attention (its own weights, batch first) through `F.scaled_dot_product_attention`, so that
@@ -44,8 +59,17 @@ def attend(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, v
     """
     b, n, c = query.shape
     heads = mha.num_heads
-    w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
-    b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+    weight, bias = mha.in_proj_weight, mha.in_proj_bias
+    if torch.is_autocast_enabled(query.device.type):
+        # one cast of the packed projection: autocast would cast each chunk (a view, not cached) on its own
+        dtype = torch.get_autocast_dtype(query.device.type)
+        weight, bias = _cast_in_proj(mha, dtype)
+        # the inputs once each (self-attention's query and key are one tensor), not once per projection
+        shared = key is query
+        query, value = query.to(dtype), value.to(dtype)
+        key = query if shared else key.to(dtype)
+    w_q, w_k, w_v = weight.chunk(3)
+    b_q, b_k, b_v = bias.chunk(3)
 
     def split(x, w, bias):
         return F.linear(x, w, bias).view(b, x.shape[1], heads, c // heads).transpose(1, 2)
