@@ -36,6 +36,8 @@ TEMPLATE_SETS = {
     "imagenet": tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES),
     "simple": tuple(t("{}") for t in open_clip.SIMPLE_IMAGENET_TEMPLATES),
     "single": ("a photo of a {}.",),
+    # CAT-Seg's PROMPT_ENSEMBLE_TYPE "single" (KU-CVLAB/CAT-Seg cat_seg/modeling/transformer/cat_seg_predictor.py)
+    "catseg": ("A photo of a {} in the scene",),
     "vild": (
         "a photo of a {}.",
         "This is a photo of a {}",
