@@ -321,6 +321,8 @@ def add_catseg_config(cfg: CN) -> CN:
     cfg.MODEL.CATSEG.DECODER_GUIDANCE_PROJ_DIMS = [32, 16]
     # Average pooling of the grid before class aggregation ([] = none), and spatial aggregation's window.
     cfg.MODEL.CATSEG.POOLING_SIZE = [2, 2]
+    # The pooling at test time ([] = POOLING_SIZE); the authors' eval.sh tests with [1, 1] (no pooling).
+    cfg.MODEL.CATSEG.TEST_POOLING_SIZE = [1, 1]
     cfg.MODEL.CATSEG.WINDOW_SIZE = 12
     # Attention over classes: "linear" (elu + 1 kernel, the authors') or "full" (softmax).
     cfg.MODEL.CATSEG.ATTENTION_TYPE = "linear"

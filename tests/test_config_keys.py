@@ -28,6 +28,7 @@ GROUPS = {
     "add_clipself_config": ("MODEL.CLIPSELF.", "INPUT.CLIPSELF.", "INPUT.REGION_RECOGNITION."),
     "add_mask_segmentor_config": ("MODEL.MASK_SEG.", "INPUT.CROP.SINGLE_CATEGORY_MAX_AREA", "INPUT.IMAGE_SIZE",
                                   "INPUT.MIN_SCALE", "INPUT.MAX_SCALE"),
+    "add_catseg_config": ("MODEL.CATSEG.",),
     "add_engine_config": ("MODEL.PIXEL_", "INPUT.FORMAT", "INPUT.DATASET_MAPPER_NAME", "INPUT.TEST_DATASET_MAPPER_NAME",
                           "SOLVER.", "MODEL.TRUST_PICKLED_WEIGHTS", "MODEL.ALLOW_RANDOM_WEIGHTS",
                           "MODEL.INFERENCE_DTYPE"),

@@ -33,6 +33,8 @@ def test_config_builds(path, tmp_path, monkeypatch):
                          "cpu", "MODEL.CLIP.UNLOCK_LAST_BLOCKS", min(cfg.MODEL.CLIP.UNLOCK_LAST_BLOCKS, 3)])  # 3 blocks
     if cfg.MODEL.META_ARCHITECTURE == "OpenVocabMaskSegmentor":  # the tiny tower exports two levels
         cfg.MODEL.MASK_SEG.PIXEL_DECODER.IN_FEATURES = ["res2", "res2", "res3", "res3"]
+    if cfg.MODEL.META_ARCHITECTURE == "CATSegSegmentor":  # the tiny tower has 3 blocks
+        cfg.MODEL.CLIP.FEATURE_BLOCKS = [0, 1]
     model = build_model(cfg)
     assert model.backbone.dense_mode == cfg.MODEL.CLIP.DENSE_MODE
     for name in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST:  # datasets named by configs are registered

@@ -237,9 +237,12 @@ class ClassAggregation(nn.Module):
     to `pad_len` (the authors' fixed class-token length; 0 = off). Equivariant to permutations of the classes."""
 
     def __init__(self, dim: int, guidance_dim: int, num_heads: int, attention_type: str,
-                 pooling_size: Optional[Sequence[int]], pad_len: int):
+                 pooling_size: Optional[Sequence[int]], pad_len: int,
+                 test_pooling_size: Optional[Sequence[int]] = None):
         super().__init__()
         self.pool_size = tuple(pooling_size) if pooling_size else None
+        # the authors test without pooling (eval.sh: POOLING_SIZES [1, 1]); None = as in training
+        self.test_pool_size = tuple(test_pooling_size) if test_pooling_size else self.pool_size
         self.attn = ClassAttention(dim, guidance_dim, num_heads, attention_type)
         self.mlp = nn.Sequential(nn.Linear(dim, dim * 4), nn.ReLU(), nn.Linear(dim * 4, dim))
         self.norm1 = nn.LayerNorm(dim)
@@ -250,9 +253,10 @@ class ClassAggregation(nn.Module):
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
-        if self.pool_size is None:
+        size = self.pool_size if self.training else self.test_pool_size
+        if size is None or tuple(size) == (1, 1):
             return x
-        y = F.avg_pool2d(x.transpose(1, 2).reshape(b * t, c, h, w), self.pool_size)
+        y = F.avg_pool2d(x.transpose(1, 2).reshape(b * t, c, h, w), size)
         return y.view(b, t, c, *y.shape[-2:]).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], class_chunk: int = 0) -> torch.Tensor:
@@ -283,10 +287,12 @@ class AggregationLayer(nn.Module):
     """Spatial aggregation (per class) then class aggregation (per pixel)."""
 
     def __init__(self, dim: int, text_guidance_dim: int, appearance_guidance_dim: int, num_heads: int,
-                 pooling_size: Optional[Sequence[int]], window: int, attention_type: str, pad_len: int):
+                 pooling_size: Optional[Sequence[int]], window: int, attention_type: str, pad_len: int,
+                 test_pooling_size: Optional[Sequence[int]] = None):
         super().__init__()
         self.spatial = SpatialAggregation(dim, appearance_guidance_dim, num_heads, window)
-        self.classes = ClassAggregation(dim, text_guidance_dim, num_heads, attention_type, pooling_size, pad_len)
+        self.classes = ClassAggregation(dim, text_guidance_dim, num_heads, attention_type, pooling_size, pad_len,
+                                        test_pooling_size)
 
     def forward(self, x: torch.Tensor, appearance: Optional[torch.Tensor], text: Optional[torch.Tensor],
                 class_chunk: int = 0) -> torch.Tensor:
@@ -324,7 +330,8 @@ class CostAggregator(nn.Module):
                  decoder_guidance_dims: Sequence[int] = (256, 128),
                  decoder_guidance_proj_dims: Sequence[int] = (32, 16), num_layers: int = 2, num_heads: int = 4,
                  hidden_dim: int = 128, pooling_size: Optional[Sequence[int]] = (2, 2), window_size: int = 12,
-                 attention_type: str = "linear", num_prompts: int = 1, pad_len: int = 256, class_chunk: int = 0):
+                 attention_type: str = "linear", num_prompts: int = 1, pad_len: int = 256, class_chunk: int = 0,
+                 test_pooling_size: Optional[Sequence[int]] = None):
         """
         Args:
             text_dim, appearance_dim: CLIP's embedding dim (text embeddings, final patch embeddings).
@@ -334,6 +341,7 @@ class CostAggregator(nn.Module):
                 after their 3x3 projection.
             num_layers, num_heads, hidden_dim: aggregation depth, heads and cost-embedding channels.
             pooling_size: average pooling before class aggregation (None = none).
+            test_pooling_size: the same at test time (None = `pooling_size`; the authors test with (1, 1)).
             window_size: spatial aggregation's window (shifted by half in every second block).
             attention_type: "linear" or "full" attention over classes.
             num_prompts: prompt templates P (channels of the cost volume).
@@ -349,7 +357,8 @@ class CostAggregator(nn.Module):
         self.pad_len, self.class_chunk = pad_len, class_chunk
         self.layers = nn.ModuleList([
             AggregationLayer(hidden_dim, text_guidance_proj_dim, appearance_guidance_proj_dim, num_heads,
-                             pooling_size, window_size, attention_type, pad_len) for _ in range(num_layers)])
+                             pooling_size, window_size, attention_type, pad_len, test_pooling_size)
+            for _ in range(num_layers)])
         self.cost_embed = nn.Conv2d(num_prompts, hidden_dim, kernel_size=7, padding=3)
         self.appearance_proj = nn.Sequential(
             nn.Conv2d(appearance_dim, appearance_guidance_proj_dim, kernel_size=3, padding=1), nn.ReLU()
