@@ -339,7 +339,7 @@ def add_catseg_config(cfg: CN) -> CN:
     # Learning rate of the fine-tuned CLIP weights as a multiple of SOLVER.BASE_LR (SOLVER.CLIP_MULTIPLIER).
     cfg.MODEL.CATSEG.CLIP_LR_MULTIPLIER = 0.01
     # Test: "slide" (the authors' TEST.SLIDING_WINDOW: windows over the image resized to SLIDE_RESIZE, plus the
-    # whole image as a global view, probabilities averaged) or "whole" (one view at CLIP_RESOLUTION).
+    # whole image as a global view, probabilities averaged) or "whole" (the image as the one view).
     cfg.MODEL.CATSEG.INFERENCE_MODE = "slide"
     # Sliding-window geometry in pixels: the square the image is resized to, window side and stride
     # (the authors' out_res 640, kernel 384, stride int(384 * (1 - 0.333)) = 256).

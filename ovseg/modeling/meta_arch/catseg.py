@@ -193,12 +193,13 @@ class CATSegSegmentor(OpenVocabModel):
         `inference_mode`."""
         out_size = tuple(out_size or image.shape[-2:])
         if self.inference_mode == "whole":
-            logits = self.logits(image[None], text)[0]  # (T, 4h, 4w)
-            out = logits.new_empty((logits.shape[0], *out_size))
-            for s in range(0, logits.shape[0], _OUTPUT_CHUNK):
-                # the authors: sigmoid on the logit grid, then one bilinear resize to the output
-                out[s:s + _OUTPUT_CHUNK] = F.interpolate(logits[None, s:s + _OUTPUT_CHUNK].sigmoid(), size=out_size,
-                                                         mode="bilinear", align_corners=False)[0]
+            # the one-view case of the sliding window: logits resized to the view, sigmoid, resized to the output
+            logits = self.logits(image[None], text)  # (1, T, 4h, 4w)
+            out = logits.new_empty((logits.shape[1], *out_size))
+            for s in range(0, logits.shape[1], _OUTPUT_CHUNK):
+                probs = F.interpolate(logits[:, s:s + _OUTPUT_CHUNK], size=image.shape[-2:], mode="bilinear",
+                                      align_corners=False).sigmoid()
+                out[s:s + _OUTPUT_CHUNK] = F.interpolate(probs, size=out_size, mode="bilinear", align_corners=False)[0]
             return out
         return self._slide(image, text, out_size)
 
