@@ -278,7 +278,7 @@ def test_training_learns_and_resumes(tmp_path, dataset):
     losses = [json.loads(ln)["total_loss"] for ln in (out / "metrics.json").read_text().splitlines()
               if "total_loss" in ln]
     assert sum(losses[-2:]) < 0.75 * sum(losses[:2]), losses
-    assert after["mIoU"] > before["mIoU"] + 10, (before, after)
+    assert after["mIoU"] > before["mIoU"] + 10, (before, after)  # measured: 2.7 -> 25.0 (pixel acc. 6 -> 80)
 
     # resume: from the iteration-29 checkpoint the run continues at 30, not 0
     (out / "last_checkpoint").write_text("model_0000029.pth")
