@@ -32,9 +32,9 @@ def add_ovseg_config(cfg: CN) -> CN:
 
     # --- training-free dense modes: which mode builds `clip_dense`, then each mode's own parameters ---
     # How the last ViT block builds the dense map `clip_dense`: a name in
-    # ovseg.modeling.backbone.DENSE_MODE_REGISTRY ("value", "attention", "sclip", "clearclip", "naclip"), whose
-    # entry says how the block mixes tokens and whether it keeps its residual / MLP; a mode's parameters live
-    # under MODEL.CLIP.<MODE>.
+    # ovseg.modeling.backbone.DENSE_MODE_REGISTRY ("value", "attention", "sclip", "clearclip", "naclip",
+    # "catseg"), whose entry says how the block mixes tokens and whether it keeps its residual / MLP; a mode's
+    # parameters live under MODEL.CLIP.<MODE>.
     cfg.MODEL.CLIP.DENSE_MODE = "value"
     cfg.MODEL.CLIP.NACLIP = CN()
     # Std. deviation (in patches) of NACLIP's Gaussian neighbourhood bias; 5 in the NACLIP paper and code.
@@ -42,7 +42,8 @@ def add_ovseg_config(cfg: CN) -> CN:
 
     cfg.MODEL.TEXT = CN()
     # Prompt templates: "imagenet" (CLIP's 80 ImageNet prompts), "simple" (open_clip's short set of 7),
-    # "vild" (FC-CLIP's 14 ViLD-style prompts), "single" ("a photo of a {}.") or "name" (the bare name, as LSeg).
+    # "vild" (FC-CLIP's 14 ViLD-style prompts), "single" ("a photo of a {}."), "name" (the bare name, as LSeg) or
+    # "catseg" (CAT-Seg's one prompt).
     cfg.MODEL.TEXT.TEMPLATES = "imagenet"
     # Test vocabulary: "" = the test dataset's classes; else "cat,sofa|couch" or a text file (one class a line,
     # synonyms separated by "|").
@@ -98,6 +99,7 @@ def add_ovseg_config(cfg: CN) -> CN:
 
     add_groupvit_config(cfg)
     add_lseg_config(cfg)
+    add_catseg_config(cfg)
 
     add_engine_config(cfg)
     return cfg
@@ -378,6 +380,9 @@ def add_groupvit_config(cfg: CN) -> CN:
     # Nouns looked for in captions for the multi-label loss: a file (one a line, synonyms joined by '|') or a
     # comma-separated list; "" = none (only the image-text loss learns).
     cfg.INPUT.CAPTIONS.NOUN_VOCABULARY = ""
+    return cfg
+
+
 def add_lseg_config(cfg: CN) -> CN:
     """Keys of `LSegSegmentor` (Li et al., ICLR 2022). Defaults follow the authors' code (github.com/isl-org/lang-seg,
     modules/models/lseg_net.py, lseg_blocks.py, lseg_vit.py) for a ViT-B/16 tower (DPT-Base's reassemble channels)."""
@@ -402,6 +407,56 @@ def add_lseg_config(cfg: CN) -> CN:
     cfg.MODEL.LSEG.BLOCK_KIND = "none"
     cfg.MODEL.LSEG.BLOCK_DEPTH = 1
     cfg.MODEL.LSEG.BLOCK_ACTIVATION = "lrelu"
+    return cfg
+
+
+def add_catseg_config(cfg: CN) -> CN:
+    """CAT-Seg (`CATSegSegmentor`). Defaults are the authors' ViT-B/16 recipe (github.com/KU-CVLAB/CAT-Seg,
+    configs/vitb_384.yaml over configs/config.yaml, cat_seg/config.py)."""
+    cfg.MODEL.CATSEG = CN()
+    # Training vocabulary (labels index it): "" = the classes of DATASETS.TRAIN[0].
+    cfg.MODEL.CATSEG.TRAIN_VOCABULARY = ""
+    # (H, W) every image / window is resized to before CLIP (384 for ViT-B/16, 336 for ViT-L/14: a 24x24 grid).
+    cfg.MODEL.CATSEG.CLIP_RESOLUTION = [384, 384]
+    # Cost-embedding channels, aggregation layers and heads (HIDDEN_DIMS, NUM_LAYERS, NUM_HEADS).
+    cfg.MODEL.CATSEG.HIDDEN_DIM = 128
+    cfg.MODEL.CATSEG.NUM_LAYERS = 2
+    cfg.MODEL.CATSEG.NUM_HEADS = 4
+    # Projected dims of the text guidance (class aggregation) and appearance guidance (spatial aggregation).
+    cfg.MODEL.CATSEG.TEXT_GUIDANCE_PROJ_DIM = 128
+    cfg.MODEL.CATSEG.APPEARANCE_GUIDANCE_PROJ_DIM = 128
+    # Upsampling decoder: channels after its two blocks; channels of the x2 / x4 CLIP guidance maps, before and
+    # after their projection. The guiding blocks are MODEL.CLIP.FEATURE_BLOCKS (two of them).
+    cfg.MODEL.CATSEG.DECODER_DIMS = [64, 32]
+    cfg.MODEL.CATSEG.DECODER_GUIDANCE_DIMS = [256, 128]
+    cfg.MODEL.CATSEG.DECODER_GUIDANCE_PROJ_DIMS = [32, 16]
+    # Average pooling of the grid before class aggregation ([] = none), and spatial aggregation's window.
+    cfg.MODEL.CATSEG.POOLING_SIZE = [2, 2]
+    # The pooling at test time ([] = POOLING_SIZE); the authors' eval.sh tests with [1, 1] (no pooling).
+    cfg.MODEL.CATSEG.TEST_POOLING_SIZE = [1, 1]
+    cfg.MODEL.CATSEG.WINDOW_SIZE = 12
+    # Attention over classes: "linear" (elu + 1 kernel, the authors') or "full" (softmax).
+    cfg.MODEL.CATSEG.ATTENTION_TYPE = "linear"
+    # Class-token length of class aggregation: fewer classes are padded with learned tokens, more are cut to the
+    # PAD_LEN most CLIP-similar ones (the rest get logit -100). The authors' Aggregator default; 0 = off.
+    cfg.MODEL.CATSEG.PAD_LEN = 256
+    # Classes per chunk of the per-class work (cost embedding, spatial aggregation, decoder); 0 = all at once.
+    # Memory only: the result does not depend on it.
+    cfg.MODEL.CATSEG.CLASS_CHUNK = 0
+    # A class's text embedding from its synonyms: "first" (its first name, the authors') or "mean".
+    cfg.MODEL.CATSEG.SYNONYMS = "first"
+    # Fine-tune the attention query / value projection weights of both CLIP towers (CLIP_FINETUNE "attention").
+    cfg.MODEL.CATSEG.FINETUNE_CLIP = True
+    # Learning rate of the fine-tuned CLIP weights as a multiple of SOLVER.BASE_LR (SOLVER.CLIP_MULTIPLIER).
+    cfg.MODEL.CATSEG.CLIP_LR_MULTIPLIER = 0.01
+    # Test: "slide" (the authors' TEST.SLIDING_WINDOW: windows over the image resized to SLIDE_RESIZE, plus the
+    # whole image as a global view, probabilities averaged) or "whole" (the image as the one view).
+    cfg.MODEL.CATSEG.INFERENCE_MODE = "slide"
+    # Sliding-window geometry in pixels: the square the image is resized to, window side and stride
+    # (the authors' out_res 640, kernel 384, stride int(384 * (1 - 0.333)) = 256).
+    cfg.MODEL.CATSEG.SLIDE_RESIZE = [640, 640]
+    cfg.MODEL.CATSEG.SLIDE_WINDOW = 384
+    cfg.MODEL.CATSEG.SLIDE_STRIDE = 256
     return cfg
 
 

@@ -30,6 +30,7 @@ GROUPS = {
                                   "INPUT.MIN_SCALE", "INPUT.MAX_SCALE"),
     "add_groupvit_config": ("MODEL.GROUPVIT.", "INPUT.CAPTIONS."),
     "add_lseg_config": ("MODEL.LSEG.",),
+    "add_catseg_config": ("MODEL.CATSEG.",),
     "add_engine_config": ("MODEL.PIXEL_", "INPUT.FORMAT", "INPUT.DATASET_MAPPER_NAME", "INPUT.TEST_DATASET_MAPPER_NAME",
                           "SOLVER.", "MODEL.TRUST_PICKLED_WEIGHTS", "MODEL.ALLOW_RANDOM_WEIGHTS",
                           "MODEL.INFERENCE_DTYPE"),

@@ -36,6 +36,8 @@ def test_config_builds(path, tmp_path, monkeypatch):
     if cfg.MODEL.META_ARCHITECTURE == "LSegSegmentor":  # the tiny tower has 3 blocks, all unlocked and decoded
         cfg.MODEL.CLIP.FEATURE_BLOCKS = [0, 1, 2]
         cfg.MODEL.LSEG.IN_FEATURES = ["res2", "res3", "res4", "res4"]
+    if cfg.MODEL.META_ARCHITECTURE == "CATSegSegmentor":  # the tiny tower has 3 blocks
+        cfg.MODEL.CLIP.FEATURE_BLOCKS = [0, 1]
     model = build_model(cfg)
     if cfg.MODEL.META_ARCHITECTURE == "GroupViTSegmentor":  # its own encoder, trained from scratch, no CLIP tower
         assert model.backbone.patch_size == cfg.MODEL.GROUPVIT.PATCH_SIZE

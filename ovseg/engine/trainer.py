@@ -275,23 +275,29 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         """AdamW over the trainable parameters: backbone ones at SOLVER.BACKBONE_MULTIPLIER x the base LR (left out
-        at 0); weight decay per SOLVER.WEIGHT_DECAY_RULE (`weight_decay_of`). CLIP_TYPE "full_model" clips one
-        gradient norm over the whole model."""
+        at 0); weight decay per SOLVER.WEIGHT_DECAY_RULE (`weight_decay_of`); a model's `optimizer_overrides()`
+        ({parameter name: {"lr_multiplier", "weight_decay"}}) takes precedence for the parameters it names.
+        CLIP_TYPE "full_model" clips one gradient norm over the whole model."""
         if cfg.SOLVER.WEIGHT_DECAY_RULE not in WEIGHT_DECAY_RULES:
             raise ValueError(f"SOLVER.WEIGHT_DECAY_RULE={cfg.SOLVER.WEIGHT_DECAY_RULE!r}; "
                              f"use one of {list(WEIGHT_DECAY_RULES)}")
         groups = []
+        # a model may declare its own per-parameter LR multiplier / weight decay (CAT-Seg's fine-tuned CLIP)
+        declared = getattr(_unwrap(model), "optimizer_overrides", None)
+        overrides = declared() if callable(declared) else {}
         for module_name, module in model.named_modules():
             for name, p in module.named_parameters(recurse=False):
                 if not p.requires_grad:
                     continue
                 lr = cfg.SOLVER.BASE_LR
                 full = f"{module_name}.{name}" if module_name else name
-                if full.startswith(("backbone.", "module.backbone.")):
-                    lr *= cfg.SOLVER.BACKBONE_MULTIPLIER
+                own = overrides.get(full.removeprefix("module."))
+                if own is not None or full.startswith(("backbone.", "module.backbone.")):
+                    lr *= own.get("lr_multiplier", 1.0) if own is not None else cfg.SOLVER.BACKBONE_MULTIPLIER
                     if lr == 0:
                         continue
-                groups.append({"params": [p], "lr": lr, "weight_decay": weight_decay_of(cfg, module, name, p)})
+                decay = own["weight_decay"] if own and "weight_decay" in own else weight_decay_of(cfg, module, name, p)
+                groups.append({"params": [p], "lr": lr, "weight_decay": decay})
         if not groups:
             raise ValueError(
                 f"{cfg.MODEL.META_ARCHITECTURE} has no trainable parameters: evaluate it with --eval-only"

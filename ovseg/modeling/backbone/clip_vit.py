@@ -225,6 +225,8 @@ class DenseMode:
         the residual stream carries the image-level signal that blurs patch features (ClearCLIP, sec. 3).
     mix: (q, k, v, scale, bias) on (B, heads, N, hd) -> (B, heads, N, hd), for mixing == "qkv".
     attn_bias: (grid, num_prefix, device, **params) -> (N, N) additive attention bias passed to `mix` as `bias`.
+    residual: what the attention branch is added to when the residual is kept: "token" (each token's own input,
+        the stock block) or "class" (the class token's input, for every token: CAT-Seg's dense last block).
     params: the mode's parameters and their defaults, each a positive number; in the config they are
         MODEL.CLIP.<MODE>.<PARAM> (e.g. MODEL.CLIP.NACLIP.SIGMA).
     """
@@ -234,10 +236,17 @@ class DenseMode:
     mix: Optional[Callable[..., torch.Tensor]] = None
     attn_bias: Optional[Callable[..., torch.Tensor]] = None
     params: Mapping[str, float] = field(default_factory=dict)
+    residual: str = "token"
 
     def __post_init__(self):
         if self.mixing not in ("value", "attention", "qkv") or (self.mixing == "qkv") != (self.mix is not None):
             raise ValueError(f"DenseMode(mixing={self.mixing!r}): 'qkv' mixing needs `mix`, the others none")
+        if self.residual not in ("token", "class"):
+            raise ValueError(f"DenseMode(residual={self.residual!r}): use 'token' or 'class'")
+
+    def residual_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the last block's attention branch is added to, for its input tokens x (B, N, C)."""
+        return x if self.residual == "token" else x[:, :1]
 
 
 # name -> mode; MODEL.CLIP.DENSE_MODE picks one. The order is the documentation's.
@@ -248,6 +257,9 @@ DENSE_MODE_REGISTRY: Dict[str, DenseMode] = {
     "clearclip": DenseMode("qkv", keep_residual=False, mix=_clearclip_mixing),  # softmax(qq^T s) v
     "naclip": DenseMode("qkv", keep_residual=False, mix=_naclip_mixing, attn_bias=_naclip_bias,
                         params={"sigma": 5.0}),  # softmax(kk^T s + Gaussian(sigma)) v
+    # CAT-Seg's dense CLIP (KU-CVLAB/CAT-Seg third_party/model_vpt.py, forward_dense): the value path added to the
+    # class token's input, then the MLP
+    "catseg": DenseMode("value", keep_residual=True, residual="class"),
 }
 DENSE_MODES = tuple(DENSE_MODE_REGISTRY)
 
@@ -407,7 +419,7 @@ class OpenCLIPViTTower(_Tower):
         y = blk.ls_1(self.token_mixing(blk, blk.ln_1(x), ctx, mode))
         if not get_dense_mode(mode).keep_residual:
             return y
-        x = x + y
+        x = get_dense_mode(mode).residual_input(x) + y
         return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
     def head(self, tokens):
@@ -528,7 +540,7 @@ class EvaTower(_Tower):
         y = blk.gamma_1 * y if blk.gamma_1 is not None else y
         if not get_dense_mode(mode).keep_residual:
             return y
-        x = x + y
+        x = get_dense_mode(mode).residual_input(x) + y
         y = blk.mlp(blk.norm2(x))
         return x + (blk.gamma_2 * y if blk.gamma_2 is not None else y)
 

@@ -80,21 +80,23 @@ class TextClassifier(nn.Module):
     def device(self) -> torch.device:
         return next(self.text_model.parameters()).device
 
-    def _encode_classes(self, classes: Sequence[Tuple[str, ...]]) -> torch.Tensor:
-        """(C, D) normalised class embeddings, gradients flowing only when the tower is trainable."""
+    def _encode_classes(self, classes: Sequence[Tuple[str, ...]], per_template: bool = False) -> torch.Tensor:
+        """(C, D) normalised class embeddings ((C, P, D) `per_template`), gradients flowing only when the tower is
+        trainable."""
         # cached embeddings outlive the caller's autocast: a frozen tower encodes in full precision, so the cache
         # never hands bf16-rounded embeddings to a later fp32 run
         precision = nullcontext() if self.trainable else torch.autocast(self.device.type, enabled=False)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()), precision:
-            return self._encode_prompts(classes)
+            return self._encode_prompts(classes, per_template)
 
-    def _encode_prompts(self, classes: Sequence[Tuple[str, ...]]) -> torch.Tensor:
+    def _encode_prompts(self, classes: Sequence[Tuple[str, ...]], per_template: bool = False) -> torch.Tensor:
         prompts, owner = [], []
+        num_t = len(self.templates)
         for i, synonyms in enumerate(classes):
             for name in synonyms:
-                for t in self.templates:
+                for j, t in enumerate(self.templates):
                     prompts.append(t.format(name))
-                    owner.append(i)
+                    owner.append(i * num_t + j if per_template else i)
         embeds = []
         starts = range(0, len(prompts), self.batch_size)
         long = len(starts) >= PROGRESS_MIN_FORWARDS
@@ -108,7 +110,9 @@ class TextClassifier(nn.Module):
             self.num_encoder_forwards += 1
         embeds = torch.cat(embeds)  # (num_prompts, D)
         owner = torch.tensor(owner, device=embeds.device)
-        sums = torch.zeros(len(classes), embeds.shape[1], device=embeds.device).index_add_(0, owner, embeds)
+        rows = len(classes) * (num_t if per_template else 1)
+        sums = torch.zeros(rows, embeds.shape[1], device=embeds.device).index_add_(0, owner, embeds)
+        sums = sums.view(len(classes), num_t, -1) if per_template else sums
         return F.normalize(sums, dim=-1)  # normalising the sum = normalising the mean
 
     def forward(self, vocabulary: Union[str, Sequence[str], Vocabulary]) -> torch.Tensor:
@@ -123,6 +127,24 @@ class TextClassifier(nn.Module):
             for c, e in zip(missing, self._encode_classes(missing)):
                 self._cache[(self.templates, c)] = e
         return torch.stack([self._cache[(self.templates, c)] for c in vocab.classes]).to(self.device)
+
+    def template_embeddings(self, vocabulary: Union[str, Sequence[str], Vocabulary], synonyms: str = "first"
+                            ) -> torch.Tensor:
+        """(C, P, D) normalised embeddings of every class under each of the P templates on its own (CAT-Seg's cost
+        volume has a channel per template). `synonyms`: "first" (the display name only, CAT-Seg's rule) or
+        "mean" (a template's embeddings of the class's synonyms averaged). Cached like `forward`."""
+        if synonyms not in ("first", "mean"):
+            raise ValueError(f"synonyms={synonyms!r}; use 'first' or 'mean'")
+        vocab = parse_vocabulary(vocabulary)
+        classes = [c[:1] if synonyms == "first" else c for c in vocab.classes]
+        if self.trainable:
+            return self._encode_classes(classes, per_template=True).to(self.device)
+        key = ("per-template",) + self.templates
+        missing = [c for c in dict.fromkeys(classes) if (key, c) not in self._cache]
+        if missing:
+            for c, e in zip(missing, self._encode_classes(missing, per_template=True)):
+                self._cache[(key, c)] = e
+        return torch.stack([self._cache[(key, c)] for c in classes]).to(self.device)
 
     def synonym_embeddings(self, vocabulary: Union[str, Sequence[str], Vocabulary]
                            ) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -37,6 +37,8 @@ TEMPLATE_SETS = {
     "simple": tuple(t("{}") for t in open_clip.SIMPLE_IMAGENET_TEMPLATES),
     "single": ("a photo of a {}.",),
     "name": ("{}",),  # the bare class name (LSeg encodes its labels so)
+    # CAT-Seg's PROMPT_ENSEMBLE_TYPE "single" (KU-CVLAB/CAT-Seg cat_seg/modeling/transformer/cat_seg_predictor.py)
+    "catseg": ("A photo of a {} in the scene",),
     "vild": (
         "a photo of a {}.",
         "This is a photo of a {}",
