@@ -36,7 +36,8 @@ def unlock_by_patterns(module: nn.Module, patterns: Sequence[str], key: str = "M
 
 def _keep_rows(rows: torch.Tensor):
     def hook(grad: torch.Tensor) -> torch.Tensor:
-        return grad * rows.to(grad.dtype)
+        # the mask is made on the CPU with the model; the gradient comes on the parameters' device (CUDA)
+        return grad * rows.to(device=grad.device, dtype=grad.dtype)
     return hook
 
 
