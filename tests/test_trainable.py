@@ -1,7 +1,9 @@
-"""unlock_query_value: the key-row gradient mask follows the parameters to any device."""
+"""unlock_query_value (CAT-Seg's q / v fine-tuning): the key-row gradient mask on any device, and no trainable
+parameter left without a gradient."""
 import torch
 from torch import nn
 
+from ovseg.modeling.tiny_models import TINY_EVA
 from ovseg.modeling.trainable import unlock_query_value
 
 
@@ -34,3 +36,21 @@ def test_key_rows_get_no_gradient():
     g = attn.in_proj_weight.grad
     assert torch.all(g[8:16] == 0)  # key rows (q, k, v order)
     assert g[:8].abs().sum() > 0 and g[16:].abs().sum() > 0
+
+
+def test_catseg_on_eva_every_trainable_parameter_gets_a_gradient():
+    # DDP (find_unused_parameters off, as the trainer builds it) fails on a trainable parameter that no forward
+    # uses; CAT-Seg's last visual block reads only its value path, so a separate query projection there must stay
+    # frozen (EVA's q_proj; a packed in_proj_weight is used through its value rows)
+    from detectron2.modeling import build_model
+
+    from ovseg.modeling.text import parse_vocabulary
+    from tests.test_catseg import tiny_catseg_cfg
+
+    model = build_model(tiny_catseg_cfg(MODEL__CLIP__MODEL_NAME=TINY_EVA))
+    model._train_vocabulary = parse_vocabulary("cat,dog,sky")
+    model.train()
+    batch = [{"image": torch.randint(0, 255, (3, 64, 64)).float(), "sem_seg": torch.randint(0, 3, (64, 64))}]
+    model(batch)["loss_sem_seg"].backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused

@@ -29,7 +29,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import ImageList
 from torch import nn
 
-from ..backbone.clip_vit import CLIPViTDenseEncoder
+from ..backbone.clip_vit import CLIPViTDenseEncoder, get_dense_mode
 from ..cost_aggregation import CostAggregator
 from ..text import TextClassifier, Vocabulary
 from ..trainable import unlock_query_value
@@ -109,6 +109,13 @@ class CATSegSegmentor(OpenVocabModel):
                                    ("text_classifier.text_model.", text_classifier.text_model)):
                 _, packed = unlock_query_value(module)
                 self._packed += [prefix + n for n in packed]
+            last = len(backbone.tower.blocks) - 1
+            if get_dense_mode(backbone.dense_mode).mixing == "value" and last not in backbone.feature_blocks:
+                # the last block's output is its value path alone: a separate query projection there would get no
+                # gradient, which DDP refuses (EVA's q_proj; a packed in_proj_weight is used through its v rows)
+                for m in backbone.tower.blocks[last].modules():
+                    if isinstance(getattr(m, "q_proj", None), nn.Linear):
+                        m.q_proj.weight.requires_grad_(False)
         self._text_cache: Optional[Tuple[tuple, torch.Tensor]] = None
 
     @classmethod
