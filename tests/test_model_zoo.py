@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class FileServer:
         self.files, self.honour_range, self.linked_etag = files, honour_range, linked_etag
         self.requests = []
         self.drop_after = None  # bytes sent before the next GET's connection is cut
+        self.delay = 0.0  # seconds before a GET's body is sent
         state = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -80,6 +82,7 @@ class FileServer:
                     return
                 if state.drop_after is not None:
                     body, state.drop_after = body[:state.drop_after], None
+                time.sleep(state.delay)
                 self.wfile.write(body)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -169,6 +172,30 @@ def test_interrupted_download_resumes_with_range(server, zoo):
     quiet_fetch("w")
     assert srv.gets()[-1][2] == f"bytes={half}-"  # only the rest was asked for
     assert path.read_bytes() == DATA
+
+
+def test_concurrent_downloads_of_one_file_do_not_collide(server, zoo):
+    # two processes / threads sharing the cache (ranks of several machines, parallel jobs) used to write the same
+    # <path>.part at once: the second one's rename found no .part (FileNotFoundError), or the bytes interleaved
+    srv = server()
+    srv.delay = 0.3  # both requests are in flight before either body arrives
+    path = zoo(dict(name="w", url=srv.url + "/w.bin", sha256=sha(DATA)))["w"]
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(quiet_fetch("w"))
+        except Exception as e:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert results == [os.fspath(path)] * 2 and path.read_bytes() == DATA
+    assert len(srv.gets()) == 1  # the second found the first's verified file
 
 
 def test_partial_file_restarted_when_range_is_ignored(server, zoo):

@@ -2,7 +2,8 @@
 
 One rule for every file: it appears at its final path only after its sha256 matched (written to `<path>.part`
 first, renamed when complete), an interrupted download resumes with an HTTP Range request (and starts over when
-the server ignores Range), and a file already in the cache costs no network at all.
+the server ignores Range), a file already in the cache costs no network at all, and processes sharing the cache
+download a file one at a time (`<path>.lock`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import socket
 import sys
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.client import HTTPException, IncompleteRead
 from typing import Callable, Optional
@@ -175,6 +177,24 @@ def _fetch(dl: Download, expected: Optional[str], progress: bool, timeout: float
     return digest
 
 
+@contextmanager
+def _exclusive(path: str):
+    """Hold `<path>.lock` (an flock): one download of a file at a time among the threads and processes that share
+    the cache (they would write the same `.part`). No lock where the platform or the folder allows none."""
+    try:
+        import fcntl
+        f = open(path + ".lock", "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _unavailable(dl: Download, expected: Optional[str], why: str) -> WeightsUnavailableError:
     sha = expected or "not published (compare with the source's own listing)"
     return WeightsUnavailableError(
@@ -202,6 +222,15 @@ def cached_or_download(dl: Download, *, allow_unverified: bool = False, progress
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     expected = dl.sha256.lower() if dl.sha256 else None
+    if os.path.isfile(dl.path) and _marker_matches(dl.path, expected):
+        return dl.path  # the common case: no lock, no hashing, no network
+    os.makedirs(os.path.dirname(os.path.abspath(dl.path)), exist_ok=True)
+    with _exclusive(dl.path):  # another process may be downloading it: wait, then find its file
+        return _check_or_fetch(dl, expected, allow_unverified, progress, timeout, log)
+
+
+def _check_or_fetch(dl: Download, expected: Optional[str], allow_unverified: bool, progress: bool, timeout: float,
+                    log: Callable[[str], None]) -> str:
     if os.path.isfile(dl.path):
         if _marker_matches(dl.path, expected):
             return dl.path
@@ -214,7 +243,6 @@ def cached_or_download(dl: Download, *, allow_unverified: bool = False, progress
             log(f"{dl.name}: no published sha256; using {dl.path} as found (sha256 {digest})")
         _write_marker(dl.path, digest)
         return dl.path
-    os.makedirs(os.path.dirname(os.path.abspath(dl.path)), exist_ok=True)
     try:
         if expected is None:
             expected = server_sha256(dl.url, timeout)
