@@ -181,3 +181,16 @@ def test_cli_writes_the_program_for_a_config_file(tmp_path):
     assert (tmp_path / "out" / "m.pt2").is_file() and not (tmp_path / "out" / "m.onnx").exists()
     assert json.loads((tmp_path / "out" / "m.json").read_text())["classes"] == ["cat", "dog"]
     assert report["program_bytes"] > 0
+
+
+def test_cli_check_flag_leaves_the_overrides_to_the_config():
+    # README's command: `--check MODEL.DENSE_SEG.INFERENCE_MODE whole` (the overrides after --check)
+    spec = importlib.util.spec_from_file_location("export_cli", Path(__file__).parents[1] / "tools" / "export.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    args = cli.parse_args(["--config", "naclip_vitb16", "--output", "o", "--check",
+                           "MODEL.DENSE_SEG.INFERENCE_MODE", "whole"])
+    assert args.check and args.check_sizes is None
+    assert args.opts == ["MODEL.DENSE_SEG.INFERENCE_MODE", "whole"]
+    args = cli.parse_args(["--config", "c", "--output", "o", "--check-sizes", "64x96,32x48", "MODEL.X", "1"])
+    assert args.check and args.check_sizes == [(64, 96), (32, 48)] and args.opts == ["MODEL.X", "1"]

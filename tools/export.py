@@ -2,7 +2,7 @@
 r"""Export a model with its vocabulary baked in: <output>.pt2 (torch.export), <output>.onnx and <output>.json.
 
     python tools/export.py --config naclip_vitb16 --vocab "cat,dog,sky" --output export/naclip \
-        [--weights model.pth] [--check] [KEY VALUE ...]
+        [--weights model.pth] [--check] [--check-sizes 224x288,320x416] [KEY VALUE ...]
 
 --config: a shipped config's name or a yaml path (as `ovseg.Predictor`); trailing KEY VALUE pairs override it
 (slide inference cannot be exported for any image size: add MODEL.DENSE_SEG.INFERENCE_MODE whole).
@@ -26,13 +26,26 @@ def parse_args(argv=None):
     ap.add_argument("--output", required=True, help="path prefix of the written files")
     ap.add_argument("--no-onnx", action="store_true", help="write only the torch.export program")
     ap.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's)")
-    ap.add_argument("--check", nargs="*", type=int, metavar="H W",
-                    help="compare with PyTorch on random images of these sizes (default 224 288 320 416)")
+    # a flag: sizes after it would swallow the trailing KEY VALUE overrides (argparse reads them as more sizes)
+    ap.add_argument("--check", action="store_true",
+                    help="compare with PyTorch on random images (sizes: --check-sizes, default 224x288,320x416)")
+    ap.add_argument("--check-sizes", type=_sizes, metavar="HxW,...", default=None,
+                    help="the sizes --check uses, e.g. 224x224,288x320 (implies --check)")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = ap.parse_args(argv)
-    if args.check is not None and len(args.check) % 2:
-        ap.error("--check takes pairs of H W")
+    args.check = args.check or args.check_sizes is not None
     return args
+
+
+def _sizes(text: str):
+    """"224x224,288x320" -> [(224, 224), (288, 320)] (one argument: nothing after it is read as a size)."""
+    try:
+        sizes = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(hw) != 2 or min(hw) < 1 for hw in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: give sizes as HxW,HxW,... (e.g. 224x224,288x320)")
+    return sizes
 
 
 def main(argv=None) -> dict:
@@ -50,9 +63,8 @@ def main(argv=None) -> dict:
             report[f"{kind}_bytes"] = os.path.getsize(path)
             print(f"[export] wrote {path} ({os.path.getsize(path) / 2 ** 20:.1f} MiB)")
     print(f"[export] wrote {files.metadata}")
-    if args.check is not None:
-        pairs = args.check or [224, 288, 320, 416]
-        sizes = [tuple(pairs[i:i + 2]) for i in range(0, len(pairs), 2)]
+    if args.check:
+        sizes = args.check_sizes or [(224, 288), (320, 416)]
         report["max_abs_diff"] = compare_with_eager(predictor.model, files, sizes)
         report["check_sizes"] = sizes
     print(json.dumps(report))
