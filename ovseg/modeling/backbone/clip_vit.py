@@ -52,7 +52,13 @@ def resize_pos_embed(pos: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tup
     elif is_symbolic(new_grid):
         # torch.export at any image size: F.interpolate would fix the scale factor to the traced one's value
         rows, cols = (bicubic_matrix(n, o, o / (n + 0.1), grid.device) for n, o in zip(new_grid, old_grid))
-        grid = torch.einsum("yh,bchw,xw->bcyx", rows, grid, cols)
+        resampled = torch.einsum("yh,bchw,xw->bcyx", rows, grid, cols)
+        # at the native grid the eager path above uses the embedding as it is (this rule is no identity there):
+        # the same choice, as a tensor condition the graph keeps for every size
+        native = (torch.full((), new_grid[0], device=grid.device) == old_grid[0]) & \
+            (torch.full((), new_grid[1], device=grid.device) == old_grid[1])
+        unchanged = F.pad(grid, (0, new_grid[1] - old_grid[1], 0, new_grid[0] - old_grid[0]))  # the grid when native
+        grid = torch.where(native, unchanged, resampled)
     else:
         factor = tuple((n + 0.1) / o for n, o in zip(new_grid, old_grid))
         grid = F.interpolate(grid, scale_factor=factor, mode="bicubic", align_corners=False)
