@@ -1,4 +1,3 @@
-import os
 
 import pytest
 import torch
@@ -9,8 +8,10 @@ from ovseg.modeling.tiny_models import register_tiny_models
 # the tiny random CLIPs under their open_clip names, for tests that use open_clip directly (tokenizers, configs)
 register_tiny_models()
 
-# keep tests deterministic and light on the 2-core CI machine
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: the tiny models' ops are too small to split, and on a shared (loaded) 2-core machine a second
+# OpenMP thread spin-waits for its partner. Measured (tiny mask segmentor train step, batch 4 at 96 px, load ~15):
+# 1 thread 0.03 CPU s / 0.4 s wall per step, 2 threads 1.5 CPU s / 11-14 s wall.
+torch.set_num_threads(1)
 
 @pytest.fixture
 def tiny_clip():
