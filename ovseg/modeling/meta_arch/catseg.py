@@ -133,7 +133,7 @@ class CATSegSegmentor(OpenVocabModel):
             num_layers=c.NUM_LAYERS, num_heads=c.NUM_HEADS, hidden_dim=c.HIDDEN_DIM,
             pooling_size=c.POOLING_SIZE or None, window_size=c.WINDOW_SIZE, attention_type=c.ATTENTION_TYPE,
             num_prompts=len(clip["text_classifier"].templates), pad_len=c.PAD_LEN, class_chunk=c.CLASS_CHUNK,
-            test_pooling_size=c.TEST_POOLING_SIZE or None)
+            test_pooling_size=c.TEST_POOLING_SIZE or None, reject_topk=c.SED_TOPK)
         train = cls.training_vocabulary_spec(cfg)
         return {
             **clip, **cls.vocabulary_args(cfg), "train_vocabulary": train, "head": head,
