@@ -73,6 +73,15 @@ class Timer:
         return time.perf_counter() - t, out
 
 
+def recording(rule, kept):
+    """`rule` (the head's early_rejection) that also appends each call's kept fraction per view to `kept`."""
+    def wrapped(cost):
+        keep = rule(cost)
+        kept.append(keep.float().mean(1))
+        return keep
+    return wrapped
+
+
 def run(model, image, amp):
     h, w = image.shape[-2:]
     with torch.no_grad(), amp:
@@ -108,6 +117,8 @@ def main():
                         ["MODEL.CATSEG.INFERENCE_MODE", args.mode, *args.opts])
             mask = None if args.no_mask else build("configs/Base-MaskSeg.yaml", tower, classes, device, [])
             variants = {"plain": (0, 0), "chunked": (args.chunk, 0), "sed": (0, args.sed_topk)}
+            kept = []  # fraction of classes SED keeps, per view
+            cat.head.early_rejection = recording(cat.head.early_rejection, kept)
             reference = None
             for variant, (chunk, topk) in variants.items():
                 cat.head.class_chunk, cat.head.reject_topk = chunk, topk
@@ -130,6 +141,7 @@ def main():
                              "image": [h, w], "mode": args.mode, "device": device, "bf16": args.bf16,
                              "time_s": statistics.median(times), "peak_mib": mem.mib,
                              "agree": (labels == reference).float().mean().item(),
+                             "sed_kept": torch.cat(kept).mean().item() if topk and kept else None,
                              "vs_mask": statistics.median(ratios) if ratios else None})
                 print(json.dumps(rows[-1]), flush=True)
     print(f"\nCATSegSegmentor, {h}x{w} input, {args.mode}, {device}{' bf16' if args.bf16 else ''}, "
@@ -140,7 +152,8 @@ def main():
         vs = f"{r['vs_mask']:.2f}x" if r["vs_mask"] else "-"
         name = r["variant"] + (f" ({r['chunk']})" if r["chunk"] else "") + (f" (k={r['sed_topk']})" if r["sed_topk"]
                                                                             else "")
-        print(f"| {r['tower']} | {r['classes']} | {name} | {1000 * r['time_s']:.0f} | {r['peak_mib']:.0f} "
+        kept = f", {100 * r['sed_kept']:.0f}% kept" if r["sed_kept"] is not None else ""
+        print(f"| {r['tower']} | {r['classes']} | {name}{kept} | {1000 * r['time_s']:.0f} | {r['peak_mib']:.0f} "
               f"| {r['agree']:.3f} | {vs} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
