@@ -443,6 +443,9 @@ def add_catseg_config(cfg: CN) -> CN:
     # Classes per chunk of the per-class work (cost embedding, spatial aggregation, decoder); 0 = all at once.
     # Memory only: the result does not depend on it.
     cfg.MODEL.CATSEG.CLASS_CHUNK = 0
+    # SED-style early rejection at test time (Xie et al., CVPR 2024): keep a class only where it is among the
+    # SED_TOPK best of some feature-grid cell by CLIP cost, before the per-class stages; rejected: logit -100. 0 = off.
+    cfg.MODEL.CATSEG.SED_TOPK = 0
     # A class's text embedding from its synonyms: "first" (its first name, the authors') or "mean".
     cfg.MODEL.CATSEG.SYNONYMS = "first"
     # Fine-tune the attention query / value projection weights of both CLIP towers (CLIP_FINETUNE "attention").

@@ -13,7 +13,7 @@ Table fields (one entry per file): name; what (one line); url (https, pinned to 
 filename (in the cache); sha256 (null: none published); size (bytes, or null); sha256_source (where the digest was
 read); licence (the weights' own); key (the config key it is for: MODEL.CLIP.PRETRAINED = a CLIP, MODEL.WEIGHTS =
 a whole model); model_name (open_clip architecture it fits); configs (shipped configs it fits); layout (its key
-layout: open_clip, eva-clip (converted on load), ovseg, cat-seg); needs (why it cannot be loaded yet, if so).
+layout: open_clip, eva-clip / cat-seg (converted on load), ovseg); needs (why it cannot be loaded yet, if so).
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ __all__ = ["ZooEntry", "cache_dir", "is_zoo_name", "licence_of", "licences_of_cf
 
 TABLE_PATH = Path(__file__).resolve().with_name("model_zoo.json")
 KEYS = ("MODEL.CLIP.PRETRAINED", "MODEL.WEIGHTS")
-# layouts the loaders read (eva-clip and ovseg's distiller are converted on load by checkpoint_layouts.py)
-LOADABLE_LAYOUTS = ("open_clip", "eva-clip", "ovseg")
+# layouts the loaders read (eva-clip, ovseg's distiller and cat-seg are converted on load by checkpoint_layouts.py)
+LOADABLE_LAYOUTS = ("open_clip", "eva-clip", "ovseg", "cat-seg")
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ def markdown_table(entries: Optional[Sequence[ZooEntry]] = None) -> str:
         target = f"`{e.key}` ({e.model_name})"
         configs = ", ".join(f"`{c}`" for c in e.configs) or "-"
         layout = e.layout + (f" (needs {e.needs})" if e.needs else
-                             ", converted on load" if e.layout == "eva-clip" else "")
+                             ", converted on load" if e.layout in ("eva-clip", "cat-seg") else "")
         rows.append(f"| `{e.name}` | [{e.what}]({e.url}) | {target} | {configs} | {layout} | {_checksum_cell(e)} "
                     f"| {e.licence} |")
     return "\n".join(rows)

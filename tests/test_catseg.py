@@ -288,3 +288,32 @@ def test_training_learns_and_resumes(tmp_path, dataset):
     assert new and min(r["iteration"] for r in new) >= 30
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
     assert final["iteration"] == 39
+
+
+def test_early_rejection_off_or_keeping_all_changes_nothing():
+    image, text, guidance = head_inputs(7)
+    off = small_head()(image, text, image, guidance)
+    keep_all = small_head(reject_topk=7)(image, text, image, guidance)
+    torch.testing.assert_close(keep_all, off, rtol=0, atol=0)
+
+
+def test_early_rejection_keeps_each_cells_top_classes_and_equals_a_run_on_them():
+    """SED's rule written out: per image, a class is kept if it is the top-k by CLIP cosine (best prompt) at some
+    cell; the kept classes' logits are those of a run given only them, the others the lowest (-100)."""
+    k, num_classes = 1, 7
+    image, text, guidance = head_inputs(num_classes, seed=3)
+    head = small_head(reject_topk=k)
+    out = head(image, text, image, guidance)
+    plain = small_head()
+    for i in range(image.shape[0]):
+        kept = set()
+        for y, x in itertools.product(range(image.shape[2]), range(image.shape[3])):
+            scores = [max(F.cosine_similarity(image[i, :, y, x], text[i, t, p], dim=0).item()
+                          for p in range(text.shape[2])) for t in range(num_classes)]
+            kept |= set(sorted(range(num_classes), key=lambda t: -scores[t])[:k])
+        kept = sorted(kept)
+        assert 0 < len(kept) < num_classes  # the case under test: some rejected
+        rejected = [t for t in range(num_classes) if t not in kept]
+        ref = plain(image[i:i + 1], text[i:i + 1, kept], image[i:i + 1], [g[i:i + 1] for g in guidance])[0]
+        torch.testing.assert_close(out[i, kept], ref, **TOL)
+        assert (out[i, rejected] == -100).all() and out[i, kept].min() > -100

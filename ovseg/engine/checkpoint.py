@@ -8,6 +8,8 @@
   during a save never leaves a truncated `model_XXXX.pth`; `last_checkpoint` is replaced the same way.
 - Resuming: the file named by `last_checkpoint` is checked (a complete zip archive, CRCs included); if it is damaged
   the newest intact checkpoint of the folder is used instead, with a warning.
+- Foreign layouts: a CAT-Seg release (the authors' keys) is converted for a CATSegSegmentor on load
+  (`ovseg.modeling.checkpoint_layouts.to_model_layout`; any key left over or missing is an error).
 - Evaluating (`strict=True`): weights whose shapes do not fit the model, or trainable parameters the file lacks, are
   errors instead of detectron2's "Skip loading parameter" warnings.
 """
@@ -20,6 +22,7 @@ from typing import Any, Dict
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..modeling.checkpoint_layouts import to_model_layout
 from ..utils.safe_load import load_weights_file
 from .errors import UserError
 
@@ -93,6 +96,12 @@ class SafeCheckpointer(DetectionCheckpointer):
             raise UserError(str(e)) from None
 
     def _load_model(self, checkpoint: Any):
+        try:  # foreign whole-model layouts (CAT-Seg's releases) -> ours, every key accounted for
+            checkpoint["model"], layout = to_model_layout(checkpoint["model"], self.model)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if layout:
+            self.logger.info("Converted the %s checkpoint's keys to %s", layout, type(self.model).__name__)
         incompatible = super()._load_model(checkpoint)
         if self.strict:
             problems = [f"{k}: file {tuple(a)} vs model {tuple(b)}" for k, a, b in incompatible.incorrect_shapes]

@@ -7,6 +7,8 @@
   is open_clip's own layout in both.
 - ovseg's CLIPSelfDistiller training checkpoints (`model_final.pth`): the student's (`backbone`) visual tower and the
   text tower; the teacher's copy is dropped.
+- CAT-Seg's released checkpoints (KU-CVLAB/CAT-Seg) are whole models, for MODEL.WEIGHTS: `to_model_layout` maps them
+  onto `CATSegSegmentor` (the key table is in cost_aggregation.py's and meta_arch/catseg.py's docstrings).
 
 Every source key must be matched by a rule and every target key must be produced, else a ValueError names them.
 """
@@ -107,12 +109,13 @@ def _text_key(key: str, target: set) -> Optional[str]:
     return None
 
 
-def _check_complete(out: Dict[str, torch.Tensor], target: set, unmatched: List[str], what: str) -> None:
+def _check_complete(out: Dict[str, torch.Tensor], target: set, unmatched: List[str], what: str,
+                    onto: str = "the open_clip model") -> None:
     missing = sorted(target - set(out))
     unexpected = sorted(set(out) - target)
     if unmatched or missing or unexpected:
         raise ValueError(
-            f"{what} does not map onto the open_clip model: "
+            f"{what} does not map onto {onto}: "
             f"{len(unmatched)} source keys match no rule {unmatched[:8]}, "
             f"{len(missing)} model keys not provided {missing[:8]}, "
             f"{len(unexpected)} converted keys unknown to the model {unexpected[:8]}"
@@ -190,3 +193,125 @@ def to_open_clip_layout(state: Dict[str, torch.Tensor], target_keys: Iterable[st
         if detect(state):
             return convert(state, target), name
     return state, None
+
+
+# ---- CAT-Seg (KU-CVLAB/CAT-Seg) whole-model checkpoints -> CATSegSegmentor ---------------------------------------
+# Authors' key prefixes (cat_seg/cat_seg_model.py, cat_seg/modeling/transformer/cat_seg_predictor.py, commit 6d3a188)
+CATSEG_AGGREGATOR = "sem_seg_head.predictor.transformer."
+CATSEG_CLIP = "sem_seg_head.predictor.clip_model."
+_LAYER = r"^layers\.(\d+)\."
+# (authors' key under CATSEG_AGGREGATOR, ours under "head."); the table of cost_aggregation.py's docstring
+_CATSEG_HEAD_RULES: List[Tuple[re.Pattern, Callable[[re.Match], str]]] = [(re.compile(p), f) for p, f in [
+    (_LAYER + r"swin_block\.(block_[12]\.(?:norm[12]|attn\.(?:q|k|v|proj)|mlp\.fc[12])\.(?:weight|bias))$",
+     lambda m: f"layers.{m[1]}.spatial.{m[2]}"),
+    (_LAYER + r"swin_block\.guidance_norm\.(weight|bias)$", lambda m: f"layers.{m[1]}.spatial.guidance_norm.{m[2]}"),
+    (_LAYER + r"attention\.attention\.([qkv])\.(weight|bias)$", lambda m: f"layers.{m[1]}.classes.attn.{m[2]}.{m[3]}"),
+    (_LAYER + r"attention\.MLP\.([02])\.(weight|bias)$", lambda m: f"layers.{m[1]}.classes.mlp.{m[2]}.{m[3]}"),
+    (_LAYER + r"attention\.(norm[12]\.(?:weight|bias)|padding_tokens|padding_guidance)$",
+     lambda m: f"layers.{m[1]}.classes.{m[2]}"),
+    (r"^conv1\.(weight|bias)$", lambda m: f"cost_embed.{m[1]}"),
+    (r"^guidance_projection\.0\.(weight|bias)$", lambda m: f"appearance_proj.0.{m[1]}"),
+    (r"^text_guidance_projection\.0\.(weight|bias)$", lambda m: f"text_proj.0.{m[1]}"),
+    (r"^decoder_guidance_projection\.(\d+)\.0\.(weight|bias)$", lambda m: f"decoder_guidance_proj.{m[1]}.0.{m[2]}"),
+    (r"^decoder([12])\.up\.(weight|bias)$", lambda m: f"decoder.{int(m[1]) - 1}.up.{m[2]}"),
+    (r"^decoder([12])\.conv\.double_conv\.([0134])\.(weight|bias)$",
+     lambda m: f"decoder.{int(m[1]) - 1}.conv.{m[2]}.{m[3]}"),
+    (r"^head\.(weight|bias)$", lambda m: f"head.{m[1]}"),
+]]
+_CATSEG_SHIFT_MASK = re.compile(_LAYER + r"swin_block\.block_2\.attn_mask$")
+# their CLIP (cat_seg/third_party/model_vpt.py) keeps q / k / v projection weights apart; nn.MultiheadAttention's
+# packed `in_proj_weight` is them stacked in that order
+_SPLIT_QKV = re.compile(r"^(.*\.attn\.)([qkv])_proj_weight$")
+
+
+def is_catseg_layout(state: Dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith(CATSEG_AGGREGATOR) for k in state)
+
+
+def _catseg_clip_name(key: str) -> Optional[str]:
+    """A key under CATSEG_CLIP -> our model's name (q / k / v weights still apart); None = no rule."""
+    if key.startswith("visual."):
+        return "backbone.tower.visual." + key[len("visual."):]
+    if key == "logit_scale" or key.startswith(_TEXT_TOP_LEVEL):
+        return "text_classifier.text_model." + key
+    return None
+
+
+def convert_catseg_state_dict(state: Dict[str, torch.Tensor], target_keys: Iterable[str],
+                              shift_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """Map a CAT-Seg checkpoint (the authors' `CATSeg` model state dict) onto `CATSegSegmentor`'s keys.
+
+    Args:
+        state: the authors' keys (`upsample1.weight`, `sem_seg_head.predictor.transformer.layers.0.swin_block...`,
+            `sem_seg_head.predictor.clip_model.visual...`), without the "module." prefix.
+        target_keys: the CATSegSegmentor's state-dict keys (checked for completeness).
+        shift_mask: (num_windows, window^2, window^2) the shifted-window mask our model computes on its feature grid
+            (`CATSegSegmentor.shift_window_mask()`), or None when its grid has no shift. Each stored
+            `block_2.attn_mask` must equal it (else the checkpoint was trained on another grid / window); then it
+            is dropped, since ours is recomputed.
+    Returns:
+        the converted state dict; raises ValueError naming any unmatched, missing or unknown key, an incomplete
+        q / k / v triple, or an attn_mask that differs from ours.
+    """
+    target = set(target_keys)
+    out: Dict[str, torch.Tensor] = {}
+    unmatched: List[str] = []
+    split: Dict[str, Dict[str, torch.Tensor]] = {}  # our attn prefix -> {"q": w, "k": w, "v": w}
+
+    def put(name: str, value: torch.Tensor, source: str) -> None:
+        if name in out:
+            raise ValueError(f"CAT-Seg checkpoint: {source!r} and another key both map to {name!r}")
+        out[name] = value
+
+    for key, value in state.items():
+        if key.startswith(("upsample1.", "upsample2.")):
+            put(f"guidance_upsample.{int(key[8]) - 1}.{key[len('upsample1.'):]}", value, key)
+        elif key.startswith(CATSEG_AGGREGATOR):
+            rest = key[len(CATSEG_AGGREGATOR):]
+            if _CATSEG_SHIFT_MASK.match(rest):
+                if shift_mask is None:
+                    raise ValueError(f"CAT-Seg checkpoint: {key} is a shifted-window mask {tuple(value.shape)}, but "
+                                     "this model's spatial aggregation has no shift on its feature grid: "
+                                     "MODEL.CATSEG.CLIP_RESOLUTION / WINDOW_SIZE differ from the checkpoint's")
+                if value.shape != shift_mask.shape or not torch.equal(value.to(shift_mask), shift_mask):
+                    raise ValueError(f"CAT-Seg checkpoint: {key} {tuple(value.shape)} differs from this model's "
+                                     f"shifted-window mask {tuple(shift_mask.shape)}: MODEL.CATSEG.CLIP_RESOLUTION "
+                                     "/ WINDOW_SIZE differ from the checkpoint's feature grid and window")
+                continue  # recomputed by our model
+            for pattern, rename in _CATSEG_HEAD_RULES:
+                m = pattern.match(rest)
+                if m:
+                    put("head." + rename(m), value, key)
+                    break
+            else:
+                unmatched.append(key)
+        elif key.startswith(CATSEG_CLIP):
+            name = _catseg_clip_name(key[len(CATSEG_CLIP):])
+            m = _SPLIT_QKV.match(name) if name else None
+            if name is None:
+                unmatched.append(key)
+            elif m:
+                split.setdefault(m[1], {})[m[2]] = value
+            else:
+                put(name, value, key)
+        else:
+            unmatched.append(key)
+    for prefix, parts in split.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise ValueError(f"CAT-Seg checkpoint: {prefix} has only the {sorted(parts)} projection weights of q, k, v")
+        put(prefix + "in_proj_weight", torch.cat([parts["q"], parts["k"], parts["v"]], dim=0), prefix)
+    _check_complete(out, target, unmatched, "CAT-Seg checkpoint", "the CATSegSegmentor")
+    return out
+
+
+def to_model_layout(state: Dict[str, torch.Tensor], model: torch.nn.Module
+                    ) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
+    """A whole-model checkpoint (MODEL.WEIGHTS) converted for `model` when it is in a known foreign layout.
+    Returns (state, name of the layout or None)."""
+    if not is_catseg_layout(state):
+        return state, None
+    mask_of = getattr(model, "shift_window_mask", None)
+    if mask_of is None:
+        raise ValueError(f"MODEL.WEIGHTS is a CAT-Seg checkpoint but the model is a {type(model).__name__}: use a "
+                         "CATSegSegmentor config (configs/catseg/, e.g. catseg_vitb16_authors)")
+    return convert_catseg_state_dict(state, model.state_dict().keys(), mask_of()), "CAT-Seg"

@@ -331,7 +331,7 @@ class CostAggregator(nn.Module):
                  decoder_guidance_proj_dims: Sequence[int] = (32, 16), num_layers: int = 2, num_heads: int = 4,
                  hidden_dim: int = 128, pooling_size: Optional[Sequence[int]] = (2, 2), window_size: int = 12,
                  attention_type: str = "linear", num_prompts: int = 1, pad_len: int = 256, class_chunk: int = 0,
-                 test_pooling_size: Optional[Sequence[int]] = None):
+                 test_pooling_size: Optional[Sequence[int]] = None, reject_topk: int = 0):
         """
         Args:
             text_dim, appearance_dim: CLIP's embedding dim (text embeddings, final patch embeddings).
@@ -349,12 +349,16 @@ class CostAggregator(nn.Module):
                 are cut to the `pad_len` with the highest CLIP similarity anywhere (the others get logit -100).
                 0 = off.
             class_chunk: classes per chunk of the per-class work (0 = all at once; results do not depend on it).
+            reject_topk: SED-style early rejection at test time (0 = off): see `early_rejection`.
         """
         super().__init__()
         if len(decoder_dims) != 2 or len(decoder_guidance_dims) != 2 or len(decoder_guidance_proj_dims) != 2:
             raise ValueError("CAT-Seg's decoder has two upsampling blocks: DECODER_DIMS, DECODER_GUIDANCE_DIMS and "
                              "DECODER_GUIDANCE_PROJ_DIMS need two entries each")
         self.pad_len, self.class_chunk = pad_len, class_chunk
+        if reject_topk < 0:
+            raise ValueError(f"MODEL.CATSEG.SED_TOPK={reject_topk} must be >= 0 (0 = no early rejection)")
+        self.reject_topk = reject_topk
         self.layers = nn.ModuleList([
             AggregationLayer(hidden_dim, text_guidance_proj_dim, appearance_guidance_proj_dim, num_heads,
                              pooling_size, window_size, attention_type, pad_len, test_pooling_size)
@@ -381,6 +385,19 @@ class CostAggregator(nn.Module):
             return None
         best = cost.transpose(1, 2).flatten(2).amax(dim=-1)  # (B, T)
         return best.topk(self.pad_len, dim=-1).indices
+
+    def early_rejection(self, cost: torch.Tensor) -> torch.Tensor:
+        """SED's category early rejection (Xie et al., CVPR 2024; github.com/xb534/SED, sed/modeling/transformer/
+        model.py `get_valid_idx_from_mask`): a class survives when it is among the `reject_topk` best classes of at
+        least one cell of a coarse score map. SED scores with trained auxiliary heads; CAT-Seg has none, so the
+        score here is the CLIP cost itself (max over prompts), read before every per-class stage.
+
+        (B, P, T, h, w) cost -> (B, T) bool, True = kept."""
+        score = cost.amax(dim=1)  # (B, T, h, w)
+        k = min(self.reject_topk, score.shape[1])
+        top = score.topk(k, dim=1).indices  # (B, k, h, w)
+        keep = torch.zeros(score.shape[:2], dtype=torch.bool, device=cost.device)
+        return keep.scatter_(1, top.flatten(1), True)
 
     def embed_cost(self, cost: torch.Tensor) -> torch.Tensor:
         """(B, P, T, h, w) -> (B, hidden, T, h, w), the same 7x7 conv for every class."""
@@ -411,8 +428,25 @@ class CostAggregator(nn.Module):
             appearance: (B, D, h, w) the map projected as spatial guidance (the authors pass `image` itself).
             decoder_guidance: two maps (B, decoder_guidance_dims[j], 2^(j+1) h, 2^(j+1) w).
         Returns:
-            (B, T, 4h, 4w) logits.
+            (B, T, 4h, 4w) logits; with `reject_topk` at test time, rejected classes get -100 and the kept ones
+            what a run on the kept classes alone gives.
         """
+        if self.reject_topk and not self.training:
+            keep = self.early_rejection(cost_volume(image, text))  # (B, T)
+            if not bool(keep.all()):  # one host read: the kept sets differ per image
+                out = []
+                for i in range(image.shape[0]):
+                    idx = keep[i].nonzero().squeeze(1)
+                    sub = self._aggregate(image[i:i + 1], text[i:i + 1, idx], appearance[i:i + 1],
+                                          [g[i:i + 1] for g in decoder_guidance])  # (1, kept, 4h, 4w)
+                    full = sub.new_full((1, text.shape[1], *sub.shape[-2:]), -100.0)
+                    full[:, idx] = sub
+                    out.append(full)
+                return torch.cat(out)
+        return self._aggregate(image, text, appearance, decoder_guidance)
+
+    def _aggregate(self, image: torch.Tensor, text: torch.Tensor, appearance: torch.Tensor,
+                   decoder_guidance: Sequence[torch.Tensor]) -> torch.Tensor:
         cost = cost_volume(image, text)  # (B, P, T, h, w)
         kept = self.select_classes(cost)
         num_classes = text.shape[1]

@@ -30,7 +30,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from ..backbone.clip_vit import CLIPViTDenseEncoder, get_dense_mode
-from ..cost_aggregation import CostAggregator
+from ..cost_aggregation import CostAggregator, shift_window_mask
 from ..text import TextClassifier, Vocabulary
 from ..trainable import unlock_query_value
 from .base import OpenVocabModel
@@ -140,7 +140,7 @@ class CATSegSegmentor(OpenVocabModel):
             num_layers=c.NUM_LAYERS, num_heads=c.NUM_HEADS, hidden_dim=c.HIDDEN_DIM,
             pooling_size=c.POOLING_SIZE or None, window_size=c.WINDOW_SIZE, attention_type=c.ATTENTION_TYPE,
             num_prompts=len(clip["text_classifier"].templates), pad_len=c.PAD_LEN, class_chunk=c.CLASS_CHUNK,
-            test_pooling_size=c.TEST_POOLING_SIZE or None)
+            test_pooling_size=c.TEST_POOLING_SIZE or None, reject_topk=c.SED_TOPK)
         train = cls.training_vocabulary_spec(cfg)
         return {
             **clip, **cls.vocabulary_args(cfg), "train_vocabulary": train, "head": head,
@@ -149,6 +149,15 @@ class CATSegSegmentor(OpenVocabModel):
             "inference_mode": c.INFERENCE_MODE, "slide_resize": c.SLIDE_RESIZE, "slide_window": c.SLIDE_WINDOW,
             "slide_stride": c.SLIDE_STRIDE, "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
         }
+
+    def shift_window_mask(self) -> Optional[torch.Tensor]:
+        """(num_windows, window^2, window^2) the additive mask of the shifted-window blocks on this model's feature
+        grid, or None when the grid has no shift. The authors' checkpoints store it; their converter checks it."""
+        if not len(self.head.layers):
+            return None
+        grid = tuple(s // self.backbone.patch_size for s in self.clip_resolution)
+        window, shift = self.head.layers[0].spatial.block_2.geometry(grid)
+        return shift_window_mask(grid, window, shift) if shift else None
 
     # ---- optimizer ------------------------------------------------------------------------------------------
     def optimizer_overrides(self) -> Dict[str, Dict[str, float]]:
