@@ -164,7 +164,9 @@ class GroupViTSegmentor(OpenVocabModel):
         embeds = torch.cat([self.encode_text(texts[i:i + self.text_batch_size])
                             for i in range(0, len(texts), self.text_batch_size)])
         owner_t = torch.tensor(owner, device=embeds.device)
-        sums = torch.zeros(len(vocabulary), embeds.shape[-1], device=embeds.device).index_add_(0, owner_t, embeds)
+        # float32 sums: under autocast the text tower's output is in the low precision
+        sums = torch.zeros(len(vocabulary), embeds.shape[-1], device=embeds.device).index_add_(0, owner_t,
+                                                                                            embeds.float())
         return F.normalize(sums, dim=-1)
 
     def background_index(self, vocabulary: Vocabulary) -> Optional[int]:
