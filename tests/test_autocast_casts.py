@@ -133,3 +133,18 @@ def test_unlocked_blocks_keep_autocast_gradients(tiny_clip, monkeypatch):
     for n in trainable:
         assert got[n] is not None and got[n].dtype == torch.float32
         torch.testing.assert_close(got[n], ref[n], **BF16_TOL)
+
+
+def test_unlocked_blocks_are_cast_once_in_inference(tiny_clip, monkeypatch):
+    enc = _encoder(tiny_clip("ovseg-tiny-ViT-16"), dense_mode="sclip", unlock_last_blocks=3)
+    x = torch.randn(1, 3, 64, 64)
+
+    def run():  # one autocast region per forward, as a predictor does: autocast's own cache starts empty
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return enc(x)["clip_dense"]
+
+    out = run()
+    casts = tensor_casts(run)
+    _stock(enc, monkeypatch)
+    torch.testing.assert_close(out.float(), run().float(), **BF16_TOL)
+    assert casts <= 4 < tensor_casts(run), casts

@@ -34,20 +34,23 @@ def cast_cached(owner: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.
 def _frozen_float_weights(module: nn.Module, extra: Iterable[Tuple[nn.Module, str]]
                           ) -> Iterator[Tuple[nn.Module, str, torch.Tensor]]:
     pairs = [(m, n) for m in module.modules() if isinstance(m, LOW_PRECISION_MODULES) for n in m._parameters]
+    grad = torch.is_grad_enabled()
     for mod, name in [*pairs, *extra]:
         p = mod._parameters.get(name)
-        # trainable weights keep autocast's own cast (in the graph, so that gradients reach them)
-        if p is not None and not p.requires_grad and p.dtype == torch.float32:
+        # with autograd, trainable weights keep autocast's own cast (in the graph, so that gradients reach them);
+        # without it (inference) they are cast once like the frozen ones (autocast would cast them every region)
+        if p is not None and not (p.requires_grad and grad) and p.dtype == torch.float32:
             yield mod, name, p
 
 
 @contextmanager
 def frozen_weights_in_autocast_dtype(module: nn.Module, device_type: str,
                                      extra: Sequence[Tuple[nn.Module, str]] = ()):
-    """Within the block, under autocast to bf16 / fp16 on `device_type`, the frozen float32 weights of `module`'s
-    matmul and convolution layers (and the `extra` (module, parameter name) pairs, e.g. a projection matrix used
-    with `@`) are their cached low-precision copies (`cast_cached`), so autocast finds them already cast. Outside
-    autocast it does nothing. Re-entrant: an inner block finds the weights already swapped and leaves them."""
+    """Within the block, under autocast to bf16 / fp16 on `device_type`, the frozen float32 weights (all of them
+    without autograd) of `module`'s matmul and convolution layers (and the `extra` (module, parameter name) pairs,
+    e.g. a projection matrix used with `@`) are their cached low-precision copies (`cast_cached`), so autocast
+    finds them already cast. Outside autocast it does nothing. Re-entrant: an inner block finds the weights
+    already swapped and leaves them."""
     if not torch.is_autocast_enabled(device_type):
         yield
         return
