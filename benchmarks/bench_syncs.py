@@ -117,13 +117,18 @@ def dense_model(args):
     return model
 
 
-def mask_model(args):
+def tiny(args) -> bool:
+    return args.model.startswith("ovseg-tiny")
+
+
+def mask_model(args, vild: bool = False):
     vocab = ",".join(f"class {i}" for i in range(args.classes - 1)) + ",background"
     model = build("configs/Base-MaskSeg.yaml", args.model, args.device, args.classes,
                   ["MODEL.MASK_SEG.TRAIN_VOCABULARY", vocab, "MODEL.MASK_SEG.TEST.SEMANTIC_ON", "True",
                    "MODEL.MASK_SEG.TEST.PANOPTIC_ON", "True", "MODEL.MASK_SEG.TEST.INSTANCE_ON", "True",
+                   "MODEL.MASK_SEG.VILD.ENABLED", str(vild),
                    *(["MODEL.MASK_SEG.PIXEL_DECODER.IN_FEATURES", "['res2', 'res2', 'res3', 'res3']"]
-                     if args.model.startswith("ovseg-tiny") else [])])  # the tiny tower exports 2 levels
+                     if tiny(args) else [])])  # the tiny tower exports 2 levels
     make_confident(model, args.kept_queries)  # random weights keep no query; a trained model keeps tens
     wrap(model, "preprocess", "preprocess")
     wrap(model, "encode", "encoder")
@@ -136,6 +141,65 @@ def mask_model(args):
                      ("instance_inference", "instance")):
         wrap(mask_module, fn, "post-processing/" + name)
     return model
+
+
+def vild_model(args):
+    """The mask segmentor with ViLD-image's head on: its ensemble with CLIP's region scores at inference."""
+    return mask_model(args, vild=True)
+
+
+# sizes that fit the tiny random tower (3 blocks); real towers take the shipped configs as they are
+_TINY_CATSEG = ["MODEL.CLIP.FEATURE_BLOCKS", "[0, 1]", "MODEL.CATSEG.CLIP_RESOLUTION", "[64, 64]",
+                "MODEL.CATSEG.WINDOW_SIZE", "2", "MODEL.CATSEG.HIDDEN_DIM", "32",
+                "MODEL.CATSEG.TEXT_GUIDANCE_PROJ_DIM", "16", "MODEL.CATSEG.APPEARANCE_GUIDANCE_PROJ_DIM", "16",
+                "MODEL.CATSEG.DECODER_DIMS", "[32, 16]", "MODEL.CATSEG.DECODER_GUIDANCE_DIMS", "[16, 8]",
+                "MODEL.CATSEG.DECODER_GUIDANCE_PROJ_DIMS", "[8, 4]", "MODEL.CATSEG.PAD_LEN", "8",
+                "MODEL.CATSEG.SLIDE_RESIZE", "[96, 96]", "MODEL.CATSEG.SLIDE_WINDOW", "64",
+                "MODEL.CATSEG.SLIDE_STRIDE", "32"]
+_TINY_LSEG = ["MODEL.CLIP.FEATURE_BLOCKS", "[0, 1, 2]", "MODEL.CLIP.UNLOCK_LAST_BLOCKS", "3",
+              "MODEL.LSEG.IN_FEATURES", "['res2', 'res3', 'res4', 'res4']", "MODEL.LSEG.FEATURES", "32",
+              "MODEL.LSEG.REASSEMBLE_CHANNELS", "[16, 32, 64, 64]"]
+_TINY_GROUPVIT = ["MODEL.GROUPVIT.PATCH_SIZE", "16", "MODEL.GROUPVIT.EMBED_DIM", "32", "MODEL.GROUPVIT.DEPTHS",
+                  "[1, 1, 1]", "MODEL.GROUPVIT.NUM_HEADS", "2", "MODEL.GROUPVIT.NUM_GROUP_TOKENS", "[8, 4, 0]",
+                  "MODEL.GROUPVIT.NUM_OUTPUT_GROUPS", "[8, 4]", "MODEL.GROUPVIT.TEXT_CONTEXT_LENGTH", "16",
+                  "MODEL.GROUPVIT.TEXT_WIDTH", "16", "MODEL.GROUPVIT.TEXT_LAYERS", "1",
+                  "MODEL.GROUPVIT.TEXT_HEADS", "1",
+                  "MODEL.GROUPVIT.PROJ_HIDDEN_DIM", "64", "MODEL.GROUPVIT.PROJ_DIM", "16"]
+
+
+def catseg_model(args):
+    """CAT-Seg with its shipped protocol: sliding windows plus a global view, per-class sigmoid."""
+    model = build("configs/catseg/catseg_vitb16_coco_stuff.yaml", args.model, args.device, args.classes,
+                  _TINY_CATSEG if tiny(args) else [])
+    wrap(model, "encode", "encoder")
+    wrap(model, "class_embeddings", "text")
+    wrap(model.head, "forward", "cost aggregation")
+    wrap(model, "segment", "windows+sigmoid+resize")
+    return model
+
+
+def lseg_model(args):
+    model = build("configs/lseg/lseg_vitb16_ade20k.yaml", args.model, args.device, args.classes,
+                  _TINY_LSEG if tiny(args) else [])
+    wrap(model, "pixel_embeddings", "encoder+DPT decoder")
+    wrap(model, "text_queries", "text")
+    wrap(model, "segment", "logits+regularisation")
+    return model
+
+
+def groupvit_model(args):
+    """GroupViT (its own tower: --model does not apply; the tiny run shrinks it)."""
+    model = build("configs/groupvit/groupvit_s_captions.yaml", args.model, args.device, args.classes,
+                  _TINY_GROUPVIT if tiny(args) else [])
+    wrap(model, "encode_image", "encoder")
+    wrap(model, "class_embeddings", "text")
+    wrap(model, "segment", "groups->pixels")
+    return model
+
+
+MODELS = {"CLIPDenseSegmentor naclip": dense_model, "OpenVocabMaskSegmentor sem+pan+ins": mask_model,
+          "OpenVocabMaskSegmentor ViLD sem+pan+ins": vild_model, "CATSegSegmentor slide": catseg_model,
+          "LSegSegmentor": lseg_model, "GroupViTSegmentor": groupvit_model}
 
 
 def stage_of(event) -> str:
@@ -193,6 +257,7 @@ def main():
     ap.add_argument("--kept-queries", type=int, default=50)
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated names from MODELS")
     ap.add_argument("--label", default="current")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/bench_syncs.json"))
     args = ap.parse_args()
@@ -206,8 +271,8 @@ def main():
     image = torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
     image = image.to(args.device)
     results = {}
-    for name, make in (("CLIPDenseSegmentor naclip", dense_model), ("OpenVocabMaskSegmentor sem+pan+ins", mask_model)):
-        model = make(args)
+    for name in args.models.split(","):
+        model = MODELS[name](args)
         for dtype in args.dtypes.split(","):
             results[f"{name} {dtype}"] = run(model, image, dtype, args.iters)
 

@@ -11,6 +11,8 @@ Random weights, MODEL.CLIP.PRETRAINED "" (speed does not depend on them). For ea
   - per image, from one torch.profiler forward: host syncs, aten ops, dtype casts (bench_syncs.py's rules);
   - training steps (forward + backward + AdamW, batch 2): the mask segmentor at 1024 and CLIPSelf, time and peak
     memory;
+  - on the first tower only, whole-model time and counts of the mask segmentor with ViLD, CAT-Seg (slide), LSeg,
+    and GroupViT-S (its own tower);
 each in fp32 and under bf16 autocast. Times are CUDA events on a GPU, perf_counter on the CPU.
 
     source .gpu-bundle/env.sh && python3 benchmarks/gpu_all.py        # GPU machine (../shared/gpu/README.md)
@@ -187,6 +189,31 @@ def dense_case(tower: str, args, clock: Clock) -> dict:
     return out
 
 
+# further models, whole-model time only (bench_syncs' builders and stage ranges), on the first tower: the mask
+# segmentor with ViLD-image's ensemble, CAT-Seg (its slide protocol), LSeg; GroupViT has its own tower (run once)
+WHOLE_MODELS = ("OpenVocabMaskSegmentor ViLD sem+pan+ins", "CATSegSegmentor slide", "LSegSegmentor",
+                "GroupViTSegmentor")
+
+
+def whole_case(name: str, tower: str, args, clock: Clock) -> dict:
+    h, w = args.size
+    model = bench_syncs.MODELS[name](argparse.Namespace(model=tower, device=args.device, classes=args.classes,
+                                                        kept_queries=args.kept_queries))
+    image = torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    inputs = [{"image": image.to(args.device), "height": h, "width": w}]
+    out = {}
+    for dtype in args.dtypes:
+        def whole(dtype=dtype):
+            with torch.no_grad(), autocast(args.device, dtype):
+                model(inputs)
+
+        res = timed_forward(whole, clock, [], args.warmup, args.iters)
+        res["images_per_s"] = 1e3 / res["ms"]
+        res["counts"] = profiled_counts(whole)
+        out[dtype] = res
+    return out
+
+
 def clipself_case(tower: str, args, clock: Clock) -> dict:
     """Training steps of the CLIPSelf distiller (last block unlocked), batch 2, 6 regions per image."""
     cfg_opts = ["MODEL.META_ARCHITECTURE", "CLIPSelfDistiller", "MODEL.CLIP.UNLOCK_LAST_BLOCKS", 1]
@@ -277,16 +304,20 @@ def main(argv=None) -> int:
     clock = Clock(args.device)
     results = {}
     t_start = time.time()
-    for tower in args.towers:
-        for name, case in (("OpenVocabMaskSegmentor sem+pan+ins", mask_case), ("CLIPDenseSegmentor naclip", dense_case),
-                           ("CLIPSelfDistiller train", clipself_case)):
-            key = f"{name} {tower}"
-            try:
-                results[key] = case(tower, args, clock)
-            except Exception as e:  # one failing case must not cost the slot's other numbers
-                traceback.print_exc()
-                results[key] = {"error": f"{type(e).__name__}: {e}"}
-            print(f"[{time.time() - t_start:6.1f} s] {key} done", flush=True)
+    cases = [(f"{name} {tower}", lambda tower=tower, case=case: case(tower, args, clock))
+             for tower in args.towers
+             for name, case in (("OpenVocabMaskSegmentor sem+pan+ins", mask_case),
+                                ("CLIPDenseSegmentor naclip", dense_case), ("CLIPSelfDistiller train", clipself_case))]
+    first = args.towers[0]
+    cases += [(f"{name} {first}" if "GroupViT" not in name else name,
+               lambda name=name: whole_case(name, first, args, clock)) for name in WHOLE_MODELS]
+    for key, case in cases:
+        try:
+            results[key] = case()
+        except Exception as e:  # one failing case must not cost the slot's other numbers
+            traceback.print_exc()
+            results[key] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"[{time.time() - t_start:6.1f} s] {key} done", flush=True)
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.exists() else {}
     previous[args.label] = {

@@ -17,7 +17,13 @@ def test_gpu_all_smoke_on_cpu(tmp_path):
     res = json.loads(out.read_text())["t"]["results"]
     towers = ("ovseg-tiny-ViT-16", "ovseg-tiny-EVA02-16")
     names = ("OpenVocabMaskSegmentor sem+pan+ins", "CLIPDenseSegmentor naclip", "CLIPSelfDistiller train")
-    assert sorted(res) == sorted(f"{n} {t}" for n in names for t in towers)
+    whole = ("OpenVocabMaskSegmentor ViLD sem+pan+ins ovseg-tiny-ViT-16", "CATSegSegmentor slide ovseg-tiny-ViT-16",
+             "LSegSegmentor ovseg-tiny-ViT-16", "GroupViTSegmentor")  # the first tower only; GroupViT has its own
+    assert sorted(res) == sorted([f"{n} {t}" for n in names for t in towers] + list(whole))
+    for key in whole:
+        for dtype in ("fp32", "bf16"):
+            r = res[key][dtype]
+            assert r["counts"]["TOTAL"]["syncs"] <= 3 and abs(r["images_per_s"] * r["ms"] - 1e3) < 1e-6
     for t in towers:
         mask = res[f"OpenVocabMaskSegmentor sem+pan+ins {t}"]
         assert sorted(mask) == ["bf16", "fp32", "train bf16", "train fp32"]

@@ -319,7 +319,7 @@ def multi_label_contrastive_loss(image: torch.Tensor, prompts: torch.Tensor, log
 
 # ---------------------------------------------------------------------------------------------- segmentation
 def group_to_class_segmentation(assignments: Sequence[torch.Tensor], groups: torch.Tensor, image: torch.Tensor,
-                                text: torch.Tensor, logit_scale: float, grid: Tuple[int, int],
+                                text: torch.Tensor, logit_scale: float | torch.Tensor, grid: Tuple[int, int],
                                 output_size: Tuple[int, int], top_k: int = 5,
                                 bg_threshold: Optional[float] = None) -> torch.Tensor:
     """GroupViT's zero-shot segmentation of one image (the authors' `GroupViTSegInference.encode_decode`).
@@ -347,7 +347,7 @@ def group_to_class_segmentation(assignments: Sequence[torch.Tensor], groups: tor
         raise ValueError(f"{n} tokens do not form the {grid} patch grid")
     pix = F.interpolate(pix.t().reshape(1, g, *grid), size=tuple(output_size), mode="bilinear",
                         align_corners=False)[0]  # (G, H, W)
-    one_hot = F.one_hot(pix.argmax(0), g).to(text.dtype)  # (H, W, G)
+    group = pix.argmax(0)  # (H, W)
     groups, image, text = F.normalize(groups, dim=-1), F.normalize(image, dim=-1), F.normalize(text, dim=-1)
     logits = logit_scale * groups @ text.t()  # (G, C)
     probs = logits.softmax(-1)
@@ -356,9 +356,10 @@ def group_to_class_segmentation(assignments: Sequence[torch.Tensor], groups: tor
         keep = torch.zeros_like(image_probs, dtype=torch.bool)
         keep[image_probs.topk(min(top_k, text.shape[0])).indices] = True
         probs = logits.masked_fill(~keep, float("-inf")).softmax(-1) * probs
-    scores = (one_hot @ probs).permute(2, 0, 1)  # (C, H, W)
+    # each pixel takes its group's row (a gather; F.one_hot would read its input's range back on the host)
+    scores = probs.t()[:, group]  # (C, H, W)
     if bg_threshold is None:
         return scores
-    threshold = min(float(bg_threshold), probs.max().item())
+    threshold = probs.max().clamp(max=float(bg_threshold))  # on the device: no host read
     background = (scores.max(0).values < threshold).to(scores.dtype)
     return torch.cat([background[None], scores])

@@ -23,6 +23,7 @@ from torch import nn
 
 from ...utils.shapes import is_symbolic
 from ..clip_model import load_clip_towers
+from ..low_precision import frozen_weights_in_autocast_dtype
 from ..trainable import unlock_by_patterns
 
 logger = logging.getLogger(__name__)
@@ -343,6 +344,11 @@ class _Tower(nn.Module):
         """Per-head mixed values (B, heads, N, hd) -> the attention sub-layer's output (B, N, C)."""
         raise NotImplementedError
 
+    def matmul_weights(self) -> List[Tuple[nn.Module, str]]:
+        """(module, parameter name) of weights used in matmuls outside Linear / Conv / MultiheadAttention layers
+        (kept cast under autocast while frozen: `frozen_weights_in_autocast_dtype`)."""
+        return []
+
     def head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final norm + projection to CLIP space, token-wise: (B, L, C) -> (B, L, D)."""
         raise NotImplementedError
@@ -427,6 +433,9 @@ class OpenCLIPViTTower(_Tower):
             return y
         x = get_dense_mode(mode).residual_input(x) + y
         return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+    def matmul_weights(self):
+        return [(self.visual, "proj")] if self.visual.proj is not None else []
 
     def head(self, tokens):
         return self.visual.ln_post(tokens) @ self.visual.proj
@@ -527,6 +536,11 @@ class EvaTower(_Tower):
             q = torch.cat([q[:, :, :npt], apply_rope(q[:, :, npt:], rope, half)], dim=2).type_as(v)
             k = torch.cat([k[:, :, :npt], apply_rope(k[:, :, npt:], rope, half)], dim=2).type_as(v)
         return q, k, v
+
+    def matmul_weights(self):
+        # the q / k / v biases are added to the fused qkv projection's output (timm's EvaAttention)
+        return [(blk.attn, name) for blk in self.blocks for name in ("q_bias", "k_bias", "v_bias")
+                if getattr(blk.attn, name, None) is not None]
 
     def attn_scale(self, block):
         return block.attn.scale
@@ -684,38 +698,50 @@ class CLIPViTDenseEncoder(Backbone):
         # (B, 1 + h*w, C) -> (B, C, h, w), dropping the class token
         return tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
 
+    def low_precision_weights(self, device_type: str):
+        """Context in which, under autocast, the frozen weights are their cached low-precision copies (cast once,
+        not by every op on every forward); trainable ones keep autocast's cast, in the graph."""
+        return frozen_weights_in_autocast_dtype(self.tower.visual, device_type, self.tower.matmul_weights())
+
     def forward_tokens(self, x: torch.Tensor, dense_mode: Optional[str] = None
                        ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, dict]:
         """Run the tower. Returns (multi-level feature maps, last-block tokens (B, 1 + h*w, C), context)."""
         mode = dense_mode or self.dense_mode
         get_dense_mode(mode, key="dense_mode")
-        x, ctx = self.tower.embed(self.pad(x))
-        ctx["mode_params"] = self.mode_params
-        feats = {}
-        blocks = self.tower.blocks
-        for i, blk in enumerate(blocks[:-1]):
-            x = self.tower.run_block(blk, x, ctx)
-            if i in self._feature_names:
-                feats[self._feature_names[i]] = self._to_map(x, ctx["grid"])
-        if len(blocks) - 1 in self._feature_names:
-            # the last block's own (attention) output is wanted as a feature as well
-            full = self.tower.run_block(blocks[-1], x, ctx)
-            feats[self._feature_names[len(blocks) - 1]] = self._to_map(full, ctx["grid"])
-            last = full if get_dense_mode(mode).mixing == "attention" else self.tower.last_block(x, ctx, mode)
-        else:
-            last = self.tower.last_block(x, ctx, mode)
+        with self.low_precision_weights(x.device.type):
+            x, ctx = self.tower.embed(self.pad(x))
+            ctx["mode_params"] = self.mode_params
+            feats = {}
+            blocks = self.tower.blocks
+            for i, blk in enumerate(blocks[:-1]):
+                x = self.tower.run_block(blk, x, ctx)
+                if i in self._feature_names:
+                    feats[self._feature_names[i]] = self._to_map(x, ctx["grid"])
+            if len(blocks) - 1 in self._feature_names:
+                # the last block's own (attention) output is wanted as a feature as well
+                full = self.tower.run_block(blocks[-1], x, ctx)
+                feats[self._feature_names[len(blocks) - 1]] = self._to_map(full, ctx["grid"])
+                last = full if get_dense_mode(mode).mixing == "attention" else self.tower.last_block(x, ctx, mode)
+            else:
+                last = self.tower.last_block(x, ctx, mode)
         return feats, last, ctx
+
+    def head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tower's final norm + projection to CLIP space, token-wise: (B, L, C) -> (B, L, D)."""
+        with self.low_precision_weights(tokens.device.type):
+            return self.tower.head(tokens)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         feats, last, ctx = self.forward_tokens(x)
-        dense = F.normalize(self.tower.head(last[:, 1:]), dim=-1)  # (B, h*w, D)
+        dense = F.normalize(self.head(last[:, 1:]), dim=-1)  # (B, h*w, D)
         feats["clip_dense"] = dense.transpose(1, 2).reshape(dense.shape[0], -1, *ctx["grid"])
         return feats
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """The (unnormalised) image embedding exactly as open_clip computes it: (B, 3, H, W) -> (B, D)."""
         _, last, _ = self.forward_tokens(x, dense_mode="attention")
-        return self.tower.pool(last)
+        with self.low_precision_weights(x.device.type):
+            return self.tower.pool(last)
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         """Channels and stride of every output. All of them are at the patch stride p (a ViT has one resolution):

@@ -190,7 +190,7 @@ class CATSegSegmentor(OpenVocabModel):
         """(N, 3, h, w) normalised images at the CLIP resolution -> (N, D, h/p, w/p) final patch embeddings (not
         normalised) and the two upsampled decoder-guidance maps."""
         feats, last, ctx = self.backbone.forward_tokens(images)
-        emb = self.backbone.tower.head(last[:, 1:])  # (N, h*w, D)
+        emb = self.backbone.head(last[:, 1:])  # (N, h*w, D)
         emb = emb.transpose(1, 2).reshape(emb.shape[0], -1, *ctx["grid"])
         blocks = [feats[f"res{k + 2}"] for k in range(len(self.guidance_upsample))]  # shallow first
         return emb, [up(b) for up, b in zip(self.guidance_upsample, blocks)]

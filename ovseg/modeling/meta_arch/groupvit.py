@@ -155,7 +155,20 @@ class GroupViTSegmentor(OpenVocabModel):
     # ------------------------------------------------------------------ inference
     def class_embeddings(self, vocabulary: Vocabulary) -> torch.Tensor:
         """(C, P) normalised class embeddings: the mean over each class's (synonym, template) prompts of the
-        projected text embedding, then normalised (the authors' `build_text_embedding`)."""
+        projected text embedding, then normalised (the authors' `build_text_embedding`). Without autograd they are
+        kept until the vocabulary, the autocast dtype or a text weight (in-place version, storage) changes: the
+        text tower would otherwise run on every image."""
+        if torch.is_grad_enabled():
+            return self._class_embeddings(vocabulary)
+        params = [*self.text_tower.parameters(), *self.text_proj.parameters()]
+        key = (vocabulary, torch.is_autocast_enabled(self.device.type) and torch.get_autocast_dtype(self.device.type),
+               tuple((p.data_ptr(), p._version) for p in params))
+        cached = getattr(self, "_text_cache", None)
+        if cached is None or cached[0] != key:
+            cached = self._text_cache = (key, self._class_embeddings(vocabulary))
+        return cached[1]
+
+    def _class_embeddings(self, vocabulary: Vocabulary) -> torch.Tensor:
         texts, owner = [], []
         for c, synonyms in enumerate(vocabulary.classes):
             for s in synonyms:
@@ -164,7 +177,9 @@ class GroupViTSegmentor(OpenVocabModel):
         embeds = torch.cat([self.encode_text(texts[i:i + self.text_batch_size])
                             for i in range(0, len(texts), self.text_batch_size)])
         owner_t = torch.tensor(owner, device=embeds.device)
-        sums = torch.zeros(len(vocabulary), embeds.shape[-1], device=embeds.device).index_add_(0, owner_t, embeds)
+        # float32 sums: under autocast the text tower's output is in the low precision
+        sums = torch.zeros(len(vocabulary), embeds.shape[-1], device=embeds.device).index_add_(0, owner_t,
+                                                                                            embeds.float())
         return F.normalize(sums, dim=-1)
 
     def background_index(self, vocabulary: Vocabulary) -> Optional[int]:
@@ -182,7 +197,7 @@ class GroupViTSegmentor(OpenVocabModel):
         fg = [i for i in range(text.shape[0]) if i != background]
         scores = group_to_class_segmentation(
             [a[0] for a in enc["assignments"]], enc["groups"][0], enc["image"][0], text[fg],
-            self.logit_scale.exp().clamp(max=100).item(), enc["grid"], tuple(image.shape[-2:]),
+            self.logit_scale.exp().clamp(max=100), enc["grid"], tuple(image.shape[-2:]),
             top_k=self.top_k_classes, bg_threshold=self.bg_threshold if background is not None else None)
         if background is None:
             return scores

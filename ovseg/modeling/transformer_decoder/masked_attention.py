@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
+from ..low_precision import cast_cached
 from ..position_encoding import sine_position_encoding
 from ..region_pooling import pool_masks
 from .build import TRANSFORMER_DECODER_REGISTRY
@@ -36,17 +37,12 @@ class _SubLayer(nn.Module):
 
 def _cast_in_proj(mha: nn.MultiheadAttention, dtype: torch.dtype):
     """`mha`'s packed in-projection weight and bias in `dtype`. Without autograd (inference) the cast copies are
-    kept on the module and reused while the parameters are unchanged (same storage, same version counter), so an
-    image's forward casts none of them again; with autograd they are cast anew (the cast is in the graph)."""
+    kept on the module and reused while the parameters are unchanged (`cast_cached`), so an image's forward casts
+    none of them again; with autograd they are cast anew (the cast is in the graph)."""
     weight, bias = mha.in_proj_weight, mha.in_proj_bias
     if torch.is_grad_enabled():
         return weight.to(dtype), bias.to(dtype)
-    key = (dtype, weight.data_ptr(), weight._version, bias.data_ptr(), bias._version)
-    cached = getattr(mha, "_ovseg_in_proj_cast", None)
-    if cached is None or cached[0] != key:
-        cached = (key, weight.to(dtype), bias.to(dtype))
-        mha._ovseg_in_proj_cast = cached
-    return cached[1], cached[2]
+    return cast_cached(mha, "in_proj_weight", weight, dtype), cast_cached(mha, "in_proj_bias", bias, dtype)
 
 
 def attend(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
