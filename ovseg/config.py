@@ -56,6 +56,7 @@ def add_ovseg_config(cfg: CN) -> CN:
     # What inference returns as `sem_seg`: "scores" (C, H, W) float32, or "labels" (H, W) int64, their argmax over
     # classes computed a band of rows / chunk of classes at a time (no full-resolution (C, H, W) tensor: 847 classes
     # at 2000x1500 would be 10 GB). ovseg's SemSegEvaluator reads either; test-time augmentation needs "scores".
+    # "labels" is offered by CLIPDenseSegmentor and OpenVocabMaskSegmentor; the other models refuse it.
     cfg.MODEL.SEM_SEG_OUTPUT = "scores"
 
     cfg.MODEL.DENSE_SEG = CN()

@@ -126,6 +126,15 @@ class OpenVocabModel(nn.Module):
         """The keyword arguments of the models with a `sem_seg` output."""
         return {"sem_seg_output": cfg.MODEL.SEM_SEG_OUTPUT}
 
+    @staticmethod
+    def check_scores_only(cfg) -> None:
+        """Models whose `sem_seg` is always (C, H, W) scores refuse MODEL.SEM_SEG_OUTPUT "labels" rather than ignore
+        it (the caller asked for no full-resolution class tensor)."""
+        if cfg.MODEL.SEM_SEG_OUTPUT != "scores":
+            raise ValueError(f"MODEL.SEM_SEG_OUTPUT={cfg.MODEL.SEM_SEG_OUTPUT!r} is not supported by "
+                             f"{cfg.MODEL.META_ARCHITECTURE}, whose sem_seg is (C, H, W) scores: set it to 'scores' "
+                             "('labels' is offered by CLIPDenseSegmentor and OpenVocabMaskSegmentor)")
+
     @classmethod
     def vocabulary_args(cls, cfg) -> Dict[str, Any]:
         """The test vocabulary keyword arguments of a config: MODEL.TEXT.VOCABULARY (for DATASETS.TEST[0]) or

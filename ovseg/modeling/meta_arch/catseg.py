@@ -128,6 +128,7 @@ class CATSegSegmentor(OpenVocabModel):
     @classmethod
     def from_config(cls, cfg):
         c = cfg.MODEL.CATSEG
+        cls.check_scores_only(cfg)
         cfg = cfg.clone()
         cfg.defrost()
         cfg.MODEL.TEXT.TRAINABLE = cfg.MODEL.TEXT.TRAINABLE or c.FINETUNE_CLIP  # fine-tuned: no cache, gradients

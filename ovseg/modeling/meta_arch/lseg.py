@@ -146,6 +146,7 @@ class LSegSegmentor(OpenVocabModel):
     @classmethod
     def from_config(cls, cfg):
         ls = cfg.MODEL.LSEG
+        cls.check_scores_only(cfg)
         if cfg.MODEL.TEXT.TRAINABLE:
             raise ValueError("LSeg keeps the CLIP text tower frozen: set MODEL.TEXT.TRAINABLE False")
         clip = cls.clip_parts(cfg)
