@@ -120,9 +120,15 @@ def add_engine_config(cfg: CN) -> CN:
     # "mask_panoptic_lsj"; "" = detectron2's DatasetMapper (training) / its test-time resize (testing).
     cfg.INPUT.DATASET_MAPPER_NAME = ""
     cfg.INPUT.TEST_DATASET_MAPPER_NAME = ""
+    # Optimizer (ovseg.engine.trainer.OPTIMIZERS): "ADAMW", or "SGD" with detectron2's SOLVER.MOMENTUM / NESTEROV.
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
     # AdamW moments and epsilon (torch defaults; the CLIPSelf/open_clip recipe uses (0.9, 0.98), 1e-6).
     cfg.SOLVER.ADAMW_BETAS = [0.9, 0.999]
     cfg.SOLVER.ADAMW_EPS = 1e-8
+    # LR_SCHEDULER_NAME "WarmupPolyLR" (Mask2Former's): lr = base x warm-up factor x (1 - iter / MAX_ITER) ^ POWER;
+    # after warm-up, a factor below CONSTANT_ENDING (0 = off) is replaced by CONSTANT_ENDING.
+    cfg.SOLVER.POLY_LR_POWER = 0.9
+    cfg.SOLVER.POLY_LR_CONSTANT_ENDING = 0.0
 
     # Learning-rate multiplier of trainable backbone parameters (unlocked CLIP blocks); 0 leaves them out.
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
