@@ -328,6 +328,8 @@ def add_mask_segmentor_config(cfg: CN) -> CN:
     # Inputs of the mask segmentor's training mappers (INPUT.DATASET_MAPPER_NAME "mask_semantic" / "mask_panoptic_lsj").
     # Class-balanced crop for "mask_semantic": no class may cover more than this share of a crop (1.0 = off).
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+    # SSD's colour augmentation in "mask_semantic" (random brightness, contrast, saturation, hue; Mask2Former's key).
+    cfg.INPUT.COLOR_AUG_SSD = False
     # Large-scale jitter ("mask_panoptic_lsj"): resize by a factor in [MIN_SCALE, MAX_SCALE] of IMAGE_SIZE,
     # then crop / pad to IMAGE_SIZE x IMAGE_SIZE.
     cfg.INPUT.IMAGE_SIZE = 1024
