@@ -379,6 +379,12 @@ def add_groupvit_config(cfg: CN) -> CN:
     g.TOP_K_CLASSES = 5
     g.BG_THRESHOLD = 0.95
     g.BACKGROUND_CLASS = "background"
+    # Test-time inference: "whole" image at once, or "slide": WINDOW_SIZE squared windows every STRIDE pixels, their
+    # class scores averaged where they overlap (the authors' mmseg test_cfg: 448 windows, stride 224).
+    g.TEST = CN()
+    g.TEST.MODE = "slide"
+    g.TEST.WINDOW_SIZE = 448
+    g.TEST.STRIDE = 224
 
     cfg.INPUT.CAPTIONS = CN()
     # Side of the square training crops (random resized crop); also the grid the position embeddings are learned at.
