@@ -121,9 +121,15 @@ def add_engine_config(cfg: CN) -> CN:
     # "mask_panoptic_lsj"; "" = detectron2's DatasetMapper (training) / its test-time resize (testing).
     cfg.INPUT.DATASET_MAPPER_NAME = ""
     cfg.INPUT.TEST_DATASET_MAPPER_NAME = ""
+    # Optimizer (ovseg.engine.trainer.OPTIMIZERS): "ADAMW", or "SGD" with detectron2's SOLVER.MOMENTUM / NESTEROV.
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
     # AdamW moments and epsilon (torch defaults; the CLIPSelf/open_clip recipe uses (0.9, 0.98), 1e-6).
     cfg.SOLVER.ADAMW_BETAS = [0.9, 0.999]
     cfg.SOLVER.ADAMW_EPS = 1e-8
+    # LR_SCHEDULER_NAME "WarmupPolyLR" (Mask2Former's): lr = base x warm-up factor x (1 - iter / MAX_ITER) ^ POWER;
+    # after warm-up, a factor below CONSTANT_ENDING (0 = off) is replaced by CONSTANT_ENDING.
+    cfg.SOLVER.POLY_LR_POWER = 0.9
+    cfg.SOLVER.POLY_LR_CONSTANT_ENDING = 0.0
 
     # Learning-rate multiplier of trainable backbone parameters (unlocked CLIP blocks); 0 leaves them out.
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
@@ -323,6 +329,8 @@ def add_mask_segmentor_config(cfg: CN) -> CN:
     # Inputs of the mask segmentor's training mappers (INPUT.DATASET_MAPPER_NAME "mask_semantic" / "mask_panoptic_lsj").
     # Class-balanced crop for "mask_semantic": no class may cover more than this share of a crop (1.0 = off).
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+    # SSD's colour augmentation in "mask_semantic" (random brightness, contrast, saturation, hue; Mask2Former's key).
+    cfg.INPUT.COLOR_AUG_SSD = False
     # Large-scale jitter ("mask_panoptic_lsj"): resize by a factor in [MIN_SCALE, MAX_SCALE] of IMAGE_SIZE,
     # then crop / pad to IMAGE_SIZE x IMAGE_SIZE.
     cfg.INPUT.IMAGE_SIZE = 1024
@@ -372,6 +380,12 @@ def add_groupvit_config(cfg: CN) -> CN:
     g.TOP_K_CLASSES = 5
     g.BG_THRESHOLD = 0.95
     g.BACKGROUND_CLASS = "background"
+    # Test-time inference: "whole" image at once, or "slide": WINDOW_SIZE squared windows every STRIDE pixels, their
+    # class scores averaged where they overlap (the authors' mmseg test_cfg: 448 windows, stride 224).
+    g.TEST = CN()
+    g.TEST.MODE = "slide"
+    g.TEST.WINDOW_SIZE = 448
+    g.TEST.STRIDE = 224
 
     cfg.INPUT.CAPTIONS = CN()
     # Side of the square training crops (random resized crop); also the grid the position embeddings are learned at.

@@ -26,7 +26,8 @@ def _value(cfg, key):
 # the part each group is for, written out independently of config.py
 GROUPS = {
     "add_clipself_config": ("MODEL.CLIPSELF.", "INPUT.CLIPSELF.", "INPUT.REGION_RECOGNITION."),
-    "add_mask_segmentor_config": ("MODEL.MASK_SEG.", "INPUT.CROP.SINGLE_CATEGORY_MAX_AREA", "INPUT.IMAGE_SIZE",
+    "add_mask_segmentor_config": ("MODEL.MASK_SEG.", "INPUT.CROP.SINGLE_CATEGORY_MAX_AREA", "INPUT.COLOR_AUG_SSD",
+                                  "INPUT.IMAGE_SIZE",
                                   "INPUT.MIN_SCALE", "INPUT.MAX_SCALE"),
     "add_groupvit_config": ("MODEL.GROUPVIT.", "INPUT.CAPTIONS."),
     "add_lseg_config": ("MODEL.LSEG.",),

@@ -7,6 +7,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
 from ovseg.config import get_ovseg_cfg
+from ovseg.engine import Trainer
 from ovseg.modeling.text import parse_vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,8 @@ def test_config_builds(path, tmp_path, monkeypatch):
         assert model.backbone.patch_size == cfg.MODEL.GROUPVIT.PATCH_SIZE
     else:
         assert model.backbone.dense_mode == cfg.MODEL.CLIP.DENSE_MODE
+    if any(p.requires_grad for p in model.parameters()):  # its optimizer and LR schedule build too
+        Trainer.build_lr_scheduler(cfg, Trainer.build_optimizer(cfg, model))
     for name in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST:  # datasets named by configs are registered
         assert name in DatasetCatalog.list(), name
     if cfg.MODEL.DENSE_SEG.BG_THRESHOLD > 0:  # the background rule needs a class of that name in the vocabulary

@@ -335,3 +335,60 @@ def test_segmentation_emerges_from_captions_through_the_engine(tmp_path):
     best_constant = max((labels == c).mean() for c in range(len(COLORS)))
     assert results["pACC"] / 100 > max(best_constant, 0.25) + 0.05, (results, best_constant)
     assert results["mIoU"] / 100 > 0.2, results  # a random colour per pixel: IoU about 1/7 per class
+
+
+# ---------------------------------------------------------------------------------------------- sliding windows
+def _tiny_segmentor(**test):
+    """A tiny random GroupViTSegmentor (patch 4) in eval mode, its MODEL.GROUPVIT.TEST keys set from `test`."""
+    from detectron2.modeling import build_model
+
+    cfg = get_ovseg_cfg()
+    g = cfg.MODEL.GROUPVIT
+    cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.DEVICE, cfg.MODEL.TEXT.TEMPLATES = "GroupViTSegmentor", "cpu", "single"
+    g.PATCH_SIZE, g.EMBED_DIM, g.DEPTHS, g.NUM_HEADS = 4, 32, [1, 1], 2
+    g.NUM_GROUP_TOKENS, g.NUM_OUTPUT_GROUPS, g.DROP_PATH_RATE = [4, 0], [4], 0.0
+    g.TEXT_CONTEXT_LENGTH, g.TEXT_WIDTH, g.TEXT_LAYERS, g.TEXT_HEADS = 8, 16, 1, 1
+    g.PROJ_HIDDEN_DIM, g.PROJ_DIM, g.TOP_K_CLASSES, g.BG_THRESHOLD = 64, 16, 2, 0.5
+    cfg.INPUT.CAPTIONS.IMAGE_SIZE = 16
+    for k, v in test.items():
+        g.TEST[k] = v
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    model.set_vocabulary("background,red,green,blue")  # the background rule and top-k act in every window
+    return model
+
+
+def test_one_window_covering_the_image_equals_whole_image_inference():
+    model = _tiny_segmentor(MODE="whole")
+    image = torch.rand(3, 42, 54) * 255  # not a multiple of the patch: padded alike
+    whole = model([{"image": image}])[0]["sem_seg"]
+    assert whole.shape == (4, 42, 54)
+    model.test_mode, model.window_stride = "slide", 16
+    for window in (54, 448):  # as large as the image, and larger (shrunk to it)
+        model.window_size = window
+        assert torch.equal(model([{"image": image}])[0]["sem_seg"], whole), window
+
+
+def test_overlapping_windows_average_as_written_out():
+    model = _tiny_segmentor(MODE="slide", WINDOW_SIZE=24, STRIDE=16)
+    image = torch.rand(3, 36, 44) * 255
+    got = model([{"image": image}])[0]["sem_seg"]
+    # mmseg's windows for 36 x 44, crop 24, stride 16: offsets every 16, the last flush with the border
+    ys, xs = [0, 12], [0, 16, 20]
+    norm = model.normalize(image)
+    with torch.no_grad():
+        text = model.class_embeddings(model.vocabulary)
+        background = model.vocabulary.names.index("background")
+        total, count = torch.zeros(4, 36, 44), torch.zeros(36, 44)
+        for y in ys:
+            for x in xs:
+                total[:, y:y + 24, x:x + 24] += model.segment(norm[None, :, y:y + 24, x:x + 24], text, background)
+                count[y:y + 24, x:x + 24] += 1
+    assert count.min() == 1 and count.max() == 6
+    torch.testing.assert_close(got, total / count)
+    # a window's own rules differ from the whole image's: the windows are really segmented apart
+    model.test_mode = "whole"
+    assert not torch.allclose(got, model([{"image": image}])[0]["sem_seg"])
+
+    with pytest.raises(ValueError, match="MODEL.GROUPVIT.TEST.MODE"):
+        _tiny_segmentor(MODE="tiles")

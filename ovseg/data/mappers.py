@@ -16,6 +16,7 @@ from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.projects.point_rend import ColorAugSSDTransform
 from detectron2.structures import BitMasks, Instances
 
 from .captions import ImageCaptionMapper
@@ -37,7 +38,8 @@ def _instances(image_shape, classes: List[int], masks: List[np.ndarray]) -> Inst
 
 class MaskSemanticMapper:
     """Semantic-segmentation data: resize (short edge), crop (optionally class-balanced: no class may cover
-    more than INPUT.CROP.SINGLE_CATEGORY_MAX_AREA of the crop), flip; one target mask per class present."""
+    more than INPUT.CROP.SINGLE_CATEGORY_MAX_AREA of the crop), optionally SSD's colour augmentation
+    (INPUT.COLOR_AUG_SSD), flip; one target mask per class present."""
 
     @configurable
     def __init__(self, *, augmentations: List[T.Augmentation], image_format: str = "RGB", ignore_label: int = 255):
@@ -54,6 +56,11 @@ class MaskSemanticMapper:
         if cfg.INPUT.CROP.ENABLED:
             augs.append(T.RandomCrop_CategoryAreaConstraint(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE,
                                                             cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA, ignore))
+        if cfg.INPUT.COLOR_AUG_SSD:
+            # detectron2's (PointRend's) transform, which Mask2Former's and CAT-Seg's mappers add here, after the
+            # crop: brightness, contrast, saturation, hue, each at random; it draws from Python's `random` (seeded
+            # per sample by the training stream) and leaves labels alone
+            augs.append(ColorAugSSDTransform(img_format=cfg.INPUT.FORMAT))
         if cfg.INPUT.RANDOM_FLIP != "none":
             augs.append(T.RandomFlip(horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
                                      vertical=cfg.INPUT.RANDOM_FLIP == "vertical"))

@@ -29,6 +29,7 @@ from detectron2.engine import (
 from detectron2.evaluation import verify_results
 from detectron2.layers.batch_norm import LayerNorm as ChannelLayerNorm
 from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.projects.deeplab import build_lr_scheduler as deeplab_build_lr_scheduler
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.logger import setup_logger
 
@@ -140,6 +141,12 @@ class StudentTeacherEnsemble(HookBase):
 
 
 WEIGHT_DECAY_RULES = ("ndim", "fcclip")
+# SOLVER.OPTIMIZER -> (torch optimizer, its keyword arguments from the config besides the base LR)
+OPTIMIZERS = {
+    "ADAMW": (torch.optim.AdamW, lambda s: {"betas": tuple(s.ADAMW_BETAS), "eps": s.ADAMW_EPS}),
+    # detectron2's build_optimizer reads these two for SGD
+    "SGD": (torch.optim.SGD, lambda s: {"momentum": s.MOMENTUM, "nesterov": s.NESTEROV}),
+}
 # Norm layers as FC-CLIP's train_net.py lists them, plus detectron2's channels-first LayerNorm ("LN" norm)
 NORM_MODULES = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
                 torch.nn.GroupNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d,
@@ -274,13 +281,16 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        """AdamW over the trainable parameters: backbone ones at SOLVER.BACKBONE_MULTIPLIER x the base LR (left out
-        at 0); weight decay per SOLVER.WEIGHT_DECAY_RULE (`weight_decay_of`); a model's `optimizer_overrides()`
-        ({parameter name: {"lr_multiplier", "weight_decay"}}) takes precedence for the parameters it names.
-        CLIP_TYPE "full_model" clips one gradient norm over the whole model."""
+        """SOLVER.OPTIMIZER ("ADAMW", "SGD": `OPTIMIZERS`) over the trainable parameters: backbone ones at
+        SOLVER.BACKBONE_MULTIPLIER x the base LR (left out at 0); weight decay per SOLVER.WEIGHT_DECAY_RULE
+        (`weight_decay_of`); a model's `optimizer_overrides()` ({parameter name: {"lr_multiplier", "weight_decay"}})
+        takes precedence for the parameters it names. CLIP_TYPE "full_model" clips one gradient norm over the whole
+        model."""
         if cfg.SOLVER.WEIGHT_DECAY_RULE not in WEIGHT_DECAY_RULES:
             raise ValueError(f"SOLVER.WEIGHT_DECAY_RULE={cfg.SOLVER.WEIGHT_DECAY_RULE!r}; "
                              f"use one of {list(WEIGHT_DECAY_RULES)}")
+        if cfg.SOLVER.OPTIMIZER not in OPTIMIZERS:
+            raise ValueError(f"SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r}; use one of {list(OPTIMIZERS)}")
         groups = []
         # a model may declare its own per-parameter LR multiplier / weight decay (CAT-Seg's fine-tuned CLIP)
         declared = getattr(_unwrap(model), "optimizer_overrides", None)
@@ -302,12 +312,19 @@ class Trainer(DefaultTrainer):
             raise ValueError(
                 f"{cfg.MODEL.META_ARCHITECTURE} has no trainable parameters: evaluate it with --eval-only"
             )
-        kwargs = dict(lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.ADAMW_BETAS), eps=cfg.SOLVER.ADAMW_EPS)
+        optimizer_class, options = OPTIMIZERS[cfg.SOLVER.OPTIMIZER]
+        kwargs = dict(lr=cfg.SOLVER.BASE_LR, **options(cfg.SOLVER))
         clip = cfg.SOLVER.CLIP_GRADIENTS
         if clip.ENABLED and clip.CLIP_TYPE == "full_model":
             # one gradient norm over the whole model (detectron2's own types clip each parameter on its own)
-            return full_model_clipping(torch.optim.AdamW, clip.CLIP_VALUE)(groups, **kwargs)
-        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW(groups, **kwargs))
+            return full_model_clipping(optimizer_class, clip.CLIP_VALUE)(groups, **kwargs)
+        return maybe_add_gradient_clipping(cfg, optimizer_class(groups, **kwargs))
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        """detectron2's schedulers, plus "WarmupPolyLR" (SOLVER.POLY_LR_POWER, POLY_LR_CONSTANT_ENDING): the DeepLab
+        schedule detectron2 ships and Mask2Former / FC-CLIP train with (their train_net.py imports this builder)."""
+        return deeplab_build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):

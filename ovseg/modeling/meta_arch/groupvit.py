@@ -30,6 +30,9 @@ from ..groupvit import (
 )
 from ..text import Vocabulary, get_templates
 from .base import OpenVocabModel
+from .dense_segmentor import sliding_windows
+
+TEST_MODES = ("whole", "slide")
 
 
 @META_ARCH_REGISTRY.register()
@@ -48,7 +51,8 @@ class GroupViTSegmentor(OpenVocabModel):
                  noun_templates: Sequence[str] = ("a photo of a {}.",),
                  test_templates: Sequence[str] = ("a photo of a {}.",),
                  top_k_classes: int = 5, bg_threshold: float = 0.95, background_class: str = "background",
-                 text_batch_size: int = 1024, vocabulary=None, vocabulary_dataset: Optional[str] = None):
+                 text_batch_size: int = 1024, test_mode: str = "whole", window_size: int = 448,
+                 window_stride: int = 224, vocabulary=None, vocabulary_dataset: Optional[str] = None):
         """
         Args:
             backbone: the grouping image encoder; text_tower: tokens (T, L) -> (T, width) features.
@@ -60,7 +64,14 @@ class GroupViTSegmentor(OpenVocabModel):
                 time (their embeddings averaged per class).
             top_k_classes, bg_threshold, background_class: the segmentation rule (`group_to_class_segmentation`);
                 bg_threshold 0 = no background rule.
+            test_mode: "whole" image at once, or "slide": `window_size` squared windows every `window_stride` pixels
+                (`sliding_windows`), each segmented on its own, their scores averaged where they overlap.
         """
+        if test_mode not in TEST_MODES:
+            raise ValueError(f"MODEL.GROUPVIT.TEST.MODE={test_mode!r}; use one of {list(TEST_MODES)}")
+        if window_size <= 0 or window_stride <= 0:
+            raise ValueError(f"MODEL.GROUPVIT.TEST: WINDOW_SIZE ({window_size}) and STRIDE ({window_stride}) must be "
+                             "positive")
         super().__init__(backbone=backbone, text_classifier=None, pixel_mean=pixel_mean, pixel_std=pixel_std,
                          vocabulary=vocabulary, vocabulary_dataset=vocabulary_dataset)
         self.text_tower = text_tower
@@ -78,6 +89,9 @@ class GroupViTSegmentor(OpenVocabModel):
         self.bg_threshold = float(bg_threshold)
         self.background_class = background_class
         self.text_batch_size = int(text_batch_size)
+        self.test_mode = test_mode
+        self.window_size = int(window_size)
+        self.window_stride = int(window_stride)
 
     @classmethod
     def from_config(cls, cfg):
@@ -107,6 +121,9 @@ class GroupViTSegmentor(OpenVocabModel):
             "bg_threshold": g.BG_THRESHOLD,
             "background_class": g.BACKGROUND_CLASS,
             "text_batch_size": cfg.MODEL.TEXT.BATCH_SIZE,
+            "test_mode": g.TEST.MODE,
+            "window_size": g.TEST.WINDOW_SIZE,
+            "window_stride": g.TEST.STRIDE,
         }
 
     def parameters_needing_weights(self, clip_pretrained: bool) -> List[str]:
@@ -206,6 +223,30 @@ class GroupViTSegmentor(OpenVocabModel):
         out[fg] = scores[1:]
         return out
 
+    def segment_image(self, image: torch.Tensor, text: torch.Tensor, background: Optional[int] = None
+                      ) -> torch.Tensor:
+        """One (3, H, W) normalised image of any size -> (C, H, W) class scores by TEST.MODE: "whole", or "slide"
+        (mmseg's slide inference, as the authors evaluate): each window padded to the patch size and segmented on
+        its own (its own top-k classes and background rule), the scores summed and divided by the number of windows
+        covering each pixel."""
+        p = self.backbone.patch_size
+        h, w = image.shape[-2:]
+        windows = [(0, 0, h, w)] if self.test_mode == "whole" else sliding_windows(
+            (h, w), self.window_size, self.window_stride)
+        total = count = None
+        for y0, x0, y1, x1 in windows:
+            wh, ww = y1 - y0, x1 - x0
+            crop = F.pad(image[:, y0:y1, x0:x1], (0, -ww % p, 0, -wh % p))
+            scores = self.segment(crop[None], text, background)[:, :wh, :ww]  # (C, wh, ww)
+            if len(windows) == 1:
+                return scores
+            if total is None:
+                total = scores.new_zeros((scores.shape[0], h, w))
+                count = scores.new_zeros((1, h, w))
+            total[:, y0:y1, x0:x1] += scores
+            count[:, y0:y1, x0:x1] += 1
+        return total / count
+
     @torch.no_grad()
     def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:
         vocab = self.vocabulary
@@ -217,8 +258,7 @@ class GroupViTSegmentor(OpenVocabModel):
             self.check_image(inp["image"], p)
             image = self.normalize(inp["image"])
             h, w = image.shape[-2:]
-            image = F.pad(image, (0, -w % p, 0, -h % p))
-            scores = self.segment(image[None], text, background)[:, :h, :w]
+            scores = self.segment_image(image, text, background)
             out = (inp.get("height", h), inp.get("width", w))
             if out != (h, w):
                 scores = F.interpolate(scores[None], size=out, mode="bilinear", align_corners=False)[0]
