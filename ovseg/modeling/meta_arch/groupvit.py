@@ -96,6 +96,7 @@ class GroupViTSegmentor(OpenVocabModel):
     @classmethod
     def from_config(cls, cfg):
         g = cfg.MODEL.GROUPVIT
+        cls.check_scores_only(cfg)
         backbone = GroupViTEncoder(
             img_size=cfg.INPUT.CAPTIONS.IMAGE_SIZE, patch_size=g.PATCH_SIZE, embed_dim=g.EMBED_DIM, depths=g.DEPTHS,
             num_heads=g.NUM_HEADS, num_group_tokens=g.NUM_GROUP_TOKENS, num_output_groups=g.NUM_OUTPUT_GROUPS,
