@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from detectron2.data import DatasetCatalog
 from detectron2.structures import ImageList
 from torch import nn
 
@@ -26,6 +27,16 @@ from ..text import TextClassifier, Vocabulary, dataset_vocabulary, is_registered
 
 VocabularySpec = Union[str, Sequence[str], Vocabulary]
 SEM_SEG_OUTPUTS = ("scores", "labels")  # MODEL.SEM_SEG_OUTPUT
+
+
+def registered_dataset(name: str, key: str) -> str:
+    """`name` if detectron2 knows the dataset, else a clear error naming the config key."""
+    if name not in DatasetCatalog.list():
+        close = [d for d in DatasetCatalog.list() if name.split("_")[0] in d][:10]
+        raise KeyError(f"{key} names dataset {name!r}, which is not registered"
+                       + (f"; similar registered names: {close}" if close else "")
+                       + ". Register it (ovseg's dataset table or DatasetCatalog.register) or fix the name.")
+    return name
 
 
 def seen_mask(vocabulary: Vocabulary, train_vocabulary: Optional[Vocabulary]) -> torch.Tensor:
@@ -79,6 +90,9 @@ class OpenVocabModel(nn.Module):
         text_classifier: the CLIP text tower turning vocabularies into (C, D) embeddings; None where a model is
             built for training only.
     """
+
+    # MODEL.<section> whose TRAIN_VOCABULARY names the classes the model learns (`training_vocabulary_spec`)
+    TRAIN_VOCABULARY_SECTION: Optional[str] = None
 
     def __init__(self, *, backbone: CLIPViTDenseEncoder, text_classifier: Optional[TextClassifier],
                  pixel_mean: Sequence[float], pixel_std: Sequence[float], vocabulary: Optional[VocabularySpec] = None,
@@ -146,8 +160,14 @@ class OpenVocabModel(nn.Module):
     def training_vocabulary_spec(cls, cfg) -> Optional[VocabularySpec]:
         """The classes a model built from `cfg` learns to name; None for models that learn no class names
         (training-free ones, CLIPSelf's label-free distillation): the evaluator then reports the benchmark's
-        reference split."""
-        return None
+        reference split. Models that learn names set `TRAIN_VOCABULARY_SECTION` (their MODEL.<section>): its
+        TRAIN_VOCABULARY, else the classes of DATASETS.TRAIN[0]."""
+        if cls.TRAIN_VOCABULARY_SECTION is None:
+            return None
+        spec = cfg.MODEL[cls.TRAIN_VOCABULARY_SECTION].TRAIN_VOCABULARY
+        if spec:
+            return spec
+        return registered_dataset(cfg.DATASETS.TRAIN[0], "DATASETS.TRAIN") if cfg.DATASETS.TRAIN else None
 
     @classmethod
     def output_tasks(cls, cfg) -> Tuple[str, ...]:

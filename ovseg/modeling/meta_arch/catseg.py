@@ -34,7 +34,6 @@ from ..cost_aggregation import CostAggregator, shift_window_mask
 from ..text import TextClassifier, Vocabulary
 from ..trainable import unlock_query_value
 from .base import OpenVocabModel
-from .mask_segmentor import registered_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +53,8 @@ def window_origins(size: int, window: int, stride: int) -> List[int]:
 @META_ARCH_REGISTRY.register()
 class CATSegSegmentor(OpenVocabModel):
     """Open-vocabulary semantic segmentation by cost aggregation (see the module docstring)."""
+
+    TRAIN_VOCABULARY_SECTION = "CATSEG"
 
     @configurable
     def __init__(self, *, backbone: CLIPViTDenseEncoder, text_classifier: TextClassifier,
@@ -117,13 +118,6 @@ class CATSegSegmentor(OpenVocabModel):
                     if isinstance(getattr(m, "q_proj", None), nn.Linear):
                         m.q_proj.weight.requires_grad_(False)
         self._text_cache: Optional[Tuple[tuple, torch.Tensor]] = None
-
-    @classmethod
-    def training_vocabulary_spec(cls, cfg):
-        """MODEL.CATSEG.TRAIN_VOCABULARY, else DATASETS.TRAIN[0]'s classes, else None."""
-        if cfg.MODEL.CATSEG.TRAIN_VOCABULARY:
-            return cfg.MODEL.CATSEG.TRAIN_VOCABULARY
-        return registered_dataset(cfg.DATASETS.TRAIN[0], "DATASETS.TRAIN") if cfg.DATASETS.TRAIN else None
 
     @classmethod
     def from_config(cls, cfg):

@@ -26,8 +26,7 @@ from ..backbone.clip_vit import CLIPViTDenseEncoder
 from ..pixel_decoder.dpt import DPTDecoder
 from ..postprocessing import resize_to_output
 from ..text import TextClassifier, dataset_vocabulary, parse_vocabulary
-from .base import OpenVocabModel
-from .mask_segmentor import registered_dataset
+from .base import OpenVocabModel, registered_dataset
 
 REGULARIZATION_KINDS = ("none", "depthwise", "bottleneck")  # LSeg's --arch_option 0, 2, 1
 ACTIVATIONS = {"relu": nn.ReLU, "lrelu": nn.LeakyReLU, "tanh": nn.Tanh}
@@ -98,6 +97,8 @@ class LSegSegmentor(OpenVocabModel):
     `sem_seg` (class probabilities) for the current vocabulary, seen or not.
     """
 
+    TRAIN_VOCABULARY_SECTION = "LSEG"
+
     @configurable
     def __init__(self, *, backbone: CLIPViTDenseEncoder, text_classifier: TextClassifier, decoder: DPTDecoder,
                  pixel_mean: Sequence[float], pixel_std: Sequence[float], logit_scale: float = 1 / 0.07,
@@ -135,13 +136,6 @@ class LSegSegmentor(OpenVocabModel):
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)), persistent=False)
         self.regularization = regularization
         self.ignore_value = ignore_value
-
-    @classmethod
-    def training_vocabulary_spec(cls, cfg):
-        """MODEL.LSEG.TRAIN_VOCABULARY, else DATASETS.TRAIN[0] (its classes), else None."""
-        if cfg.MODEL.LSEG.TRAIN_VOCABULARY:
-            return cfg.MODEL.LSEG.TRAIN_VOCABULARY
-        return registered_dataset(cfg.DATASETS.TRAIN[0], "DATASETS.TRAIN") if cfg.DATASETS.TRAIN else None
 
     @classmethod
     def from_config(cls, cfg):

@@ -12,7 +12,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.data import DatasetCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import BitMasks, ImageList
 from torch import nn
@@ -40,19 +39,9 @@ from ..postprocessing import (
 from ..region_pooling import crop_boxes, pool_masks
 from ..text import TextClassifier, Vocabulary, dataset_vocabulary, parse_vocabulary
 from ..transformer_decoder import build_transformer_decoder
-from .base import OpenVocabModel
+from .base import OpenVocabModel, registered_dataset
 
 logger = logging.getLogger(__name__)
-
-
-def registered_dataset(name: str, key: str) -> str:
-    """`name` if detectron2 knows the dataset, else a clear error naming the config key."""
-    if name not in DatasetCatalog.list():
-        close = [d for d in DatasetCatalog.list() if name.split("_")[0] in d][:10]
-        raise KeyError(f"{key} names dataset {name!r}, which is not registered"
-                       + (f"; similar registered names: {close}" if close else "")
-                       + ". Register it (ovseg's dataset table or DatasetCatalog.register) or fix the name.")
-    return name
 
 
 def image_cells(images: ImageList, grid: Sequence[int]) -> torch.Tensor:
@@ -104,6 +93,8 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
     ensemble of the text classifier and this head replaces the in-vocabulary probabilities, and the FC-CLIP
     ensemble (when `out_vocab`) combines the result with frozen CLIP.
     """
+
+    TRAIN_VOCABULARY_SECTION = "MASK_SEG"
 
     @configurable
     def __init__(self, *, backbone: CLIPViTDenseEncoder, text_classifier: TextClassifier, pixel_decoder: nn.Module,
@@ -210,13 +201,6 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
         t = cfg.MODEL.MASK_SEG.TEST
         return tuple(k for k, on in (("sem_seg", t.SEMANTIC_ON), ("panoptic_seg", t.PANOPTIC_ON),
                                      ("instances", t.INSTANCE_ON)) if on)
-
-    @classmethod
-    def training_vocabulary_spec(cls, cfg):
-        """MODEL.MASK_SEG.TRAIN_VOCABULARY, else DATASETS.TRAIN[0] (its classes), else None."""
-        if cfg.MODEL.MASK_SEG.TRAIN_VOCABULARY:
-            return cfg.MODEL.MASK_SEG.TRAIN_VOCABULARY
-        return registered_dataset(cfg.DATASETS.TRAIN[0], "DATASETS.TRAIN") if cfg.DATASETS.TRAIN else None
 
     @classmethod
     def from_config(cls, cfg):
