@@ -241,6 +241,20 @@ def test_hand_placed_file_is_checked_once_without_network(server, zoo):
     assert srv.requests == []
 
 
+def test_hand_placed_file_in_a_read_only_cache_is_used(server, zoo, monkeypatch):
+    import ovseg.utils.download as download
+
+    srv = server()
+    path = zoo(dict(name="w", url=srv.url + "/w.bin", sha256=sha(DATA)))["w"]
+    path.parent.mkdir(parents=True)
+    path.write_bytes(DATA)
+    # the marker cannot be written (as in a read-only folder; root ignores permission bits, so a missing folder)
+    monkeypatch.setattr(download, "_marker", lambda p: os.path.join(p + ".no-such-dir", "verified.json"))
+    assert quiet_fetch("w") == os.fspath(path)
+    assert quiet_fetch("w") == os.fspath(path)  # verified again (no marker), still no network
+    assert srv.requests == []
+
+
 def test_offline_error_names_url_sha256_and_path(zoo):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

@@ -73,8 +73,11 @@ def _marker(path: str) -> str:
 
 def _write_marker(path: str, digest: str) -> None:
     # lets a later cache hit skip re-hashing: the size and digest of the file as verified
-    with open(_marker(path), "w") as f:
-        json.dump({"sha256": digest, "size": os.path.getsize(path)}, f)
+    try:
+        with open(_marker(path), "w") as f:
+            json.dump({"sha256": digest, "size": os.path.getsize(path)}, f)
+    except OSError:  # a read-only cache (a file put there by hand): the file is verified, just hashed again next time
+        pass
 
 
 def _marker_matches(path: str, expected: Optional[str]) -> bool:
