@@ -131,6 +131,15 @@ def test_class_aggregation_is_permutation_equivariant(attention, num_classes, pa
     torch.testing.assert_close(layer(x[:, :, perm], guide[:, perm]), out[:, :, perm], **TOL)
 
 
+@pytest.mark.parametrize("num_classes", [6, 8])  # exactly pad_len, and more (nothing padded)
+def test_padding_tokens_get_a_gradient_when_nothing_is_padded(num_classes):
+    # DDP (find_unused_parameters off) fails on a trainable parameter without a gradient
+    layer = ClassAggregation(16, 8, 2, "linear", (2, 2), 6)
+    x, guide = torch.randn(1, 16, num_classes, 4, 4), torch.randn(1, num_classes, 8)
+    layer(x, guide).sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+
+
 @pytest.mark.parametrize("num_classes", [4, 9])  # below and above pad_len (cut to the 6 most similar)
 def test_head_is_equivariant_over_classes_and_chunking_changes_nothing(num_classes):
     image, text, guidance = head_inputs(num_classes)

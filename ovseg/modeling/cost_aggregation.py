@@ -264,8 +264,8 @@ class ClassAggregation(nn.Module):
         b, c, t, h, w = x.shape
         pooled = torch.cat([self._pool(x[:, :, s:e]) for s, e in _chunks(t, class_chunk)], dim=2)
         hp, wp = pooled.shape[-2:]
-        pad = self.pad_len - t if self.padding_tokens is not None and t < self.pad_len else 0
-        if pad:
+        pad = max(self.pad_len - t, 0) if self.padding_tokens is not None else 0
+        if self.padding_tokens is not None:  # also when pad == 0: the tokens stay in the graph (DDP: no unused params)
             pooled = torch.cat([pooled, self.padding_tokens.view(1, c, 1, 1, 1).expand(b, c, pad, hp, wp)], dim=2)
             if guidance is not None and self.padding_guidance is not None:
                 guidance = torch.cat([guidance, self.padding_guidance.expand(b, pad, -1)], dim=1)
