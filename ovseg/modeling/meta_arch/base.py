@@ -170,6 +170,26 @@ class OpenVocabModel(nn.Module):
         return registered_dataset(cfg.DATASETS.TRAIN[0], "DATASETS.TRAIN") if cfg.DATASETS.TRAIN else None
 
     @classmethod
+    def check_training_sets(cls, cfg) -> None:
+        """Labels index the training vocabulary: every DATASETS.TRAIN set must share one class list, and
+        MODEL.<TRAIN_VOCABULARY_SECTION>.TRAIN_VOCABULARY, if given, must name as many classes (else the classes
+        would be named wrongly). Clear errors for unregistered names."""
+        train_names = [registered_dataset(n, "DATASETS.TRAIN") for n in cfg.DATASETS.TRAIN]
+        if not train_names or cls.TRAIN_VOCABULARY_SECTION is None:
+            return
+        first = dataset_vocabulary(train_names[0])[0]
+        for other in train_names[1:]:
+            if dataset_vocabulary(other)[0] != first:
+                raise ValueError(f"DATASETS.TRAIN: {other!r} has another vocabulary than {train_names[0]!r}; "
+                                 "training sets must share their class list")
+        key = f"MODEL.{cls.TRAIN_VOCABULARY_SECTION}.TRAIN_VOCABULARY"
+        spec = cfg.MODEL[cls.TRAIN_VOCABULARY_SECTION].TRAIN_VOCABULARY
+        given = len(parse_vocabulary(spec)) if spec else len(first)
+        if given != len(first):
+            raise ValueError(f"{key} has {given} classes but DATASETS.TRAIN {train_names[0]!r} has {len(first)}: "
+                             "give a list of its classes in its order, or set it \"\" to use the dataset's names")
+
+    @classmethod
     def output_tasks(cls, cfg) -> Tuple[str, ...]:
         """The detectron2 output keys the model produces at test time (they pick the evaluators)."""
         return ("sem_seg",)

@@ -123,6 +123,7 @@ class CATSegSegmentor(OpenVocabModel):
     def from_config(cls, cfg):
         c = cfg.MODEL.CATSEG
         cls.check_scores_only(cfg)
+        cls.check_training_sets(cfg)
         cfg = cfg.clone()
         cfg.defrost()
         cfg.MODEL.TEXT.TRAINABLE = cfg.MODEL.TEXT.TRAINABLE or c.FINETUNE_CLIP  # fine-tuned: no cache, gradients

@@ -25,8 +25,8 @@ from torch import nn
 from ..backbone.clip_vit import CLIPViTDenseEncoder
 from ..pixel_decoder.dpt import DPTDecoder
 from ..postprocessing import resize_to_output
-from ..text import TextClassifier, dataset_vocabulary, parse_vocabulary
-from .base import OpenVocabModel, registered_dataset
+from ..text import TextClassifier
+from .base import OpenVocabModel
 
 REGULARIZATION_KINDS = ("none", "depthwise", "bottleneck")  # LSeg's --arch_option 0, 2, 1
 ACTIVATIONS = {"relu": nn.ReLU, "lrelu": nn.LeakyReLU, "tanh": nn.Tanh}
@@ -143,18 +143,8 @@ class LSegSegmentor(OpenVocabModel):
         cls.check_scores_only(cfg)
         if cfg.MODEL.TEXT.TRAINABLE:
             raise ValueError("LSeg keeps the CLIP text tower frozen: set MODEL.TEXT.TRAINABLE False")
+        cls.check_training_sets(cfg)  # user errors before CLIP is loaded
         clip = cls.clip_parts(cfg)
-        train_names = [registered_dataset(n, "DATASETS.TRAIN") for n in cfg.DATASETS.TRAIN]
-        if train_names:
-            first = dataset_vocabulary(train_names[0])[0]
-            for other in train_names[1:]:
-                if dataset_vocabulary(other)[0] != first:
-                    raise ValueError(f"DATASETS.TRAIN: {other!r} has another vocabulary than {train_names[0]!r}; "
-                                     "training sets must share their class list")
-            given = len(parse_vocabulary(ls.TRAIN_VOCABULARY)) if ls.TRAIN_VOCABULARY else len(first)
-            if given != len(first):
-                raise ValueError(f"MODEL.LSEG.TRAIN_VOCABULARY has {given} classes but DATASETS.TRAIN "
-                                 f"{train_names[0]!r} has {len(first)}: name its classes in its order, or set it \"\"")
         return {
             **clip,
             **cls.vocabulary_args(cfg),

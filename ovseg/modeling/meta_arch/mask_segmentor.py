@@ -37,7 +37,7 @@ from ..postprocessing import (
     semantic_labels,
 )
 from ..region_pooling import crop_boxes, pool_masks
-from ..text import TextClassifier, Vocabulary, dataset_vocabulary, parse_vocabulary
+from ..text import TextClassifier, Vocabulary
 from ..transformer_decoder import build_transformer_decoder
 from .base import OpenVocabModel, registered_dataset
 
@@ -204,6 +204,9 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
 
     @classmethod
     def from_config(cls, cfg):
+        cls.check_training_sets(cfg)  # user errors before CLIP is loaded
+        for name in cfg.DATASETS.TEST:
+            registered_dataset(name, "DATASETS.TEST")
         clip = cls.clip_parts(cfg)
         backbone = clip["backbone"]
         pixel_decoder = build_pixel_decoder(cfg, backbone.output_shape())
@@ -212,21 +215,6 @@ class OpenVocabMaskSegmentor(OpenVocabModel):
         if ms.DECODER.NUM_LEVELS > len(pd.PYRAMID_SCALES) - 1:
             raise ValueError(f"MODEL.MASK_SEG.DECODER.NUM_LEVELS={ms.DECODER.NUM_LEVELS}, but the pixel decoder has "
                              f"only {len(pd.PYRAMID_SCALES) - 1} levels besides the mask features")
-        train_names = [registered_dataset(n, "DATASETS.TRAIN") for n in cfg.DATASETS.TRAIN]
-        for name in cfg.DATASETS.TEST:
-            registered_dataset(name, "DATASETS.TEST")
-        if train_names:
-            first = dataset_vocabulary(train_names[0])[0]
-            for other in train_names[1:]:
-                if dataset_vocabulary(other)[0] != first:
-                    raise ValueError(f"DATASETS.TRAIN: {other!r} has another vocabulary than {train_names[0]!r}; "
-                                     "training sets must share their class list")
-            # labels index the training vocabulary: another class count would name the classes wrongly
-            given = len(parse_vocabulary(ms.TRAIN_VOCABULARY)) if ms.TRAIN_VOCABULARY else len(first)
-            if given != len(first):
-                raise ValueError(f"MODEL.MASK_SEG.TRAIN_VOCABULARY has {given} "
-                                 f"classes but DATASETS.TRAIN {train_names[0]!r} has {len(first)}: give a list of "
-                                 "its classes in its order, or set TRAIN_VOCABULARY \"\" to use the dataset's names")
         return {
             **clip,
             **cls.vocabulary_args(cfg),
