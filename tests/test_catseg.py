@@ -140,6 +140,18 @@ def test_padding_tokens_get_a_gradient_when_nothing_is_padded(num_classes):
     assert all(p.grad is not None for p in layer.parameters())
 
 
+@pytest.mark.parametrize("num_classes", [3, 8])  # padded, and cut to pad_len (nothing padded)
+def test_padding_keeps_the_autocast_dtype(num_classes):
+    # cat with the fp32 padding tokens would promote every class token to fp32 under bf16 autocast
+    layer = ClassAggregation(16, 8, 2, "linear", (2, 2), 6)
+    seen = []
+    layer.norm1.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    x, guide = torch.randn(1, 16, num_classes, 4, 4), torch.randn(1, num_classes, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x.bfloat16(), guide.bfloat16())
+    assert seen == [torch.bfloat16]
+
+
 @pytest.mark.parametrize("num_classes", [4, 9])  # below and above pad_len (cut to the 6 most similar)
 def test_head_is_equivariant_over_classes_and_chunking_changes_nothing(num_classes):
     image, text, guidance = head_inputs(num_classes)

@@ -266,9 +266,11 @@ class ClassAggregation(nn.Module):
         hp, wp = pooled.shape[-2:]
         pad = max(self.pad_len - t, 0) if self.padding_tokens is not None else 0
         if self.padding_tokens is not None:  # also when pad == 0: the tokens stay in the graph (DDP: no unused params)
-            pooled = torch.cat([pooled, self.padding_tokens.view(1, c, 1, 1, 1).expand(b, c, pad, hp, wp)], dim=2)
+            # in the activations' dtype: under bf16 autocast, cat would promote every class token to fp32
+            tokens = self.padding_tokens.to(pooled.dtype).view(1, c, 1, 1, 1).expand(b, c, pad, hp, wp)
+            pooled = torch.cat([pooled, tokens], dim=2)
             if guidance is not None and self.padding_guidance is not None:
-                guidance = torch.cat([guidance, self.padding_guidance.expand(b, pad, -1)], dim=1)
+                guidance = torch.cat([guidance, self.padding_guidance.to(guidance.dtype).expand(b, pad, -1)], dim=1)
         tokens = pooled.permute(0, 3, 4, 2, 1).reshape(b * hp * wp, t + pad, c)  # (B*hp*wp, T', C)
         if guidance is not None:
             guidance = guidance.repeat_interleave(hp * wp, dim=0)  # (B*hp*wp, T', Cg)
