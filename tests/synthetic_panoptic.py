@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
+from torch import nn
 
 # (name, isthing, RGB colour of the pixels); category ids are 1-based positions in this list
 CATEGORIES = [
@@ -146,3 +149,23 @@ def make_dataset(root: Path, n_train: int = 32, n_val: int = 8, size: int = 96, 
     register_split(f"{prefix}_train", train, train_classes)
     register_split(f"{prefix}_val", val, all_classes)
     return f"{prefix}_train", f"{prefix}_val"
+
+
+class ColourText(nn.Module):
+    """A text space with structure, as CLIP's has: a class name's embedding is the centred RGB colour of the shape it
+    names here, zero-padded to `dim`. (The tiny CLIP's random text tower has none: there, an unseen name's embedding
+    says nothing about how it looks.) Stands in for a model's `text_classifier`: `forward` gives one embedding per
+    class, `template_embeddings` the same under each of `prompts` templates (CAT-Seg's cost-volume channels)."""
+
+    def __init__(self, dim: int, prompts: int = 1):
+        super().__init__()
+        self.dim, self.prompts = dim, prompts
+        self.text_model = nn.Module()  # no weights: nothing of the stand-in trains
+        self.colour = {name: torch.tensor(rgb, dtype=torch.float32) - 128.0 for name, _, rgb in CATEGORIES}
+
+    def forward(self, vocabulary) -> torch.Tensor:
+        rows = [F.pad(self.colour[name], (0, self.dim - 3)) for name in vocabulary.names]
+        return F.normalize(torch.stack(rows), dim=-1)
+
+    def template_embeddings(self, vocabulary, synonyms: str = "first") -> torch.Tensor:
+        return self(vocabulary)[:, None].expand(-1, self.prompts, -1)

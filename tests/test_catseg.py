@@ -21,6 +21,7 @@ from ovseg.modeling.cost_aggregation import (
 from ovseg.modeling.text import parse_vocabulary
 from ovseg.modeling.tiny_models import TINY_VIT
 from tests.helpers import tiny_cfg
+from tests.synthetic_panoptic import CATEGORIES, HELD_OUT, ColourText
 
 TOL = dict(atol=1e-5, rtol=1e-4)
 
@@ -309,6 +310,84 @@ def test_training_learns_and_resumes(tmp_path, dataset):
     assert new and min(r["iteration"] for r in new) >= 30
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
     assert final["iteration"] == 39
+
+
+def coloured_shapes(g: torch.Generator, n: int, size: int) -> torch.Tensor:
+    """(n, 3, size, size) 0-255 images of random colours: a two-part background and 1-3 discs / boxes, noise."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    images = torch.empty(n, 3, size, size)
+    for img in images:
+        horizon = int(torch.randint(size // 4, 3 * size // 4, (1,), generator=g))
+        img[:] = (torch.rand(3, generator=g) * 255)[:, None, None]
+        img[:, horizon:] = (torch.rand(3, generator=g) * 255)[:, None, None]
+        for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
+            r = int(torch.randint(size // 10, size // 4, (1,), generator=g))
+            cy, cx = (int(v) for v in torch.randint(0, size, (2,), generator=g))
+            disc = torch.rand(1, generator=g) < 0.5
+            inside = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) if disc else \
+                (((yy - cy).abs() <= r) & ((xx - cx).abs() <= r))
+            img[:, inside] = (torch.rand(3, generator=g) * 255)[:, None]
+    return (images + 12 * torch.randn(images.shape, generator=g)).clamp(0, 255)
+
+
+def pretrain_on_colours(model, steps: int, seed: int) -> None:
+    """A stand-in for CLIP's pre-training: every weight of the image tower is trained (AdamW) on random coloured
+    shapes, none of the synthetic dataset's, so that a patch's dense embedding points at its mean colour, which is
+    where `ColourText` puts a colour's name. The tower's trainable flags are restored afterwards."""
+    g = torch.Generator().manual_seed(seed)
+    params = list(model.backbone.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    for _ in range(steps):
+        images = coloured_shapes(g, 16, model.clip_resolution[0])
+        emb, _ = model.encode(model.normalize(images))  # (N, D, h, w)
+        colour = F.avg_pool2d(images, model.backbone.patch_size) - 128.0  # (N, 3, h, w)
+        target = F.pad(colour, (0, 0, 0, 0, 0, emb.shape[1] - 3))
+        loss = 1 - F.cosine_similarity(emb, target, dim=1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for p, flag in zip(params, flags):
+        p.requires_grad_(flag)
+        p.grad = None
+    assert loss.item() < 0.05, f"the stand-in pre-training did not converge (1 - cos = {loss.item():.3f})"
+
+
+class ColourCLIPTrainer(train_net.Trainer):
+    """CAT-Seg on a tiny CLIP that has seen colours and their names, as a real CLIP has seen objects and theirs: the
+    stand-in text space `ColourText` and an image tower pre-trained into it (`pretrain_on_colours`)."""
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = super().build_model(cfg)
+        model.text_classifier = ColourText(model.backbone.embed_dim, model.head.cost_embed.in_channels)
+        pretrain_on_colours(model, steps=300, seed=cfg.SEED)
+        return model
+
+
+def test_held_out_class_is_segmented_by_its_name(tmp_path, dataset):
+    """Zero-shot: "yellow circle" is in no training image nor the training vocabulary; after CAT-Seg's training (head
+    + q / v of CLIP at the shipped 0.01 multiplier) only its name's embedding is added at test time, and its pixels are
+    found through the cost volume. On an 8 x 8 feature grid (128 px): at the 4 x 4 grid of the other tests the shapes
+    are smaller than a patch."""
+    train, val = dataset
+    res = "[128, 128]"
+    cfg, _ = _train_cfg(tmp_path, train, val, iters=300, SOLVER__BASE_LR=2e-3, MODEL__CATSEG__CLIP_RESOLUTION=res,
+                        MODEL__CATSEG__SLIDE_RESIZE=res, MODEL__CATSEG__SLIDE_WINDOW=128,
+                        INPUT__MIN_SIZE_TRAIN="(128,)", INPUT__CROP__SIZE="(128, 128)", INPUT__MIN_SIZE_TEST=128)
+    assert cfg.MODEL.CATSEG.CLIP_LR_MULTIPLIER == 0.01
+    cfg.freeze()
+    trainer = ColourCLIPTrainer(cfg)
+    assert HELD_OUT[0] not in trainer.model.train_vocabulary.names
+    trainer.train()
+    result = ColourCLIPTrainer.test(cfg, trainer.model)[val]["sem_seg"]
+    # chance: a uniform guess labels 1 / 6 of the class's pixels right. Measured over SEED 0-9: 77-87 % of its
+    # pixels found, IoU 53-69 (at 150 iterations 0-90 %); without the stand-in pre-training (a random tower) 0-9 %
+    assert result[f"ACC-{HELD_OUT[0]}"] > 100 / len(CATEGORIES) + 30, result
+    assert result[f"IoU-{HELD_OUT[0]}"] > 25, result
+    assert result["mIoU-unseen"] == pytest.approx(result[f"IoU-{HELD_OUT[0]}"])
 
 
 def test_early_rejection_off_or_keeping_all_changes_nothing():

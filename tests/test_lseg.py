@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.modeling import build_model
-from torch import nn
 
 from ovseg import engine
 from ovseg.config import get_ovseg_cfg
 from ovseg.modeling.meta_arch.lseg import SpatialRegularization, pixel_text_logits
-from tests.synthetic_panoptic import CATEGORIES, HELD_OUT, make_dataset
+from tests.synthetic_panoptic import CATEGORIES, HELD_OUT, ColourText, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "lseg" / "lseg_vitb16_ade20k.yaml"
@@ -188,21 +187,6 @@ def test_learns_through_train_net(tmp_path, dataset):
         assert after[f"IoU-{name}"] > 40, (name, after)
     # the evaluator's seen / unseen split is the model's: the held-out class is the unseen one
     assert "mIoU-unseen" in after and after["mIoU-unseen"] == pytest.approx(after[f"IoU-{HELD_OUT[0]}"])
-
-
-class ColourText(nn.Module):
-    """A text space with structure, as CLIP's has: a class name's embedding is the centred RGB colour of the shape it
-    names in the synthetic data, zero-padded. (The tiny CLIP's random text tower has none: there, an unseen name's
-    embedding says nothing about how it looks.)"""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dim = dim
-        self.colour = {name: torch.tensor(rgb, dtype=torch.float32) - 128.0 for name, _, rgb in CATEGORIES}
-
-    def forward(self, vocabulary):
-        rows = [F.pad(self.colour[name], (0, self.dim - 3)) for name in vocabulary.names]
-        return F.normalize(torch.stack(rows), dim=-1)
 
 
 class ColourTextTrainer(engine.Trainer):
