@@ -331,6 +331,9 @@ def add_mask_segmentor_config(cfg: CN) -> CN:
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
     # SSD's colour augmentation in "mask_semantic" (random brightness, contrast, saturation, hue; Mask2Former's key).
     cfg.INPUT.COLOR_AUG_SSD = False
+    # "mask_semantic": pad image (pixel value 128) and labels (ignore) bottom / right to PAD_SIZE x PAD_SIZE, after the
+    # crop (Mask2Former's / CAT-Seg's INPUT.SIZE_DIVISIBILITY, which pads to exactly that size); 0 = no padding.
+    cfg.INPUT.PAD_SIZE = 0
     # Large-scale jitter ("mask_panoptic_lsj"): resize by a factor in [MIN_SCALE, MAX_SCALE] of IMAGE_SIZE,
     # then crop / pad to IMAGE_SIZE x IMAGE_SIZE.
     cfg.INPUT.IMAGE_SIZE = 1024
