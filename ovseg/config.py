@@ -48,6 +48,10 @@ def add_ovseg_config(cfg: CN) -> CN:
     # Test vocabulary: "" = the test dataset's classes; else "cat,sofa|couch" or a text file (one class a line,
     # synonyms separated by "|").
     cfg.MODEL.TEXT.VOCABULARY = ""
+    # Per-dataset names: "<dataset>=<vocabulary file or string>" entries naming that dataset's classes (same count and
+    # order) when it is trained or tested on, e.g. a paper's own class lists; MODEL.TEXT.VOCABULARY and a model's
+    # TRAIN_VOCABULARY take precedence. [] = every dataset's own names.
+    cfg.MODEL.TEXT.DATASET_VOCABULARIES = []
     # Prompts encoded per text-encoder forward (bounds memory for 847 classes x 80 templates).
     cfg.MODEL.TEXT.BATCH_SIZE = 1024
     # Train the text tower with the model (a head that fine-tunes it): no embedding cache, gradients through it.

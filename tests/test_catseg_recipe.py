@@ -61,3 +61,81 @@ def test_pad_size_smaller_than_the_sample_is_an_error(wide_record):
         _map(_mapper(16), wide_record, 0)
     with pytest.raises(ValueError, match="INPUT.PAD_SIZE"):
         _mapper(-1)
+
+
+# ---- MODEL.TEXT.DATASET_VOCABULARIES: a paper's own class names per dataset ----------------------------------------
+
+def _register(name, classes):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: [])
+        MetadataCatalog.get(name).set(stuff_classes=classes)
+    return name
+
+
+def _tiny_catseg(**overrides):
+    from detectron2.modeling import build_model
+
+    from tests.test_catseg import tiny_catseg_cfg
+    cfg = tiny_catseg_cfg(**{"MODEL__TEXT__VOCABULARY": "", **overrides})
+    return cfg, build_model(cfg)
+
+
+def test_dataset_vocabularies_name_the_classes_in_training_and_testing():
+    from ovseg.engine.trainer import set_test_vocabulary
+    train = _register("_catseg_names_train", ["sky", "grass", "road"])
+    test = _register("_catseg_names_test", ["car", "tree"])
+    entries = f"['{train}=heaven|sky,lawn,street', '{test} = automobile,tree']"
+    cfg, model = _tiny_catseg(DATASETS__TRAIN=f"('{train}',)", DATASETS__TEST=f"('{test}',)",
+                              MODEL__TEXT__DATASET_VOCABULARIES=entries)
+    assert model.train_vocabulary.names == ["heaven", "lawn", "street"]
+    assert model.vocabulary.names == ["automobile", "tree"]  # the initial one, DATASETS.TEST[0]
+    model.set_vocabulary("x,y,z")
+    set_test_vocabulary(model, cfg, test)  # what the trainer does before each test set
+    assert model.vocabulary.names == ["automobile", "tree"]
+    # the evaluator's seen split compares the names the model uses: "tree" only, were it trained on those
+    cfg.MODEL.CATSEG.TRAIN_VOCABULARY = "car,tree,sky"
+    assert type(model).seen_for_dataset(cfg, test) == [False, True]
+    # MODEL.TEXT.VOCABULARY (a user's one-off names) comes first
+    cfg.MODEL.TEXT.VOCABULARY = "vehicle,plant"
+    set_test_vocabulary(model, cfg, test)
+    assert model.vocabulary.names == ["vehicle", "plant"]
+
+
+def test_dataset_vocabularies_of_the_wrong_size_or_form_are_refused():
+    train = _register("_catseg_names_train", ["sky", "grass", "road"])
+    with pytest.raises(ValueError, match="DATASET_VOCABULARIES' entry for '_catseg_names_train' has 2 classes"):
+        _tiny_catseg(DATASETS__TRAIN=f"('{train}',)", MODEL__TEXT__DATASET_VOCABULARIES=f"['{train}=a,b']")
+    with pytest.raises(ValueError, match="is not '<dataset>=<vocabulary>'"):
+        _tiny_catseg(DATASETS__TRAIN=f"('{train}',)", MODEL__TEXT__DATASET_VOCABULARIES="['a,b,c']")
+    with pytest.raises(ValueError, match="twice"):
+        _tiny_catseg(DATASETS__TRAIN=f"('{train}',)",
+                     MODEL__TEXT__DATASET_VOCABULARIES=f"['{train}=a,b,c', '{train}=d,e,f']")
+
+
+def test_catseg_configs_use_the_authors_class_names():
+    """Training and the benchmarks the authors report (eval.sh) are named as in their class JSONs: here a few of the
+    names where ovseg's own lists differ (COCO-Stuff's suffixed stuff names, ADE's and PC-459's originals)."""
+    from ovseg.engine import load_config_file
+    from ovseg.modeling.meta_arch.base import OpenVocabModel
+    from ovseg.modeling.text import dataset_vocabulary, parse_vocabulary
+    from ovseg.utils.paths import resolve_package_path
+
+    cfg = load_config_file(resolve_package_path("ovseg://configs/catseg/catseg_vitb16_coco_stuff.yaml"), warn=False)
+    expected = {  # dataset -> {class index: the authors' name}
+        "coco_stuff_164k_sem_seg_train": {161: "wall-other", 84: "building-other", 133: "playingfield"},
+        "coco_stuff_164k_sem_seg_val": {161: "wall-other", 145: "sky-other"},
+        "ade20k_150_sem_seg_val": {37: "bathtub", 138: "ashcan", 8: "windowpane"},
+        "pascal_context_59_sem_seg_val": {49: "diningtable"},
+        "pascal_context_459_sem_seg_val": {2: "airconditioner", 430: "unknown"},
+        "pascal_voc_20_sem_seg_val": {19: "tvmonitor", 15: "pottedplant"},
+    }
+    for dataset, names in expected.items():
+        spec = OpenVocabModel.test_vocabulary_spec(cfg, dataset)
+        assert spec, dataset
+        vocab, own = parse_vocabulary(spec), dataset_vocabulary(dataset)[0]
+        assert len(vocab) == len(own), dataset
+        for i, name in names.items():
+            assert vocab.names[i] == name != own.names[i], (dataset, i)
+    from ovseg.modeling.meta_arch.catseg import CATSegSegmentor
+    assert parse_vocabulary(CATSegSegmentor.training_vocabulary_spec(cfg)).names[161] == "wall-other"
