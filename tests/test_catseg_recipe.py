@@ -139,3 +139,44 @@ def test_catseg_configs_use_the_authors_class_names():
             assert vocab.names[i] == name != own.names[i], (dataset, i)
     from ovseg.modeling.meta_arch.catseg import CATSegSegmentor
     assert parse_vocabulary(CATSegSegmentor.training_vocabulary_spec(cfg)).names[161] == "wall-other"
+
+
+def test_loss_is_per_class_bce_with_ignored_pixels_all_negative():
+    """The authors' loss, written out pixel by pixel: logits upsampled (bilinear) to the labels, then the mean over
+    images, pixels and classes of the binary cross-entropy against one-hot labels; an ignored pixel is a negative for
+    every class (it still counts in the mean)."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    _, model = _tiny_catseg()
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5, generator=g)
+    labels = torch.randint(0, 3, (2, 8, 10), generator=g)
+    labels[0, :2] = 255
+    loss = model.losses(logits, labels)["loss_sem_seg"]
+    up = F.interpolate(logits, size=(8, 10), mode="bilinear", align_corners=False)
+    total, count = 0.0, 0
+    for b in range(2):
+        for y in range(8):
+            for x in range(10):
+                for c in range(3):
+                    p = 1 / (1 + math.exp(-up[b, c, y, x].item()))
+                    positive = labels[b, y, x].item() == c  # never true for 255
+                    total -= math.log(p) if positive else math.log(1 - p)
+                    count += 1
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+    with pytest.raises(ValueError, match="outside the 3 training classes"):
+        model.losses(logits, torch.full((2, 8, 10), 3))
+
+
+def test_slide_geometry_leaving_pixels_uncovered_is_refused():
+    """Resized side 96, window 64: stride 48 would leave pixels 64..95 in no window (their average: NaN)."""
+    import torch
+    with pytest.raises(ValueError, match="SLIDE_STRIDE=48 must be positive and divide"):
+        _tiny_catseg(MODEL__CATSEG__SLIDE_STRIDE=48)
+    _tiny_catseg(MODEL__CATSEG__SLIDE_STRIDE=48, MODEL__CATSEG__INFERENCE_MODE="whole")  # no windows: no check
+    _, model = _tiny_catseg(MODEL__CATSEG__SLIDE_STRIDE=16, MODEL__TEXT__VOCABULARY="cat,dog")  # 3 x 3 windows
+    with torch.no_grad():
+        out = model.eval()([{"image": torch.randint(0, 255, (3, 50, 130)).float()}])[0]["sem_seg"]
+    assert out.shape == (2, 50, 130) and torch.isfinite(out).all()
