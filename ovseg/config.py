@@ -48,6 +48,10 @@ def add_ovseg_config(cfg: CN) -> CN:
     # Test vocabulary: "" = the test dataset's classes; else "cat,sofa|couch" or a text file (one class a line,
     # synonyms separated by "|").
     cfg.MODEL.TEXT.VOCABULARY = ""
+    # Per-dataset names: "<dataset>=<vocabulary file or string>" entries naming that dataset's classes (same count and
+    # order) when it is trained or tested on, e.g. a paper's own class lists; MODEL.TEXT.VOCABULARY and a model's
+    # TRAIN_VOCABULARY take precedence. [] = every dataset's own names.
+    cfg.MODEL.TEXT.DATASET_VOCABULARIES = []
     # Prompts encoded per text-encoder forward (bounds memory for 847 classes x 80 templates).
     cfg.MODEL.TEXT.BATCH_SIZE = 1024
     # Train the text tower with the model (a head that fine-tunes it): no embedding cache, gradients through it.
@@ -331,6 +335,9 @@ def add_mask_segmentor_config(cfg: CN) -> CN:
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
     # SSD's colour augmentation in "mask_semantic" (random brightness, contrast, saturation, hue; Mask2Former's key).
     cfg.INPUT.COLOR_AUG_SSD = False
+    # "mask_semantic": pad image (pixel value 128) and labels (ignore) bottom / right to PAD_SIZE x PAD_SIZE, after the
+    # crop (Mask2Former's / CAT-Seg's INPUT.SIZE_DIVISIBILITY, which pads to exactly that size); 0 = no padding.
+    cfg.INPUT.PAD_SIZE = 0
     # Large-scale jitter ("mask_panoptic_lsj"): resize by a factor in [MIN_SCALE, MAX_SCALE] of IMAGE_SIZE,
     # then crop / pad to IMAGE_SIZE x IMAGE_SIZE.
     cfg.INPUT.IMAGE_SIZE = 1024

@@ -27,7 +27,7 @@ def _value(cfg, key):
 GROUPS = {
     "add_clipself_config": ("MODEL.CLIPSELF.", "INPUT.CLIPSELF.", "INPUT.REGION_RECOGNITION."),
     "add_mask_segmentor_config": ("MODEL.MASK_SEG.", "INPUT.CROP.SINGLE_CATEGORY_MAX_AREA", "INPUT.COLOR_AUG_SSD",
-                                  "INPUT.IMAGE_SIZE",
+                                  "INPUT.IMAGE_SIZE", "INPUT.PAD_SIZE",
                                   "INPUT.MIN_SCALE", "INPUT.MAX_SCALE"),
     "add_groupvit_config": ("MODEL.GROUPVIT.", "INPUT.CAPTIONS."),
     "add_lseg_config": ("MODEL.LSEG.",),

@@ -8,6 +8,7 @@ from detectron2.modeling import build_model
 
 from ovseg.config import get_ovseg_cfg
 from ovseg.engine import Trainer
+from ovseg.modeling.meta_arch.base import dataset_vocabularies
 from ovseg.modeling.text import parse_vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,8 @@ def test_config_builds(path, tmp_path, monkeypatch):
     linked.merge_from_file(str(ROOT / "configs" / path.relative_to(PACKAGED)))
     assert linked.dump() == cfg.dump()
     monkeypatch.chdir(tmp_path)  # class lists named in configs resolve outside the checkout too
-    for spec in (cfg.MODEL.TEXT.VOCABULARY, cfg.MODEL.MASK_SEG.TRAIN_VOCABULARY):
+    for spec in (cfg.MODEL.TEXT.VOCABULARY, cfg.MODEL.MASK_SEG.TRAIN_VOCABULARY,
+                 *dataset_vocabularies(cfg).values()):
         if spec:
             assert len(parse_vocabulary(spec)) > 0
     cfg.merge_from_list(["MODEL.CLIP.MODEL_NAME", "ovseg-tiny-ViT-16", "MODEL.CLIP.PRETRAINED", "", "MODEL.DEVICE",

@@ -39,13 +39,20 @@ def _instances(image_shape, classes: List[int], masks: List[np.ndarray]) -> Inst
 class MaskSemanticMapper:
     """Semantic-segmentation data: resize (short edge), crop (optionally class-balanced: no class may cover
     more than INPUT.CROP.SINGLE_CATEGORY_MAX_AREA of the crop), optionally SSD's colour augmentation
-    (INPUT.COLOR_AUG_SSD), flip; one target mask per class present."""
+    (INPUT.COLOR_AUG_SSD), flip, optionally pad to a square (INPUT.PAD_SIZE); one target mask per class present."""
+
+    # the raw pixel value of padding (Mask2Former's / CAT-Seg's semantic mapper)
+    PAD_PIXEL = 128
 
     @configurable
-    def __init__(self, *, augmentations: List[T.Augmentation], image_format: str = "RGB", ignore_label: int = 255):
+    def __init__(self, *, augmentations: List[T.Augmentation], image_format: str = "RGB", ignore_label: int = 255,
+                 pad_size: int = 0):
+        if pad_size < 0:
+            raise ValueError(f"INPUT.PAD_SIZE={pad_size}: give a side in pixels, or 0 for no padding")
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.ignore_label = ignore_label
+        self.pad_size = pad_size
         logger.info("MaskSemanticMapper augmentations: %s", augmentations)
 
     @classmethod
@@ -64,7 +71,19 @@ class MaskSemanticMapper:
         if cfg.INPUT.RANDOM_FLIP != "none":
             augs.append(T.RandomFlip(horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
                                      vertical=cfg.INPUT.RANDOM_FLIP == "vertical"))
-        return {"augmentations": augs, "image_format": cfg.INPUT.FORMAT, "ignore_label": ignore}
+        return {"augmentations": augs, "image_format": cfg.INPUT.FORMAT, "ignore_label": ignore,
+                "pad_size": cfg.INPUT.PAD_SIZE}
+
+    def _pad(self, image: np.ndarray, sem_seg: np.ndarray, file_name: str):
+        """(H, W, C) image, (H, W) labels -> both padded bottom / right to pad_size x pad_size."""
+        h, w = sem_seg.shape
+        if h > self.pad_size or w > self.pad_size:
+            # the authors' F.pad with a negative width would crop silently
+            raise ValueError(f"{file_name!r}: the augmented image is {h}x{w}, larger than INPUT.PAD_SIZE="
+                             f"{self.pad_size}; crop it to at most that size (INPUT.CROP) or raise PAD_SIZE")
+        extra = ((0, self.pad_size - h), (0, self.pad_size - w))
+        image = np.pad(image, extra + ((0, 0),), constant_values=self.PAD_PIXEL)
+        return image, np.pad(sem_seg, extra, constant_values=self.ignore_label)
 
     def __call__(self, dataset_dict: Dict) -> Dict:
         d = copy.deepcopy(dataset_dict)
@@ -80,6 +99,10 @@ class MaskSemanticMapper:
         aug = T.AugInput(image, sem_seg=sem_seg)
         self.augmentations(aug)
         image, sem_seg = aug.image, aug.sem_seg.round().astype(np.int64)
+        if self.pad_size:
+            # a crop smaller than the model's square input (an image more elongated than MAX_SIZE_TRAIN /
+            # MIN_SIZE_TRAIN) is padded, not stretched by the model's resize
+            image, sem_seg = self._pad(image, sem_seg, d["file_name"])
         d["image"] = image_to_tensor(image)
         d["sem_seg"] = torch.as_tensor(sem_seg)
         classes = [int(c) for c in np.unique(sem_seg) if c != self.ignore_label]

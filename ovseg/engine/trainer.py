@@ -60,10 +60,10 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def set_test_vocabulary(model, cfg, dataset_name: str) -> None:
     """Point an open-vocabulary model at the dataset it is about to be evaluated on: its classes, or
-    MODEL.TEXT.VOCABULARY (the same classes under other names) with the dataset's thing flags."""
+    MODEL.TEXT.VOCABULARY / DATASET_VOCABULARIES (the same classes under other names) with the dataset's thing flags."""
     model = _unwrap(model)
     if isinstance(model, OpenVocabModel):
-        model.set_test_dataset(dataset_name, cfg.MODEL.TEXT.VOCABULARY or None)
+        model.set_test_dataset(dataset_name, OpenVocabModel.test_vocabulary_spec(cfg, dataset_name))
 
 
 def resolve_device(cfg: CfgNode, warn: bool = True) -> CfgNode:

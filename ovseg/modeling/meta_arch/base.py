@@ -39,6 +39,20 @@ def registered_dataset(name: str, key: str) -> str:
     return name
 
 
+def dataset_vocabularies(cfg) -> Dict[str, str]:
+    """MODEL.TEXT.DATASET_VOCABULARIES ("<dataset>=<vocabulary>" entries) as {dataset name: vocabulary spec}."""
+    out: Dict[str, str] = {}
+    for entry in cfg.MODEL.TEXT.DATASET_VOCABULARIES:
+        name, sep, spec = str(entry).partition("=")
+        name, spec = name.strip(), spec.strip()
+        if not sep or not name or not spec:
+            raise ValueError(f"MODEL.TEXT.DATASET_VOCABULARIES: {entry!r} is not '<dataset>=<vocabulary>'")
+        if name in out:
+            raise ValueError(f"MODEL.TEXT.DATASET_VOCABULARIES names dataset {name!r} twice")
+        out[name] = spec
+    return out
+
+
 def seen_mask(vocabulary: Vocabulary, train_vocabulary: Optional[Vocabulary]) -> torch.Tensor:
     """(C,) bool: which classes of `vocabulary` the model was trained on (`seen_class_mask`, the one rule);
     all False for a model without a training vocabulary."""
@@ -154,20 +168,30 @@ class OpenVocabModel(nn.Module):
         """The test vocabulary keyword arguments of a config: MODEL.TEXT.VOCABULARY (for DATASETS.TEST[0]) or
         DATASETS.TEST[0]'s classes."""
         first_test = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None
-        return {"vocabulary": cfg.MODEL.TEXT.VOCABULARY or first_test, "vocabulary_dataset": first_test}
+        spec = cls.test_vocabulary_spec(cfg, first_test) if first_test else cfg.MODEL.TEXT.VOCABULARY or None
+        return {"vocabulary": spec or first_test, "vocabulary_dataset": first_test}
+
+    @staticmethod
+    def test_vocabulary_spec(cfg, dataset_name: str) -> Optional[str]:
+        """The names a config gives `dataset_name`'s classes when testing on it: MODEL.TEXT.VOCABULARY, else the
+        dataset's MODEL.TEXT.DATASET_VOCABULARIES entry; None = the dataset's own names."""
+        return cfg.MODEL.TEXT.VOCABULARY or dataset_vocabularies(cfg).get(dataset_name)
 
     @classmethod
     def training_vocabulary_spec(cls, cfg) -> Optional[VocabularySpec]:
         """The classes a model built from `cfg` learns to name; None for models that learn no class names
         (training-free ones, CLIPSelf's label-free distillation): the evaluator then reports the benchmark's
         reference split. Models that learn names set `TRAIN_VOCABULARY_SECTION` (their MODEL.<section>): its
-        TRAIN_VOCABULARY, else the classes of DATASETS.TRAIN[0]."""
+        TRAIN_VOCABULARY, else DATASETS.TRAIN[0]'s MODEL.TEXT.DATASET_VOCABULARIES entry, else its classes."""
         if cls.TRAIN_VOCABULARY_SECTION is None:
             return None
         spec = cfg.MODEL[cls.TRAIN_VOCABULARY_SECTION].TRAIN_VOCABULARY
         if spec:
             return spec
-        return registered_dataset(cfg.DATASETS.TRAIN[0], "DATASETS.TRAIN") if cfg.DATASETS.TRAIN else None
+        if not cfg.DATASETS.TRAIN:
+            return None
+        first = registered_dataset(cfg.DATASETS.TRAIN[0], "DATASETS.TRAIN")
+        return dataset_vocabularies(cfg).get(first, first)
 
     @classmethod
     def check_training_sets(cls, cfg) -> None:
@@ -183,8 +207,10 @@ class OpenVocabModel(nn.Module):
                 raise ValueError(f"DATASETS.TRAIN: {other!r} has another vocabulary than {train_names[0]!r}; "
                                  "training sets must share their class list")
         key = f"MODEL.{cls.TRAIN_VOCABULARY_SECTION}.TRAIN_VOCABULARY"
-        spec = cfg.MODEL[cls.TRAIN_VOCABULARY_SECTION].TRAIN_VOCABULARY
-        given = len(parse_vocabulary(spec)) if spec else len(first)
+        if not cfg.MODEL[cls.TRAIN_VOCABULARY_SECTION].TRAIN_VOCABULARY:
+            key = f"MODEL.TEXT.DATASET_VOCABULARIES' entry for {train_names[0]!r}"
+        spec = cls.training_vocabulary_spec(cfg)
+        given = len(first) if spec == train_names[0] else len(parse_vocabulary(spec))
         if given != len(first):
             raise ValueError(f"{key} has {given} classes but DATASETS.TRAIN {train_names[0]!r} has {len(first)}: "
                              "give a list of its classes in its order, or set it \"\" to use the dataset's names")
@@ -201,7 +227,7 @@ class OpenVocabModel(nn.Module):
         train = cls.training_vocabulary_spec(cfg)
         if train is None:
             return None
-        vocab, _ = resolve_vocabulary(cfg.MODEL.TEXT.VOCABULARY or dataset_name, dataset_name)
+        vocab, _ = resolve_vocabulary(cls.test_vocabulary_spec(cfg, dataset_name) or dataset_name, dataset_name)
         return seen_mask(vocab, parse_vocabulary(train)).tolist()
 
     # ---- vocabulary state --------------------------------------------------------------------------------

@@ -47,6 +47,10 @@ def window_origins(size: int, window: int, stride: int) -> List[int]:
     beyond what the stride reaches: the authors' geometry, 640 / 384 / 256 covers the side exactly)."""
     if window > size:
         raise ValueError(f"MODEL.CATSEG.SLIDE_WINDOW={window} exceeds the resized side {size} (SLIDE_RESIZE)")
+    if stride <= 0 or (size - window) % stride:
+        # pixels no window covers would be averaged over zero windows (NaN)
+        raise ValueError(f"MODEL.CATSEG.SLIDE_STRIDE={stride} must be positive and divide SLIDE_RESIZE - SLIDE_WINDOW "
+                         f"= {size} - {window}, so that the windows cover the resized image")
     return list(range(0, size - window + 1, stride))
 
 
@@ -99,6 +103,9 @@ class CATSegSegmentor(OpenVocabModel):
         self.synonyms = synonyms
         self.inference_mode = inference_mode
         self.slide_resize, self.slide_window, self.slide_stride = tuple(slide_resize), slide_window, slide_stride
+        if inference_mode == "slide":
+            for side in self.slide_resize:  # a geometry error now, not at the first test image
+                window_origins(side, slide_window, slide_stride)
         self.ignore_value = ignore_value
         self._packed = []  # full names of packed q/k/v tensors: no weight decay (their key rows must not move)
         if finetune_clip:
