@@ -31,7 +31,7 @@ parts of class aggregation) runs in chunks of `class_chunk` classes; the result 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,27 @@ _SHIFT_MASK_VALUE = -100.0
 def _chunks(n: int, size: int) -> List[Tuple[int, int]]:
     size = n if size <= 0 else size
     return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _over_chunks(fn: Callable[[int, int], torch.Tensor], n: int, size: int, dim: int) -> torch.Tensor:
+    """fn(start, end) for each chunk of `size` classes out of `n`, concatenated along `dim`; a single chunk is
+    returned as it is (a cat of one tensor would copy it)."""
+    parts = [fn(s, e) for s, e in _chunks(n, size)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def guided_linear(linear: nn.Linear, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
+    """`linear` applied to [x, guidance] concatenated on the last axis, without building the concatenation: the
+    guidance part is projected once per guidance row and broadcast over the rows of x that share it.
+
+    x: (G * R, *rest, dim), guidance: (G, *rest, Cg) or None (then `linear` reads x alone); consecutive groups of R
+    rows of x share one guidance row (R classes of one image, or R pixels of one image). -> (G * R, *rest, out)."""
+    dim = x.shape[-1]
+    out = F.linear(x, linear.weight[:, :dim], linear.bias)
+    if guidance is None:
+        return out
+    g = F.linear(guidance, linear.weight[:, dim:])
+    return (out.view(g.shape[0], -1, *out.shape[1:]) + g.unsqueeze(1)).view(out.shape)
 
 
 def cost_volume(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -104,17 +125,26 @@ class WindowAttention(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (N * nW, L, dim + guidance_dim); mask: (nW, L, L) additive or None -> (N * nW, L, dim)."""
-        n, length, _ = x.shape
-        heads = lambda t: t.view(n, length, self.num_heads, -1).transpose(1, 2)  # noqa: E731  (n, heads, L, hd)
-        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x[..., :self.dim]))
-        if mask is not None:
-            nw = mask.shape[0]
-            q, k, v = (t.view(n // nw, nw, *t.shape[1:]) for t in (q, k, v))  # (N, nW, heads, L, hd)
-            mask = mask[:, None].to(q.dtype)  # (nW, 1, L, L), broadcast over images and heads
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.reshape(n, self.num_heads, length, -1).transpose(1, 2).reshape(n, length, -1))
+    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (N, nW, L, dim) the tokens of each map by window; guidance: (G, nW, L, Cg) or None, one guidance map
+        shared by N / G consecutive maps of x (the classes of one image); mask: (nW, L, L) additive or None ->
+        (N, nW, L, dim)."""
+        n, nw, length, _ = x.shape
+        hd = self.dim // self.num_heads
+        q, k, v = guided_linear(self.q, x, guidance), guided_linear(self.k, x, guidance), self.v(x)
+        if mask is None:
+            heads = lambda t: t.view(n * nw, length, self.num_heads, hd).transpose(1, 2)  # noqa: E731
+            out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v)).transpose(1, 2)
+        else:
+            # 4-D, windows and heads on one axis so that the (nW, L, L) mask broadcasts over the maps: a 5-D input
+            # would fall back to the unfused kernel that builds every window's attention matrix
+            def heads(t):
+                return t.view(n, nw, length, self.num_heads, hd).transpose(2, 3).reshape(n, -1, length, hd)
+            m = mask.to(q.dtype)[:, None].expand(-1, self.num_heads, -1, -1).reshape(1, -1, length, length)
+            out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=m)
+            out = out.view(n, nw, self.num_heads, length, hd).transpose(2, 3)
+        return self.proj(out.reshape(n, nw, length, self.dim))
 
 
 class MLP(nn.Module):
@@ -154,18 +184,19 @@ class GuidedWindowBlock(nn.Module):
         return window, shift
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], grid: Tuple[int, int]) -> torch.Tensor:
-        """x: (N, h*w, dim); guidance: (N, h*w, Cg) or None -> (N, h*w, dim)."""
+        """x: (N, h*w, dim); guidance: (G, h*w, Cg) or None, shared by N / G consecutive maps of x -> (N, h*w, dim)."""
         h, w = grid
         n, _, c = x.shape
         window, shift = self.geometry(grid)
         y = self.norm1(x).view(n, h, w, c)
-        if guidance is not None:
-            y = torch.cat([y, guidance.view(n, h, w, -1)], dim=-1)
+        g = guidance.view(guidance.shape[0], h, w, -1) if guidance is not None else None
         if shift:
             y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
+            g = torch.roll(g, shifts=(-shift, -shift), dims=(1, 2)) if g is not None else None
         mask = shift_window_mask(grid, window, shift, x.device) if shift else None
-        y = self.attn(partition_windows(y, window), mask)  # (N * nW, window^2, dim)
-        y = merge_windows(y, window, h, w)
+        by_window = lambda t: partition_windows(t, window).view(t.shape[0], -1, window * window, t.shape[-1])  # noqa: E731
+        y = self.attn(by_window(y), None if g is None else by_window(g), mask)  # (N, nW, window^2, dim)
+        y = merge_windows(y.view(-1, window * window, c), window, h, w)
         if shift:
             y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
         x = x + y.reshape(n, h * w, c)
@@ -187,8 +218,7 @@ class SpatialAggregation(nn.Module):
         b, c, t, h, w = x.shape
         tokens = x.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)  # (B*T, h*w, C)
         if guidance is not None:
-            g = self.guidance_norm(guidance.flatten(2).transpose(1, 2))  # (B, h*w, Cg); norm is per token
-            guidance = g.repeat_interleave(t, dim=0)  # (B*T, h*w, Cg)
+            guidance = self.guidance_norm(guidance.flatten(2).transpose(1, 2))  # (B, h*w, Cg), for B*T maps
         tokens = self.block_1(tokens, guidance, (h, w))
         tokens = self.block_2(tokens, guidance, (h, w))
         return tokens.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
@@ -224,10 +254,11 @@ class ClassAttention(nn.Module):
         self.v = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
-        """x: (N, T, C); guidance: (N, T, Cg) or None -> (N, T, C)."""
-        xg = torch.cat([x, guidance], dim=-1) if guidance is not None else x
+        """x: (N, T, C); guidance: (G, T, Cg) or None, shared by N / G consecutive rows of x (the pixels of one
+        image) -> (N, T, C)."""
         n, t, _ = x.shape
-        q, k, v = (p.view(n, t, self.num_heads, -1) for p in (self.q(xg), self.k(xg), self.v(x)))
+        q, k, v = (p.view(n, t, self.num_heads, -1)
+                   for p in (guided_linear(self.q, x, guidance), guided_linear(self.k, x, guidance), self.v(x)))
         return self.attend(q, k, v).reshape(n, t, -1)
 
 
@@ -262,27 +293,29 @@ class ClassAggregation(nn.Module):
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], class_chunk: int = 0) -> torch.Tensor:
         """x: (B, C, T, h, w); guidance: (B, T, Cg) or None -> (B, C, T, h, w)."""
         b, c, t, h, w = x.shape
-        pooled = torch.cat([self._pool(x[:, :, s:e]) for s, e in _chunks(t, class_chunk)], dim=2)
+        pooled = _over_chunks(lambda s, e: self._pool(x[:, :, s:e]), t, class_chunk, dim=2)
         hp, wp = pooled.shape[-2:]
         pad = max(self.pad_len - t, 0) if self.padding_tokens is not None else 0
+        # each pixel's class tokens then the padding tokens, written in one copy (in the activations' dtype: under
+        # bf16 autocast a cat with the fp32 parameter would promote every class token to fp32)
+        tokens = pooled.new_empty((b, hp, wp, t + pad, c))
+        tokens[:, :, :, :t] = pooled.permute(0, 3, 4, 2, 1)
         if self.padding_tokens is not None:  # also when pad == 0: the tokens stay in the graph (DDP: no unused params)
-            # in the activations' dtype: under bf16 autocast, cat would promote every class token to fp32
-            tokens = self.padding_tokens.to(pooled.dtype).view(1, c, 1, 1, 1).expand(b, c, pad, hp, wp)
-            pooled = torch.cat([pooled, tokens], dim=2)
+            tokens[:, :, :, t:] = self.padding_tokens.to(pooled.dtype)
             if guidance is not None and self.padding_guidance is not None:
                 guidance = torch.cat([guidance, self.padding_guidance.to(guidance.dtype).expand(b, pad, -1)], dim=1)
-        tokens = pooled.permute(0, 3, 4, 2, 1).reshape(b * hp * wp, t + pad, c)  # (B*hp*wp, T', C)
-        if guidance is not None:
-            guidance = guidance.repeat_interleave(hp * wp, dim=0)  # (B*hp*wp, T', Cg)
+        tokens = tokens.view(b * hp * wp, t + pad, c)  # (B*hp*wp, T', C); guidance (B, T', Cg) per image
         tokens = tokens + self.attn(self.norm1(tokens), guidance)
         tokens = tokens + self.mlp(self.norm2(tokens))
-        tokens = tokens[:, :t].reshape(b, hp, wp, t, c).permute(0, 3, 4, 1, 2)  # (B, T, C, hp, wp)
-        out = []
-        for s, e in _chunks(t, class_chunk):
-            up = F.interpolate(tokens[:, s:e].reshape(-1, c, hp, wp), size=(h, w), mode="bilinear",
-                               align_corners=True)
-            out.append(x[:, :, s:e] + up.view(b, e - s, c, h, w).transpose(1, 2))
-        return torch.cat(out, dim=2)
+        tokens = tokens.view(b, hp, wp, t + pad, c)[:, :, :, :t]  # (B, hp, wp, T, C)
+        if (hp, wp) == (h, w):  # not pooled (the authors' test setting): the upsampling would be the identity
+            return x + tokens.permute(0, 4, 3, 1, 2)
+
+        def upsampled(s: int, e: int) -> torch.Tensor:
+            up = F.interpolate(tokens[:, :, :, s:e].permute(0, 3, 4, 1, 2).reshape(-1, c, hp, wp), size=(h, w),
+                               mode="bilinear", align_corners=True)
+            return x[:, :, s:e] + up.view(b, e - s, c, h, w).transpose(1, 2)
+        return _over_chunks(upsampled, t, class_chunk, dim=2)
 
 
 class AggregationLayer(nn.Module):
@@ -299,7 +332,7 @@ class AggregationLayer(nn.Module):
     def forward(self, x: torch.Tensor, appearance: Optional[torch.Tensor], text: Optional[torch.Tensor],
                 class_chunk: int = 0) -> torch.Tensor:
         """x: (B, C, T, h, w); appearance: (B, Cg, h, w); text: (B, T, Cg) -> (B, C, T, h, w)."""
-        x = torch.cat([self.spatial(x[:, :, s:e], appearance) for s, e in _chunks(x.shape[2], class_chunk)], dim=2)
+        x = _over_chunks(lambda s, e: self.spatial(x[:, :, s:e], appearance), x.shape[2], class_chunk, dim=2)
         return self.classes(x, text, class_chunk)
 
 
@@ -404,22 +437,22 @@ class CostAggregator(nn.Module):
     def embed_cost(self, cost: torch.Tensor) -> torch.Tensor:
         """(B, P, T, h, w) -> (B, hidden, T, h, w), the same 7x7 conv for every class."""
         b, p, t, h, w = cost.shape
-        out = []
-        for s, e in _chunks(t, self.class_chunk):
+
+        def embedded(s: int, e: int) -> torch.Tensor:
             y = self.cost_embed(cost[:, :, s:e].transpose(1, 2).reshape(b * (e - s), p, h, w))
-            out.append(y.view(b, e - s, -1, h, w).transpose(1, 2))
-        return torch.cat(out, dim=2)
+            return y.view(b, e - s, -1, h, w).transpose(1, 2)
+        return _over_chunks(embedded, t, self.class_chunk, dim=2)
 
     def decode(self, x: torch.Tensor, guidance: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
         """(B, hidden, T, h, w) -> (B, T, 4h, 4w) logits."""
         b, c, t, h, w = x.shape
-        out = []
-        for s, e in _chunks(t, self.class_chunk):
+
+        def decoded(s: int, e: int) -> torch.Tensor:
             y = x[:, :, s:e].transpose(1, 2).reshape(b * (e - s), c, h, w)
             for block, g in zip(self.decoder, guidance):
                 y = block(y, g)
-            out.append(self.head(y).view(b, e - s, *y.shape[-2:]))
-        return torch.cat(out, dim=1)
+            return self.head(y).view(b, e - s, *y.shape[-2:])
+        return _over_chunks(decoded, t, self.class_chunk, dim=1)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, appearance: torch.Tensor,
                 decoder_guidance: Sequence[torch.Tensor]) -> torch.Tensor:
