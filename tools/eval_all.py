@@ -61,7 +61,8 @@ def markdown_table(scores: dict, label: str, columns=tuple(COLUMNS)) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True,
-                        help="model config, a yaml or a shipped name (the eval configs only set the dataset)")
+                        help="model config, a yaml or a shipped name (the eval configs set the dataset, PAS-20b's also "
+                             "its BENCHMARK_KEYS)")
     parser.add_argument("--output", default="results", help="folder for results.md / results.json")
     parser.add_argument("--columns", nargs="+", default=list(COLUMNS), choices=list(COLUMNS) + list(EXTRA_COLUMNS))
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS model.pth")
