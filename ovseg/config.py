@@ -468,7 +468,9 @@ def add_catseg_config(cfg: CN) -> CN:
     # SED-style early rejection at test time (Xie et al., CVPR 2024): keep a class only where it is among the
     # SED_TOPK best of some feature-grid cell by CLIP cost, before the per-class stages; rejected: logit -100. 0 = off.
     cfg.MODEL.CATSEG.SED_TOPK = 0
-    # A class's text embedding from its synonyms: "first" (its first name, the authors') or "mean".
+    # A class's synonyms ("sofa|couch"): "first" (its first name's text embedding, the authors'), "mean" (the names'
+    # embeddings averaged) or "max" (each name a class channel of the head, the class's probability the max over its
+    # names': CAT-Seg's PAS-20b, background = 39 Pascal-Context names; tools/eval_all.py's PAS-20b column sets it).
     cfg.MODEL.CATSEG.SYNONYMS = "first"
     # Fine-tune the attention query / value projection weights of both CLIP towers (CLIP_FINETUNE "attention").
     cfg.MODEL.CATSEG.FINETUNE_CLIP = True

@@ -5,7 +5,8 @@ r"""Evaluate one model/checkpoint on every benchmark and write one results table
         [MODEL.WEIGHTS ...]
 
 Columns follow the FC-CLIP / CAT-Seg papers: A-847, PC-459, A-150, PC-59, VOC (mIoU), then ADE and COCO PQ.
-The training-free papers' other benchmarks (PC-60, COCO-Obj, City) are added to the table when named in --columns.
+The training-free papers' other benchmarks (PC-60, COCO-Obj, City) and CAT-Seg's PAS-20b are added to the table
+when named in --columns.
 Benchmarks whose data is missing are reported as "n/a" with the reason in the JSON, and the others still run.
 Precision: MODEL.INFERENCE_DTYPE (fp32 | bf16 | fp16 | auto) among the overrides, as for train_net.py --eval-only.
 """
@@ -14,7 +15,8 @@ import json
 import os
 import sys
 
-# column -> (config in ovseg/configs/eval, evaluator task, metric)
+# column -> (config in ovseg/configs/eval, evaluator task, metric); the config gives the column its DATASETS.TEST and
+# the keys BENCHMARK_KEYS names for it, the rest is the model config's
 COLUMNS = {
     "A-847": ("a847.yaml", "sem_seg", "mIoU"),
     "PC-459": ("pc459.yaml", "sem_seg", "mIoU"),
@@ -30,8 +32,21 @@ EXTRA_COLUMNS = {
     "PC-60": ("pc60.yaml", "sem_seg", "mIoU"),
     "COCO-Obj": ("coco_object.yaml", "sem_seg", "mIoU"),
     "City": ("cityscapes.yaml", "sem_seg", "mIoU"),
+    # CAT-Seg's VOC with background: the background class named by 39 Pascal-Context classes (configs/eval/pas20b.yaml)
+    "PAS-20b": ("pas20b.yaml", "sem_seg", "mIoU"),
+}
+# keys beyond DATASETS.TEST that define a column's benchmark, taken from its eval config (the user's opts still win)
+BENCHMARK_KEYS = {
+    "PAS-20b": ("MODEL.TEXT.VOCABULARY", "MODEL.CATSEG.SYNONYMS"),
 }
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config_value(cfg, key: str):
+    """The value of a dotted key ("MODEL.TEXT.VOCABULARY") of a config."""
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
 
 
 def markdown_table(scores: dict, label: str, columns=tuple(COLUMNS)) -> str:
@@ -46,7 +61,8 @@ def markdown_table(scores: dict, label: str, columns=tuple(COLUMNS)) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True,
-                        help="model config, a yaml or a shipped name (the eval configs only set the dataset)")
+                        help="model config, a yaml or a shipped name (the eval configs set the dataset, PAS-20b's also "
+                             "its BENCHMARK_KEYS)")
     parser.add_argument("--output", default="results", help="folder for results.md / results.json")
     parser.add_argument("--columns", nargs="+", default=list(COLUMNS), choices=list(COLUMNS) + list(EXTRA_COLUMNS))
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS model.pth")
@@ -70,6 +86,7 @@ def main(argv=None):
         cfg = get_ovseg_cfg()
         cfg.merge_from_file(str(resolve_config(args.config_file)))
         cfg.DATASETS.TEST = tuple(eval_cfg.DATASETS.TEST)  # the eval config only chooses the benchmark
+        cfg.merge_from_list([x for key in BENCHMARK_KEYS.get(column, ()) for x in (key, config_value(eval_cfg, key))])
         cfg.merge_from_list(args.opts)
         cfg.OUTPUT_DIR = os.path.join(args.output, column.replace(" ", "_"))
         cfg = resolve_device(cfg)  # a CPU-only machine runs the shipped (cuda) configs on CPU

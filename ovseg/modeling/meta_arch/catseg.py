@@ -31,13 +31,15 @@ from torch import nn
 
 from ..backbone.clip_vit import CLIPViTDenseEncoder, get_dense_mode
 from ..cost_aggregation import CostAggregator, shift_window_mask
-from ..text import TextClassifier, Vocabulary
+from ..text import TextClassifier, Vocabulary, max_over_synonyms
 from ..trainable import unlock_query_value
 from .base import OpenVocabModel
 
 logger = logging.getLogger(__name__)
 
 INFERENCE_MODES = ("slide", "whole")
+# MODEL.CATSEG.SYNONYMS: how a class with several names ("sofa|couch") is scored
+SYNONYM_RULES = ("first", "mean", "max")
 # classes post-processed (upsampled, merged, resized) together at test time: bounds the temporaries
 _OUTPUT_CHUNK = 64
 
@@ -76,7 +78,10 @@ class CATSegSegmentor(OpenVocabModel):
             decoder_guidance_dims: channels of the two upsampled guidance maps (x2 and x4 the feature grid).
             finetune_clip: train the q / v projection weights of both towers (`unlock_query_value`).
             clip_lr_multiplier: their learning rate as a multiple of SOLVER.BASE_LR.
-            synonyms: how a class's synonyms make its text embedding ("first" = the authors': its first name).
+            synonyms: how a class's synonyms are scored: "first" (the authors': its first name's embedding), "mean"
+                (the names' embeddings averaged per template) or "max" (each name its own class channel through
+                the head, the class's probability the maximum over its names': the authors' PAS-20b, where
+                every prediction of one of 39 Pascal-Context names counts as background).
             inference_mode: "slide" (the authors' windows + global view) or "whole" (one resized view).
             slide_resize, slide_window, slide_stride: the sliding-window geometry in pixels.
             ignore_value: the label of unlabelled pixels.
@@ -86,6 +91,8 @@ class CATSegSegmentor(OpenVocabModel):
         if len(backbone.feature_blocks) != 2:
             raise ValueError(f"CAT-Seg needs two CLIP blocks guiding its decoder (MODEL.CLIP.FEATURE_BLOCKS, e.g. "
                              f"[3, 7] for ViT-B, [7, 15] for ViT-L); got {backbone.feature_blocks}")
+        if synonyms not in SYNONYM_RULES:
+            raise ValueError(f"MODEL.CATSEG.SYNONYMS={synonyms!r}; use one of {list(SYNONYM_RULES)}")
         if inference_mode not in INFERENCE_MODES:
             raise ValueError(f"MODEL.CATSEG.INFERENCE_MODE={inference_mode!r}; use one of {list(INFERENCE_MODES)}")
         if len(clip_resolution) != 2 or any(s % backbone.patch_size for s in clip_resolution):
@@ -176,17 +183,29 @@ class CATSegSegmentor(OpenVocabModel):
 
     # ---- text --------------------------------------------------------------------------------------------------
     def class_embeddings(self, vocabulary: Vocabulary) -> torch.Tensor:
-        """(T, P, D) normalised text embeddings per prompt template; with gradients while training, cached while
-        testing (until the text weights change)."""
+        """(T, P, D) normalised text embeddings per prompt template, a row per class of `vocabulary` (its synonyms
+        combined by "first" / "mean"; "max" embeds each name on its own: `text_channels`); with gradients while
+        training, cached while testing (until the text weights change)."""
+        rule = "first" if self.synonyms == "max" else self.synonyms  # "max": one-name classes (text_channels)
         if self.training and torch.is_grad_enabled():
-            return self.text_classifier.template_embeddings(vocabulary, self.synonyms).to(self.device)
+            return self.text_classifier.template_embeddings(vocabulary, rule).to(self.device)
         params = [p for p in self.text_classifier.text_model.parameters() if p.requires_grad]
-        key = (vocabulary, self.synonyms, tuple((p.data_ptr(), p._version) for p in params))
+        key = (vocabulary, rule, tuple((p.data_ptr(), p._version) for p in params))
         if self._text_cache is None or self._text_cache[0] != key:
             with torch.no_grad():
-                emb = self.text_classifier.template_embeddings(vocabulary, self.synonyms).to(self.device)
+                emb = self.text_classifier.template_embeddings(vocabulary, rule).to(self.device)
             self._text_cache = (key, emb)
         return self._text_cache[1]
+
+    def text_channels(self, vocabulary: Vocabulary) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The head's class channels for `vocabulary`: (S, P, D) text embeddings and the (S,) class of each channel
+        (`max_over_synonyms` merges them), or S = T channels and None. With SYNONYMS "max" every name of a class
+        with several is a channel of its own, so class aggregation sees them all, as it sees a list that names them
+        as classes (the authors' PAS-20b)."""
+        if self.synonyms == "max" and any(len(c) > 1 for c in vocabulary.classes):
+            singles, owner = vocabulary.per_synonym()
+            return self.class_embeddings(singles), torch.tensor(owner, device=self.device)
+        return self.class_embeddings(vocabulary), None
 
     # ---- the tensor core ---------------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
@@ -268,13 +287,21 @@ class CATSegSegmentor(OpenVocabModel):
             targets = ImageList.from_tensors([x["sem_seg"].to(self.device) for x in batched_inputs],
                                              size_divisibility=self.backbone.patch_size,
                                              pad_value=self.ignore_value).tensor
-            logits = self.logits(images.tensor, self.class_embeddings(self.train_vocabulary))
+            text, owner = self.text_channels(self.train_vocabulary)
+            logits = self.logits(images.tensor, text)  # (B, S, h, w)
+            if owner is not None:  # sigmoid is monotonic: the max logit is the logit of the max probability
+                logits = max_over_synonyms(logits, owner, len(self.train_vocabulary), dim=1)
             return self.losses(logits, targets)
-        text = self.class_embeddings(self.vocabulary)
+        text, owner = self.text_channels(self.vocabulary)
         results = []
         for inp in batched_inputs:
             self.check_image(inp["image"])
             h, w = inp["image"].shape[-2:]
             out_size = (inp.get("height", h), inp.get("width", w))
-            results.append({"sem_seg": self.segment(self.normalize(inp["image"]), text, out_size)})
+            probs = self.segment(self.normalize(inp["image"]), text, out_size)  # (S, H, W)
+            if owner is not None:
+                # at the output resolution, after every resize and window average: as the authors' argmax over
+                # all names, then name -> class (resizing does not commute with the max)
+                probs = max_over_synonyms(probs, owner, len(self.vocabulary), dim=0)
+            results.append({"sem_seg": probs})
         return results

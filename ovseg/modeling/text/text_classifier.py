@@ -155,11 +155,8 @@ class TextClassifier(nn.Module):
             (S, D) normalised embeddings (templates averaged per synonym), S = total number of synonyms, and
             (S,) int64 `owner`: the class index of each synonym (see `max_over_synonyms`).
         """
-        vocab = parse_vocabulary(vocabulary)
-        singles = Vocabulary(tuple((s,) for c in vocab.classes for s in c))
-        owner = torch.tensor([i for i, c in enumerate(vocab.classes) for _ in c], dtype=torch.long,
-                             device=self.device)
-        return self(singles), owner
+        singles, owner = parse_vocabulary(vocabulary).per_synonym()
+        return self(singles), torch.tensor(owner, dtype=torch.long, device=self.device)
 
 
 def max_over_synonyms(values: torch.Tensor, owner: torch.Tensor, num_classes: int, dim: int = -1) -> torch.Tensor:

@@ -80,6 +80,12 @@ class Vocabulary:
     def to_strings(self) -> list:
         return ["|".join(c) for c in self.classes]
 
+    def per_synonym(self) -> Tuple["Vocabulary", List[int]]:
+        """Every synonym as a one-name class of its own (classes in order, each's names in order), and the index of
+        the class each came from: the layout of the rule "one query per synonym, max over a class's synonyms"."""
+        singles = Vocabulary(tuple((s,) for c in self.classes for s in c))
+        return singles, [i for i, c in enumerate(self.classes) for _ in c]
+
     def summary(self, max_names: int = 20) -> str:
         """For logs: the count and the first `max_names` display names, not a 20 KB line for 2,000 classes."""
         names = self.names
