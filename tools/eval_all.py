@@ -74,17 +74,19 @@ def main(argv=None):
         cfg.OUTPUT_DIR = os.path.join(args.output, column.replace(" ", "_"))
         cfg = resolve_device(cfg)  # a CPU-only machine runs the shipped (cuda) configs on CPU
         dataset = cfg.DATASETS.TEST[0]
+        if model is None or model_key != cfg.MODEL.dump():
+            # outside the per-benchmark handling: the model's or its weights' error would be every column's
+            model, model_key = build_model(cfg).eval(), cfg.MODEL.dump()
+            load_eval_weights(cfg, model)  # safe and strict, as train_net.py --eval-only
         try:
-            if model is None or model_key != cfg.MODEL.dump():
-                model, model_key = build_model(cfg).eval(), cfg.MODEL.dump()
-                load_eval_weights(cfg, model)  # safe and strict, as train_net.py --eval-only
             result = Trainer.test(cfg, model)[dataset]
             details[column] = {"dataset": dataset, "results": result}
             scores[column] = float(result[task][metric])
-        except UserError:  # the model or its weights: every column would fail the same way
+        except UserError:
             raise
         except (FileNotFoundError, KeyError, ValueError) as e:
             details[column] = {"dataset": dataset, "error": f"{type(e).__name__}: {e}"}
+            print(f"[eval_all] {column}: n/a ({e})", file=sys.stderr)
         details[column]["evaluator_type"] = MetadataCatalog.get(dataset).get("evaluator_type", None)
 
     os.makedirs(args.output, exist_ok=True)
@@ -99,12 +101,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as e:  # a user's mistake (config, weights) is one line, anything else a traceback
-        from ovseg.engine import UserError
+    sys.path.insert(0, ROOT)
+    from ovseg.engine import run_command
 
-        if not isinstance(e, UserError):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    # a user's mistake (config, weights) is one line, anything else a traceback
+    run_command(main, user_errors=(ValueError,))

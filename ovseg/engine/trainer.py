@@ -425,6 +425,11 @@ def check_inputs(cfg: CfgNode, eval_only: bool) -> None:
         weights = resolve_weights(weights, "MODEL.WEIGHTS")
     except (ValueError, WeightsUnavailableError) as e:
         raise UserError(str(e)) from e
+    check_weights_file(weights)
+
+
+def check_weights_file(weights: str) -> None:
+    """MODEL.WEIGHTS (a resolved path; "" or a URL pass) is a file that is not empty, else one clear error."""
     if weights and "://" not in weights:
         if not os.path.isfile(weights):
             raise UserError(str(unknown_weights_error("MODEL.WEIGHTS", weights)))
@@ -441,7 +446,10 @@ def load_eval_weights(cfg: CfgNode, model: torch.nn.Module, resume: bool = False
                                     strict=not allow_random)
     if cfg.MODEL.WEIGHTS or (resume and checkpointer.has_checkpoint()):
         # a model-zoo name -> its verified file in the cache
-        checkpointer.resume_or_load(resolve_weights(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS"), resume=resume)
+        weights = resolve_weights(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
+        if not (resume and checkpointer.has_checkpoint()):
+            check_weights_file(weights)  # fvcore would assert; tools/eval_all.py does not run check_inputs
+        checkpointer.resume_or_load(weights, resume=resume)
         return
     # the CLIP towers' unlocked blocks start from MODEL.CLIP.PRETRAINED (CLIPSelf's "original" evaluation)
     core = _unwrap(model)

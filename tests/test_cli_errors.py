@@ -1,0 +1,94 @@
+"""The command-line tools a new user runs first: a mistake ends with one `error: ...` line and status 2, a missing
+benchmark is reported as n/a with its reason, and a model's own error is not mistaken for a missing benchmark.
+Each tool is run as `python <tool>` would run it (runpy, `__main__`), in process to stay fast."""
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# the tiny random tower in the shipped dense config, the cheapest text prompts, CPU
+TINY = ["MODEL.CLIP.MODEL_NAME", "ovseg-tiny-ViT-16", "MODEL.CLIP.PRETRAINED", "", "MODEL.TEXT.TEMPLATES", "single",
+        "MODEL.DEVICE", "cpu"]
+
+
+def run_tool(script: str, argv, monkeypatch, capsys):
+    """(exit status, stderr lines) of `python <script> <argv>`; None for a run that returned without exiting."""
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script), *argv])
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+        code = None
+    except SystemExit as e:
+        code = e.code
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def empty_datasets(tmp_path):
+    """The benchmarks registered under an empty root (none has its files), restored afterwards."""
+    from ovseg.data import register_all_ovseg_datasets
+
+    register_all_ovseg_datasets(str(tmp_path / "no_data"))
+    yield
+    register_all_ovseg_datasets()
+
+
+def test_eval_all_missing_weights_file_is_one_line(tmp_path, monkeypatch, capsys, empty_datasets):
+    missing = tmp_path / "model_final.pth"
+    code, err = run_tool("tools/eval_all.py", [
+        "--columns", "A-150", "--config-file", "clip_dense_vitb16", "--output", str(tmp_path / "res"), *TINY,
+        "MODEL.WEIGHTS", str(missing)], monkeypatch, capsys)
+    assert code == 2
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1 and str(missing) in errors[0] and "MODEL.WEIGHTS" in errors[0], err
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_eval_all_model_error_is_not_reported_as_missing_data(tmp_path, monkeypatch, capsys, empty_datasets):
+    # the tiny tower has 3 blocks: block 5 cannot feed the model, whatever the benchmark
+    code, err = run_tool("tools/eval_all.py", [
+        "--columns", "A-150", "VOC", "--config-file", "clip_dense_vitb16", "--output", str(tmp_path / "res"), *TINY,
+        "MODEL.CLIP.FEATURE_BLOCKS", "[5]"], monkeypatch, capsys)
+    assert code == 2
+    assert err[-1].startswith("error:") and "FEATURE_BLOCKS" in err[-1], err
+    assert not (tmp_path / "res" / "results.json").exists()  # no table of n/a for a broken model
+
+
+def test_eval_all_says_why_a_benchmark_is_na(tmp_path, monkeypatch, capsys, empty_datasets):
+    code, err = run_tool("tools/eval_all.py", [
+        "--columns", "A-150", "--config-file", "clip_dense_vitb16", "--output", str(tmp_path / "res"), *TINY],
+        monkeypatch, capsys)
+    assert code == 0
+    reason = json.loads((tmp_path / "res" / "results.json").read_text())["details"]["A-150"]["error"]
+    assert "prepare_ade20k_150.py" in reason
+    shown = [line for line in err if line.startswith("[eval_all] A-150: n/a")]
+    assert len(shown) == 1 and reason.split(": ", 1)[1] in shown[0], err
+
+
+def test_export_missing_weights_is_one_line(tmp_path, monkeypatch, capsys):
+    code, err = run_tool("tools/export.py", [
+        "--config", "naclip_vitb16", "--vocab", "cat,dog", "--output", str(tmp_path / "m"),
+        "--weights", str(tmp_path / "missing.pth"), *TINY], monkeypatch, capsys)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error:") and "missing.pth" in err[0], err
+
+
+def test_export_slide_inference_is_one_line(tmp_path, monkeypatch, capsys):
+    # naclip_vitb16 slides windows: export needs INFERENCE_MODE whole, and says so
+    code, err = run_tool("tools/export.py", [
+        "--config", "naclip_vitb16", "--vocab", "cat,dog", "--output", str(tmp_path / "m"), "--no-onnx", *TINY],
+        monkeypatch, capsys)
+    assert code == 2
+    assert err[-1].startswith("error:") and "INFERENCE_MODE whole" in err[-1], err
+    assert not any("Traceback" in line for line in err)
+
+
+def test_convert_missing_input_names_the_flag(tmp_path, monkeypatch, capsys):
+    code, err = run_tool("scripts/convert_to_open_clip.py", [
+        "--model-name", "ovseg-tiny-ViT-16", "--input", str(tmp_path / "model_final.pth"),
+        "--output", str(tmp_path / "out.pt")], monkeypatch, capsys)
+    assert code == 2
+    assert err[-1].endswith(f"error: --input {tmp_path / 'model_final.pth'}: no such file"), err
+    assert not (tmp_path / "out.pt").exists()
