@@ -92,3 +92,20 @@ def test_convert_missing_input_names_the_flag(tmp_path, monkeypatch, capsys):
     assert code == 2
     assert err[-1].endswith(f"error: --input {tmp_path / 'model_final.pth'}: no such file"), err
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_train_net_takes_a_shipped_config_name(monkeypatch, capsys, empty_datasets):
+    from ovseg.engine import load_config_file, run
+    from ovseg.utils.paths import PACKAGE_DIR
+
+    # the config is found by name: the run gets as far as the benchmark the config names, which has no files here
+    path = PACKAGE_DIR / "configs" / "trainingfree" / "naclip" / "ade20k.yaml"
+    dataset = load_config_file(str(path), warn=False).DATASETS.TEST[0]
+    with pytest.raises(SystemExit) as e:
+        run(["--config-file", "naclip/ade20k", "--eval-only", *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith(f"error: dataset {dataset!r}"), err
+    with pytest.raises(SystemExit) as e:  # a name two shipped configs share: one line asking for the folder
+        run(["--config-file", "ade20k", "--eval-only"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: config name 'ade20k' is ambiguous"), err

@@ -44,6 +44,7 @@ from ..modeling.meta_arch.base import OpenVocabModel
 from ..modeling.meta_arch.clipself import CLIPSelfDistiller
 from ..modeling.test_time_augmentation import SegmentorWithTTA
 from ..utils.download import WeightsUnavailableError
+from ..utils.paths import resolve_config
 from ..utils.precision import inference_autocast
 from .checkpoint import SafeCheckpointer
 from .data import ResumableTrainLoader, capture_rng_state, resolve_data_seed, restore_rng_state
@@ -505,6 +506,11 @@ def run(argv=None):
     args = default_argument_parser().parse_args(argv)
     logging.getLogger("ovseg").info("Command line arguments: %s", args)
     try:
+        if args.config_file:  # a shipped config's name, as the demo, tools/eval_all.py and Predictor take
+            try:
+                args.config_file = str(resolve_config(args.config_file))
+            except ValueError as e:  # an ambiguous name
+                raise UserError(str(e)) from None
         # checked once here, before processes start, so that a mistake is one line and not one traceback per rank
         check_inputs(load_config(args, warn=False), args.eval_only)  # each process warns in its setup
         return launch(launched_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
