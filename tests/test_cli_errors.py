@@ -2,7 +2,9 @@
 benchmark is reported as n/a with its reason, and a model's own error is not mistaken for a missing benchmark.
 Each tool is run as `python <tool>` would run it (runpy, `__main__`), in process to stay fast."""
 import json
+import os
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,3 +111,22 @@ def test_train_net_takes_a_shipped_config_name(monkeypatch, capsys, empty_datase
         run(["--config-file", "ade20k", "--eval-only"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err[-1].startswith("error: config name 'ade20k' is ambiguous"), err
+
+
+def test_import_shows_no_dependency_deprecation_warnings(tmp_path):
+    # every command imports ovseg: fvcore's and detectron2's torch.jit.script calls warned twice per command; a user's
+    # own torch.jit.script call afterwards still warns (the filter covers those imports only)
+    code = ("import sys, torch\n"
+            "import ovseg\n"
+            "print('--- after import', file=sys.stderr, flush=True)\n"
+            "def f(x: torch.Tensor) -> torch.Tensor:\n"
+            "    return x + 1\n"
+            "torch.jit.script(f)\n")
+    (tmp_path / "user.py").write_text(code)  # torch.jit.script reads the function's source
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="default", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(tmp_path / "user.py")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    during, after = proc.stderr.split("--- after import")
+    assert "torch.jit.script` is deprecated" not in during, during
+    assert "torch.jit.script` is deprecated" in after, after
