@@ -93,6 +93,12 @@ class Prediction:
     vocabulary: Vocabulary
     outputs: Dict = field(repr=False)
 
+    def __repr__(self) -> str:
+        # the dataclass default printed every pixel of the image (a notebook cell's or print()'s output)
+        h, w = self.image.shape[:2]
+        return (f"Prediction({w}x{h} image, vocabulary: {self.vocabulary.summary(max_names=5)}, "
+                f"outputs: {', '.join(sorted(self.outputs)) or 'none'})")
+
     @property
     def sem_seg(self) -> Optional[torch.Tensor]:
         """(H, W) int64 class indices (argmax of the class scores, or the label map itself under MODEL.SEM_SEG_OUTPUT
