@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,3 +131,43 @@ def test_import_shows_no_dependency_deprecation_warnings(tmp_path):
     during, after = proc.stderr.split("--- after import")
     assert "torch.jit.script` is deprecated" not in during, during
     assert "torch.jit.script` is deprecated" in after, after
+
+
+def _folder_dataset(root: Path) -> Path:
+    """A `folder:` dataset of two 32x32 images with two classes."""
+    from PIL import Image
+
+    for sub in ("images", "labels"):
+        (root / sub).mkdir(parents=True)
+    (root / "classes.txt").write_text("road\ntree\n")
+    for i in range(2):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(np.full((32, 32), i, np.uint8)).save(root / "labels" / f"{i}.png")
+    return root
+
+
+def test_train_net_model_config_mistake_is_one_line(tmp_path, capsys):
+    from ovseg.engine import run
+
+    data = _folder_dataset(tmp_path / "val")
+    with pytest.raises(SystemExit) as e:  # the tiny tower has 3 blocks
+        run(["--config-file", "naclip_vitb16", "--eval-only", *TINY, "DATASETS.TEST", f"('folder:{data}',)",
+             "MODEL.CLIP.FEATURE_BLOCKS", "[5]", "OUTPUT_DIR", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2, err
+    assert err[-1].startswith("error: CLIPDenseSegmentor cannot be built from this config: MODEL.CLIP.FEATURE_BLOCKS")
+
+
+def test_train_net_unreachable_clip_weights_are_one_line(monkeypatch):
+    import detectron2.engine.defaults
+
+    from ovseg.engine import Trainer, UserError
+    from ovseg.utils.download import WeightsUnavailableError
+    from tests.helpers import tiny_cfg
+
+    def offline(cfg):  # what building any model does on a machine without the weights
+        raise WeightsUnavailableError("Could not get the 'ViT-B-16' weights 'openai': set MODEL.CLIP.PRETRAINED")
+
+    monkeypatch.setattr(detectron2.engine.defaults, "build_model", offline)
+    with pytest.raises(UserError, match="MODEL.CLIP.PRETRAINED"):
+        Trainer.build_model(tiny_cfg())

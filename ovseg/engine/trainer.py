@@ -182,6 +182,17 @@ class Trainer(DefaultTrainer):
     (`SafeCheckpointer`), a checkpoint on SIGINT / SIGTERM, a clear stop on non-finite predictions or losses, and
     CPU runs (AMP off, DDP without device ids) as well as CUDA ones."""
 
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
+        """detectron2's, with the user's mistakes as one line: a config the model refuses (its ValueError names the
+        key, e.g. MODEL.CLIP.FEATURE_BLOCKS beyond the tower's depth) or CLIP weights that cannot be downloaded."""
+        try:
+            return super().build_model(cfg)
+        except WeightsUnavailableError as e:
+            raise UserError(str(e)) from e
+        except ValueError as e:
+            raise UserError(f"{cfg.MODEL.META_ARCHITECTURE} cannot be built from this config: {e}") from e
+
     def __init__(self, cfg: CfgNode):
         # DefaultTrainer.__init__'s steps, with the CPU-aware DDP wrapper, our data stream and our checkpointer
         TrainerBase.__init__(self)
