@@ -171,3 +171,9 @@ def test_train_net_unreachable_clip_weights_are_one_line(monkeypatch):
     monkeypatch.setattr(detectron2.engine.defaults, "build_model", offline)
     with pytest.raises(UserError, match="MODEL.CLIP.PRETRAINED"):
         Trainer.build_model(tiny_cfg())
+
+
+def test_catseg_parity_without_their_code_is_one_line(tmp_path, monkeypatch, capsys):
+    code, err = run_tool("tools/catseg_parity.py", [str(tmp_path)], monkeypatch, capsys)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path}: neither a CAT-Seg checkout"), err
