@@ -177,3 +177,27 @@ def test_catseg_parity_without_their_code_is_one_line(tmp_path, monkeypatch, cap
     code, err = run_tool("tools/catseg_parity.py", [str(tmp_path)], monkeypatch, capsys)
     assert code == 2
     assert len(err) == 1 and err[0].startswith(f"error: {tmp_path}: neither a CAT-Seg checkout"), err
+
+
+def test_eval_all_config_mistakes_are_one_line(tmp_path, monkeypatch, capsys, empty_datasets):
+    base = ["--columns", "A-150", "--config-file", "clip_dense_vitb16", "--output", str(tmp_path / "res")]
+    for opts, expected in [
+        (["MODEL.CLIP.MODEL_NAM", "ovseg-tiny-ViT-16"], "error: unknown config key MODEL.CLIP.MODEL_NAM"),
+        (["MODEL.CLIP.MODEL_NAME"], "error: config overrides come in KEY VALUE pairs"),
+        # the columns choose the benchmark: an override would silently evaluate one dataset under every column
+        ([*TINY, "DATASETS.TEST", "('ade20k_150_sem_seg_val',)"], "error: eval_all sets DATASETS.TEST per column"),
+    ]:
+        code, err = run_tool("tools/eval_all.py", [*base, *opts], monkeypatch, capsys)
+        assert code == 2 and err[-1].startswith(expected), (opts, err)
+        assert not any("Traceback" in line for line in err)
+
+
+def test_eval_all_registers_a_folder_training_set(tmp_path, monkeypatch, capsys, empty_datasets):
+    # CAT-Seg reads its training vocabulary from DATASETS.TRAIN: a folder: name must be registered, as train_net does
+    data = _folder_dataset(tmp_path / "train")
+    code, err = run_tool("tools/eval_all.py", [
+        "--columns", "A-150", "--config-file", "catseg_vitb16_coco_stuff", "--output", str(tmp_path / "res"), *TINY,
+        "MODEL.CLIP.FEATURE_BLOCKS", "[0, 1]", "MODEL.ALLOW_RANDOM_WEIGHTS", "True",
+        "DATASETS.TRAIN", f"('folder:{data}',)"], monkeypatch, capsys)
+    assert code == 0, err
+    assert any(line.startswith("[eval_all] A-150: n/a (dataset 'ade20k_150_sem_seg_val'") for line in err), err

@@ -56,23 +56,24 @@ def main(argv=None):
     from detectron2.data import MetadataCatalog
     from detectron2.modeling import build_model
 
-    from ovseg.config import get_ovseg_cfg
-    from ovseg.engine import Trainer, UserError, load_eval_weights, resolve_device
-    from ovseg.predictor import resolve_config
-    from ovseg.utils.paths import PACKAGE_DIR
+    from ovseg.data.custom import register_dataset_names
+    from ovseg.engine import Trainer, UserError, load_config_file, load_eval_weights
+    from ovseg.utils.paths import PACKAGE_DIR, resolve_config
 
+    if "DATASETS.TEST" in args.opts[0::2]:
+        raise UserError("eval_all sets DATASETS.TEST per column (--columns); for one dataset of yours run "
+                        "train_net.py --eval-only with DATASETS.TEST")
     scores, details = {}, {}
     model, model_key = None, None
     for column in args.columns:
         eval_config, task, metric = {**COLUMNS, **EXTRA_COLUMNS}[column]
-        eval_cfg = get_ovseg_cfg()
-        eval_cfg.merge_from_file(str(PACKAGE_DIR / "configs" / "eval" / eval_config))
-        cfg = get_ovseg_cfg()
-        cfg.merge_from_file(str(resolve_config(args.config_file)))
+        eval_cfg = load_config_file(str(PACKAGE_DIR / "configs" / "eval" / eval_config), warn=False)
+        # unknown keys and odd overrides are one line, as in train_net.py; a CPU-only machine runs the shipped
+        # (cuda) configs on CPU, said once
+        cfg = load_config_file(str(resolve_config(args.config_file)), args.opts, warn=column == args.columns[0])
         cfg.DATASETS.TEST = tuple(eval_cfg.DATASETS.TEST)  # the eval config only chooses the benchmark
-        cfg.merge_from_list(args.opts)
         cfg.OUTPUT_DIR = os.path.join(args.output, column.replace(" ", "_"))
-        cfg = resolve_device(cfg)  # a CPU-only machine runs the shipped (cuda) configs on CPU
+        register_dataset_names(tuple(cfg.DATASETS.TRAIN))  # folder: / coco: names the model's vocabulary may read
         dataset = cfg.DATASETS.TEST[0]
         if model is None or model_key != cfg.MODEL.dump():
             # outside the per-benchmark handling: the model's or its weights' error would be every column's
