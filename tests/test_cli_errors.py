@@ -201,3 +201,19 @@ def test_eval_all_registers_a_folder_training_set(tmp_path, monkeypatch, capsys,
         "DATASETS.TRAIN", f"('folder:{data}',)"], monkeypatch, capsys)
     assert code == 0, err
     assert any(line.startswith("[eval_all] A-150: n/a (dataset 'ade20k_150_sem_seg_val'") for line in err), err
+
+
+def test_missing_weights_suggest_the_configs_output_dir(tmp_path, capsys, monkeypatch):
+    # the config's OUTPUT_DIR (output/<config name>) is where its training wrote model_final.pth
+    from ovseg.engine import run
+
+    monkeypatch.chdir(tmp_path)
+    data = _folder_dataset(tmp_path / "val")
+    (tmp_path / "output" / "ade_clipself").mkdir(parents=True)
+    (tmp_path / "output" / "ade_clipself" / "model_final.pth").write_bytes(b"x")
+    with pytest.raises(SystemExit) as e:
+        run(["--config-file", "ade_clipself", "--eval-only", *TINY, "DATASETS.TEST", f"('folder:{data}',)",
+             "MODEL.WEIGHTS", "output/model_final.pth"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: MODEL.WEIGHTS='output/model_final.pth'"), err
+    assert err[-1].endswith("did you mean output/ade_clipself/model_final.pth (the config's OUTPUT_DIR)?"), err

@@ -437,14 +437,17 @@ def check_inputs(cfg: CfgNode, eval_only: bool) -> None:
         weights = resolve_weights(weights, "MODEL.WEIGHTS")
     except (ValueError, WeightsUnavailableError) as e:
         raise UserError(str(e)) from e
-    check_weights_file(weights)
+    check_weights_file(weights, cfg.OUTPUT_DIR)
 
 
-def check_weights_file(weights: str) -> None:
-    """MODEL.WEIGHTS (a resolved path; "" or a URL pass) is a file that is not empty, else one clear error."""
+def check_weights_file(weights: str, output_dir: str = "") -> None:
+    """MODEL.WEIGHTS (a resolved path; "" or a URL pass) is a file that is not empty, else one clear error. A file
+    of the same name in `output_dir` (the config's OUTPUT_DIR, where its training wrote) is suggested."""
     if weights and "://" not in weights:
         if not os.path.isfile(weights):
-            raise UserError(str(unknown_weights_error("MODEL.WEIGHTS", weights)))
+            there = os.path.join(output_dir, os.path.basename(weights)) if output_dir else ""
+            hint = f"; did you mean {there} (the config's OUTPUT_DIR)?" if there and os.path.isfile(there) else ""
+            raise UserError(f"{unknown_weights_error('MODEL.WEIGHTS', weights)}{hint}")
         if os.path.getsize(weights) == 0:
             raise UserError(f"MODEL.WEIGHTS file {weights} is empty (0 bytes): an interrupted save or download?")
 
@@ -460,7 +463,7 @@ def load_eval_weights(cfg: CfgNode, model: torch.nn.Module, resume: bool = False
         # a model-zoo name -> its verified file in the cache
         weights = resolve_weights(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
         if not (resume and checkpointer.has_checkpoint()):
-            check_weights_file(weights)  # fvcore would assert; tools/eval_all.py does not run check_inputs
+            check_weights_file(weights, cfg.OUTPUT_DIR)  # fvcore asserts; eval_all skips check_inputs
         checkpointer.resume_or_load(weights, resume=resume)
         return
     # the CLIP towers' unlocked blocks start from MODEL.CLIP.PRETRAINED (CLIPSelf's "original" evaluation)
