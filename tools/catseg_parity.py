@@ -88,8 +88,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tol", type=float, default=1e-4, help="largest |logit difference| that passes")
     parser.add_argument("--json", default="", help="also write the rows here")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     authors = load_authors_module(args.repo)
+    torch.set_grad_enabled(False)
     settings = [  # ViT-B/16 test protocol (pooling 1x1), training pooling, > pad_len classes, 80 prompts (ViT-L)
         dict(clip_dim=512, num_classes=150, pooling=(1, 1), num_prompts=1, num_layers=2),
         dict(clip_dim=512, num_classes=171, pooling=(2, 2), num_prompts=1, num_layers=2),
