@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from .model_zoo import is_zoo_name, unknown_weights_error, zoo_entry
 from .modeling.meta_arch import OpenVocabModel
 from .modeling.test_time_augmentation import SegmentorWithTTA
 from .modeling.text import Vocabulary, parse_vocabulary
-from .utils.paths import PACKAGE_DIR
+from .utils.paths import config_roots, resolve_config, shipped_configs  # noqa: F401 - public here too
 from .utils.precision import inference_autocast, resolve_inference_dtype
 
 logger = logging.getLogger(__name__)
@@ -40,45 +39,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["Prediction", "Predictor", "config_roots", "resolve_config", "shipped_configs"]
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
-
-def config_roots() -> List[Path]:
-    """Folders holding the shipped configs: the package's `ovseg/configs` (package data; the checkout's `configs/`
-    is a link to it)."""
-    return [p for p in (PACKAGE_DIR / "configs",) if p.is_dir()]
-
-
-def shipped_configs() -> Dict[str, List[Path]]:
-    """Every shipped config by its path relative to its root without `.yaml` (e.g. `trainingfree/naclip_vitb16`);
-    a relative path found under two roots keeps the first root's file."""
-    found: Dict[str, List[Path]] = {}
-    for root in config_roots():
-        for path in sorted(root.rglob("*.yaml")):
-            rel = path.relative_to(root).with_suffix("").as_posix()
-            found.setdefault(rel, []).append(path)
-    return found
-
-
-def resolve_config(name: Union[str, os.PathLike]) -> Path:
-    """A yaml path as given, or a shipped config by name: its file name without `.yaml` (`naclip_vitb16`) or
-    the trailing part of its relative path (`naclip/ade20k`, `trainingfree/naclip/ade20k`)."""
-    text = os.fspath(name)
-    if os.path.isfile(text):
-        return Path(text)
-    key = text[:-5] if text.endswith(".yaml") else text
-    key = key.strip("/")
-    configs = shipped_configs()
-    matches = [paths[0] for rel, paths in configs.items() if rel == key or rel.endswith("/" + key)]
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        raise ValueError(f"config name {text!r} is ambiguous: {sorted(str(m) for m in matches)}; name it by its "
-                         "folder too, e.g. 'naclip/ade20k'")
-    names = sorted({rel.rsplit("/", 1)[-1] for rel in configs})
-    close = difflib.get_close_matches(key, names, n=5, cutoff=0.5)
-    roots = ", ".join(str(r) for r in config_roots()) or "none found"
-    raise FileNotFoundError(f"no config file or shipped config named {text!r} (searched {roots})"
-                            + (f"; close names: {close}" if close else f"; shipped: {names}"))
-
 
 def _as_rgb_array(image: ImageInput, where: str) -> np.ndarray:
     """Any accepted image -> (H, W, 3) uint8 RGB array; one clear error otherwise."""
@@ -132,6 +92,12 @@ class Prediction:
     image: np.ndarray
     vocabulary: Vocabulary
     outputs: Dict = field(repr=False)
+
+    def __repr__(self) -> str:
+        # the dataclass default printed every pixel of the image (a notebook cell's or print()'s output)
+        h, w = self.image.shape[:2]
+        return (f"Prediction({w}x{h} image, vocabulary: {self.vocabulary.summary(max_names=5)}, "
+                f"outputs: {', '.join(sorted(self.outputs)) or 'none'})")
 
     @property
     def sem_seg(self) -> Optional[torch.Tensor]:

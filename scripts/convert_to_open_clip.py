@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write a plain open_clip state dict from any checkpoint layout ovseg reads.
+r"""Write a plain open_clip state dict from any checkpoint layout ovseg reads.
 
     # export the refined CLIP of a CLIPSelf run (refined visual tower + original text tower)
     python scripts/convert_to_open_clip.py --model-name EVA02-B-16 \
@@ -34,6 +34,8 @@ def main(argv=None) -> int:
                         help="let --input unpickle Python objects beyond tensors (or be a TorchScript archive): such "
                              "a file can run code, so only for files from a source you trust")
     args = parser.parse_args(argv)
+    if not os.path.isfile(args.input):  # before the model is built, named as the user wrote it
+        parser.error(f"--input {args.input}: no such file")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     model = load_open_clip(args.model_name, args.input, args.trust_pickled_weights)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
@@ -43,4 +45,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ovseg.engine import run_command
+
+    # unmatched keys, a pickle refused without --trust-pickled-weights: one line
+    run_command(main, user_errors=(ValueError,))

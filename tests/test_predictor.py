@@ -215,3 +215,15 @@ def test_config_mistakes_get_the_command_lines_errors():
         Predictor("naclip_vitb16", opts=["INPUT.MIN_SIZE_TESTT", "32"])
     with pytest.raises(UserError, match="odd number"):
         Predictor(tiny_cfg(), opts=["INPUT.MIN_SIZE_TEST"])
+
+
+def test_repr_is_one_short_line():
+    # print(prediction) in a notebook printed every pixel of the input image
+    from ovseg.modeling.text import parse_vocabulary
+    from ovseg.predictor import Prediction
+
+    vocab = parse_vocabulary("cat,sofa|couch,sky")
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    text = repr(Prediction(image=image, vocabulary=vocab, outputs={"sem_seg": torch.zeros(3, 48, 64)}))
+    assert "\n" not in text and len(text) < 200, text
+    assert "64x48" in text and "3 classes: cat, sofa, sky" in text and "sem_seg" in text

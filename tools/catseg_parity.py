@@ -17,7 +17,6 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 import tempfile
 
 import torch
@@ -32,8 +31,11 @@ def load_authors_module(repo: str):
     """Their model.py as a module, read from a checkout or (a bare mirror) from git's HEAD."""
     path = os.path.join(repo, MODEL_PY)
     if not os.path.exists(path):
-        src = subprocess.run(["git", "--git-dir", repo, "show", f"HEAD:{MODEL_PY}"], check=True,
-                             capture_output=True, text=True).stdout
+        got = subprocess.run(["git", "--git-dir", repo, "show", f"HEAD:{MODEL_PY}"], capture_output=True, text=True)
+        if got.returncode:
+            raise FileNotFoundError(f"{repo}: neither a CAT-Seg checkout (no {MODEL_PY}) nor a git dir whose HEAD "
+                                    "holds it (git clone https://github.com/KU-CVLAB/CAT-Seg)")
+        src = got.stdout
         path = os.path.join(tempfile.mkdtemp(prefix="catseg_parity_"), "catseg_authors_model.py")
         with open(path, "w") as f:
             f.write(src)
@@ -83,11 +85,11 @@ def compare(authors, *, clip_dim: int, num_classes: int, pooling, num_prompts: i
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("repo", help="the authors' CAT-Seg repository (checkout or bare git dir)")
-    parser.add_argument("--tol", type=float, default=1e-4)
+    parser.add_argument("--tol", type=float, default=1e-4, help="largest |logit difference| that passes")
     parser.add_argument("--json", default="", help="also write the rows here")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     authors = load_authors_module(args.repo)
+    torch.set_grad_enabled(False)
     settings = [  # ViT-B/16 test protocol (pooling 1x1), training pooling, > pad_len classes, 80 prompts (ViT-L)
         dict(clip_dim=512, num_classes=150, pooling=(1, 1), num_prompts=1, num_layers=2),
         dict(clip_dim=512, num_classes=171, pooling=(2, 2), num_prompts=1, num_layers=2),
@@ -108,4 +110,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ovseg.engine import run_command
+
+    run_command(main)  # a path that holds no CAT-Seg: one line

@@ -72,36 +72,41 @@ def main(argv=None):
     from detectron2.data import MetadataCatalog
     from detectron2.modeling import build_model
 
-    from ovseg.config import get_ovseg_cfg
-    from ovseg.engine import Trainer, UserError, load_eval_weights, resolve_device
-    from ovseg.predictor import resolve_config
-    from ovseg.utils.paths import PACKAGE_DIR
+    from ovseg.data.custom import register_dataset_names
+    from ovseg.engine import Trainer, UserError, load_config_file, load_eval_weights, merge_opts, resolve_device
+    from ovseg.utils.paths import PACKAGE_DIR, resolve_config
 
+    if "DATASETS.TEST" in args.opts[0::2]:
+        raise UserError("eval_all sets DATASETS.TEST per column (--columns); for one dataset of yours run "
+                        "train_net.py --eval-only with DATASETS.TEST")
     scores, details = {}, {}
     model, model_key = None, None
     for column in args.columns:
         eval_config, task, metric = {**COLUMNS, **EXTRA_COLUMNS}[column]
-        eval_cfg = get_ovseg_cfg()
-        eval_cfg.merge_from_file(str(PACKAGE_DIR / "configs" / "eval" / eval_config))
-        cfg = get_ovseg_cfg()
-        cfg.merge_from_file(str(resolve_config(args.config_file)))
-        cfg.DATASETS.TEST = tuple(eval_cfg.DATASETS.TEST)  # the eval config only chooses the benchmark
+        eval_cfg = load_config_file(str(PACKAGE_DIR / "configs" / "eval" / eval_config), warn=False)
+        cfg = load_config_file(str(resolve_config(args.config_file)), warn=False)
+        cfg.DATASETS.TEST = tuple(eval_cfg.DATASETS.TEST)  # the eval config chooses the benchmark
         cfg.merge_from_list([x for key in BENCHMARK_KEYS.get(column, ()) for x in (key, config_value(eval_cfg, key))])
-        cfg.merge_from_list(args.opts)
+        # the user's overrides win over both configs; unknown keys and odd overrides are one line, as in
+        # train_net.py; a CPU-only machine runs the shipped (cuda) configs on CPU, said once
+        merge_opts(cfg, args.opts)
+        cfg = resolve_device(cfg, warn=column == args.columns[0])
         cfg.OUTPUT_DIR = os.path.join(args.output, column.replace(" ", "_"))
-        cfg = resolve_device(cfg)  # a CPU-only machine runs the shipped (cuda) configs on CPU
+        register_dataset_names(tuple(cfg.DATASETS.TRAIN))  # folder: / coco: names the model's vocabulary may read
         dataset = cfg.DATASETS.TEST[0]
+        if model is None or model_key != cfg.MODEL.dump():
+            # outside the per-benchmark handling: the model's or its weights' error would be every column's
+            model, model_key = build_model(cfg).eval(), cfg.MODEL.dump()
+            load_eval_weights(cfg, model)  # safe and strict, as train_net.py --eval-only
         try:
-            if model is None or model_key != cfg.MODEL.dump():
-                model, model_key = build_model(cfg).eval(), cfg.MODEL.dump()
-                load_eval_weights(cfg, model)  # safe and strict, as train_net.py --eval-only
             result = Trainer.test(cfg, model)[dataset]
             details[column] = {"dataset": dataset, "results": result}
             scores[column] = float(result[task][metric])
-        except UserError:  # the model or its weights: every column would fail the same way
+        except UserError:
             raise
         except (FileNotFoundError, KeyError, ValueError) as e:
             details[column] = {"dataset": dataset, "error": f"{type(e).__name__}: {e}"}
+            print(f"[eval_all] {column}: n/a ({e})", file=sys.stderr)
         details[column]["evaluator_type"] = MetadataCatalog.get(dataset).get("evaluator_type", None)
 
     os.makedirs(args.output, exist_ok=True)
@@ -116,12 +121,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as e:  # a user's mistake (config, weights) is one line, anything else a traceback
-        from ovseg.engine import UserError
+    sys.path.insert(0, ROOT)
+    from ovseg.engine import run_command
 
-        if not isinstance(e, UserError):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    # a user's mistake (config, weights) is one line, anything else a traceback
+    run_command(main, user_errors=(ValueError,))

@@ -72,4 +72,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from ovseg.engine import run_command
+
+    # a user's mistake (config, weights, vocabulary, slide inference) is one line, anything else a traceback
+    run_command(main, user_errors=(ValueError,))

@@ -44,6 +44,7 @@ from ..modeling.meta_arch.base import OpenVocabModel
 from ..modeling.meta_arch.clipself import CLIPSelfDistiller
 from ..modeling.test_time_augmentation import SegmentorWithTTA
 from ..utils.download import WeightsUnavailableError
+from ..utils.paths import resolve_config
 from ..utils.precision import inference_autocast
 from .checkpoint import SafeCheckpointer
 from .data import ResumableTrainLoader, capture_rng_state, resolve_data_seed, restore_rng_state
@@ -180,6 +181,17 @@ class Trainer(DefaultTrainer):
     checkpoint (a resumed run equals an uninterrupted one), atomic and safely loaded checkpoints
     (`SafeCheckpointer`), a checkpoint on SIGINT / SIGTERM, a clear stop on non-finite predictions or losses, and
     CPU runs (AMP off, DDP without device ids) as well as CUDA ones."""
+
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
+        """detectron2's, with the user's mistakes as one line: a config the model refuses (its ValueError names the
+        key, e.g. MODEL.CLIP.FEATURE_BLOCKS beyond the tower's depth) or CLIP weights that cannot be downloaded."""
+        try:
+            return super().build_model(cfg)
+        except WeightsUnavailableError as e:
+            raise UserError(str(e)) from e
+        except ValueError as e:
+            raise UserError(f"{cfg.MODEL.META_ARCHITECTURE} cannot be built from this config: {e}") from e
 
     def __init__(self, cfg: CfgNode):
         # DefaultTrainer.__init__'s steps, with the CPU-aware DDP wrapper, our data stream and our checkpointer
@@ -425,9 +437,17 @@ def check_inputs(cfg: CfgNode, eval_only: bool) -> None:
         weights = resolve_weights(weights, "MODEL.WEIGHTS")
     except (ValueError, WeightsUnavailableError) as e:
         raise UserError(str(e)) from e
+    check_weights_file(weights, cfg.OUTPUT_DIR)
+
+
+def check_weights_file(weights: str, output_dir: str = "") -> None:
+    """MODEL.WEIGHTS (a resolved path; "" or a URL pass) is a file that is not empty, else one clear error. A file
+    of the same name in `output_dir` (the config's OUTPUT_DIR, where its training wrote) is suggested."""
     if weights and "://" not in weights:
         if not os.path.isfile(weights):
-            raise UserError(str(unknown_weights_error("MODEL.WEIGHTS", weights)))
+            there = os.path.join(output_dir, os.path.basename(weights)) if output_dir else ""
+            hint = f"; did you mean {there} (the config's OUTPUT_DIR)?" if there and os.path.isfile(there) else ""
+            raise UserError(f"{unknown_weights_error('MODEL.WEIGHTS', weights)}{hint}")
         if os.path.getsize(weights) == 0:
             raise UserError(f"MODEL.WEIGHTS file {weights} is empty (0 bytes): an interrupted save or download?")
 
@@ -441,7 +461,10 @@ def load_eval_weights(cfg: CfgNode, model: torch.nn.Module, resume: bool = False
                                     strict=not allow_random)
     if cfg.MODEL.WEIGHTS or (resume and checkpointer.has_checkpoint()):
         # a model-zoo name -> its verified file in the cache
-        checkpointer.resume_or_load(resolve_weights(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS"), resume=resume)
+        weights = resolve_weights(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
+        if not (resume and checkpointer.has_checkpoint()):
+            check_weights_file(weights, cfg.OUTPUT_DIR)  # fvcore asserts; eval_all skips check_inputs
+        checkpointer.resume_or_load(weights, resume=resume)
         return
     # the CLIP towers' unlocked blocks start from MODEL.CLIP.PRETRAINED (CLIPSelf's "original" evaluation)
     core = _unwrap(model)
@@ -497,6 +520,11 @@ def run(argv=None):
     args = default_argument_parser().parse_args(argv)
     logging.getLogger("ovseg").info("Command line arguments: %s", args)
     try:
+        if args.config_file:  # a shipped config's name, as the demo, tools/eval_all.py and Predictor take
+            try:
+                args.config_file = str(resolve_config(args.config_file))
+            except ValueError as e:  # an ambiguous name
+                raise UserError(str(e)) from None
         # checked once here, before processes start, so that a mistake is one line and not one traceback per rank
         check_inputs(load_config(args, warn=False), args.eval_only)  # each process warns in its setup
         return launch(launched_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
