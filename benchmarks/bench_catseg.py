@@ -14,11 +14,23 @@ time each call, memory is the allocator's peak; CPU: wall time, growth of the pr
     python benchmarks/bench_catseg.py --device cpu --towers tiny --iters 2 --mode whole
     python benchmarks/bench_catseg.py --opts MODEL.CATSEG.CLIP_RESOLUTION "[384, 384]"   # any config key
 Prints a table and writes benchmarks/results/bench_catseg.json.
+
+`--authors <CAT-Seg checkout or bare git dir>`: instead, the authors' own CATSeg (their code, configs/vitb_384.yaml,
+eval.sh's sliding window) against our CATSegSegmentor (configs/catseg/catseg_vitb16_authors.yaml) on the same
+random ViT-B/16 weights (theirs saved, converted on load: tools/catseg_parity.py builds both), the same image and
+ADE-150's 150 classes, fp32. The two run alternately (text embeddings cached by both after a warm-up call); `peak
+MiB` is the growth of the process's peak RSS in one call of each (CPU only: their code's .cuda() calls are no-ops).
+
+    PYTHONPATH=/tmp/pkgs python benchmarks/bench_catseg.py --authors /path/to/CAT-Seg --device cpu --iters 2
+Writes benchmarks/results/bench_catseg_authors.json.
 """
 import argparse
+import importlib.util
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -88,6 +100,70 @@ def run(model, image, amp):
         return model([{"image": image, "height": h, "width": w}])[0]["sem_seg"]
 
 
+def load_parity_tool():
+    """tools/catseg_parity.py as a module (it builds the authors' model and ours on the same weights)."""
+    spec = importlib.util.spec_from_file_location("catseg_parity", ROOT / "tools" / "catseg_parity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def versus_authors(args) -> None:
+    """Per-image time and peak memory of the authors' CATSeg and ours, same weights / image / 150 classes, fp32."""
+    if args.device != "cpu":
+        raise SystemExit("--authors runs on CPU only (their code is run with its .cuda() calls made no-ops)")
+    parity = load_parity_tool()
+    device = "cpu"
+    h, w = (int(s) for s in args.image.split(","))
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8).float()
+    root = parity.authors_checkout(args.authors)
+    sys.path.insert(0, root)
+    import cat_seg  # noqa: F401  (registers their meta-architecture)
+
+    work = tempfile.mkdtemp(prefix="bench_catseg_authors_")
+    train_json = os.path.join(work, "train_classes.json")  # embedded once at build time: kept short
+    Path(train_json).write_text(json.dumps(["wall", "sky"]))
+    clip_state = parity.random_openai_clip_state(0)
+    timer = Timer(device)
+    with parity.authors_on_cpu(clip_state):
+        theirs = parity.build_authors_model(root, os.path.join(root, "datasets/ade150.json"), train_json, clip_state,
+                                            seed=0)
+        weights = os.path.join(work, "catseg_random.pth")
+        torch.save({"model": theirs.state_dict()}, weights)
+        ours = parity.build_our_model(weights, "")  # ADE-150 with the config's (their) class names
+        models = {"authors": theirs, "ovseg": ours}
+        for m in models.values():
+            for _ in range(args.warmup):
+                run(m, image, nullcontext())
+        times = {k: [] for k in models}
+        for _ in range(args.iters):  # alternately: other processes' load hits both alike
+            for k, m in models.items():
+                t, _ = timer(run, m, image, nullcontext())
+                times[k].append(t)
+        peaks, outs = {}, {}
+        for k, m in models.items():
+            with PeakMemory(False) as mem:
+                outs[k] = run(m, image, nullcontext())
+            peaks[k] = mem.mib
+    agree = (outs["authors"].argmax(0) == outs["ovseg"].argmax(0)).float().mean().item()
+    diff = (outs["authors"] - outs["ovseg"]).abs().max().item()
+    rows = [{"model": k, "tower": "ViT-B-16", "classes": 150, "image": [h, w], "device": device, "dtype": "fp32",
+             "time_s": statistics.median(times[k]), "times_s": times[k], "peak_mib": peaks[k]} for k in models]
+    ratio = rows[1]["time_s"] / rows[0]["time_s"]
+    print(f"\nCAT-Seg ViT-B/16, 150 classes, {h}x{w} input, sliding window, {device} fp32, median of {args.iters}")
+    print("| model | s / image | peak MiB |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['time_s']:.2f} | {r['peak_mib']:.0f} |")
+    print(f"ovseg / authors time: {ratio:.2f}x; outputs: max |diff| {diff:.1e}, argmax agreement {agree:.4f}")
+    out = Path(args.out.replace("bench_catseg.json", "bench_catseg_authors.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "time_ratio_ovseg_over_authors": ratio, "max_abs_diff": diff,
+                               "argmax_agreement": agree}, indent=1))
+    print(f"wrote {out}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -103,7 +179,10 @@ def main():
     ap.add_argument("--no-mask", action="store_true", help="skip the OpenVocabMaskSegmentor comparison")
     ap.add_argument("--out", default="benchmarks/results/bench_catseg.json")
     ap.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="CAT-Seg config overrides, KEY VALUE pairs")
+    ap.add_argument("--authors", default="", help="the authors' CAT-Seg (checkout or bare git dir): compare with it")
     args = ap.parse_args()
+    if args.authors:
+        return versus_authors(args)
     device = args.device
     h, w = (int(s) for s in args.image.split(","))
     torch.manual_seed(0)
