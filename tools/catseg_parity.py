@@ -53,8 +53,19 @@ MODEL_PY = "cat_seg/modeling/transformer/model.py"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def check_authors_repo(repo: str) -> None:
+    """One clear error when `repo` holds no CAT-Seg: neither a checkout nor a git dir whose HEAD has their model."""
+    if os.path.exists(os.path.join(repo, MODEL_PY)):
+        return
+    got = subprocess.run(["git", "--git-dir", repo, "cat-file", "-e", f"HEAD:{MODEL_PY}"], capture_output=True)
+    if got.returncode:
+        raise FileNotFoundError(f"{repo}: neither a CAT-Seg checkout (no {MODEL_PY}) nor a git dir whose HEAD holds "
+                                "it (git clone https://github.com/KU-CVLAB/CAT-Seg)")
+
+
 def load_authors_module(repo: str):
     """Their model.py as a module, read from a checkout or (a bare mirror) from git's HEAD."""
+    check_authors_repo(repo)
     path = os.path.join(repo, MODEL_PY)
     if not os.path.exists(path):
         src = subprocess.run(["git", "--git-dir", repo, "show", f"HEAD:{MODEL_PY}"], check=True,
@@ -115,6 +126,7 @@ def authors_checkout(repo: str) -> str:
     """A directory holding their `cat_seg` package: `repo` itself, or (a bare mirror) HEAD extracted to a temp dir."""
     if os.path.isdir(os.path.join(repo, "cat_seg")):
         return repo
+    check_authors_repo(repo)
     out = tempfile.mkdtemp(prefix="catseg_checkout_")
     archive = subprocess.run(["git", "--git-dir", repo, "archive", "HEAD"], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", out], input=archive, check=True)
@@ -328,6 +340,7 @@ def main(argv=None) -> int:
     parser.add_argument("--class-json", default="",
                         help="end to end: their class list, given to both (default: ADE-150, ours its config's list)")
     args = parser.parse_args(argv)
+    check_authors_repo(args.repo)  # before any global state changes: the error is one line
     torch.set_grad_enabled(False)
     if args.end_to_end:
         # (mapper output h, w, original height, width): landscape and portrait ADE-like images
@@ -362,4 +375,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ovseg.engine import run_command
+
+    run_command(main)  # a path that holds no CAT-Seg: one line
