@@ -40,8 +40,18 @@ __all__ = ["Prediction", "Predictor", "config_roots", "resolve_config", "shipped
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
-def _as_rgb_array(image: ImageInput, where: str) -> np.ndarray:
-    """Any accepted image -> (H, W, 3) uint8 RGB array; one clear error otherwise."""
+INPUT_FORMATS = ("RGB", "BGR")  # channel orders the predictor takes arrays / tensors in and feeds the model
+
+
+def _check_format(value: str, what: str) -> str:
+    if value not in INPUT_FORMATS:
+        raise ValueError(f"{what}={value!r}: the channel order must be one of {list(INPUT_FORMATS)}")
+    return value
+
+
+def _as_rgb_array(image: ImageInput, where: str, input_format: str = "RGB") -> np.ndarray:
+    """Any accepted image -> (H, W, 3) uint8 RGB array; one clear error otherwise. Arrays and tensors are in
+    `input_format` channel order (paths and PIL images are decoded to RGB)."""
     if isinstance(image, (str, os.PathLike)):
         try:
             return read_image(os.fspath(image), format="RGB")  # EXIF rotation; gray / RGBA / palette / 16 bit -> RGB
@@ -51,17 +61,18 @@ def _as_rgb_array(image: ImageInput, where: str) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
     if isinstance(image, torch.Tensor):
         if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"{where}: an image tensor must be (3, H, W) RGB, got shape {tuple(image.shape)}")
+            raise ValueError(f"{where}: an image tensor must be (3, H, W) {input_format}, got shape "
+                             f"{tuple(image.shape)}")
         image = image.detach().cpu().permute(1, 2, 0).numpy()
         if image.dtype != np.uint8:  # float 0-255, as detectron2's inputs
             image = np.clip(np.round(image.astype(np.float64)), 0, 255).astype(np.uint8)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"{where}: an image array must be (H, W, 3) uint8 RGB, got shape {image.shape} "
-                             f"dtype {image.dtype}")
+            raise ValueError(f"{where}: an image array must be (H, W, 3) uint8 {input_format}, got shape "
+                             f"{image.shape} dtype {image.dtype}")
         if min(image.shape[:2]) < 1:
             raise ValueError(f"{where}: empty image of shape {image.shape}")
-        return np.ascontiguousarray(image)
+        return np.ascontiguousarray(image[:, :, ::-1] if input_format == "BGR" else image)
     raise TypeError(f"{where}: expected a path, PIL image, (H, W, 3) uint8 array or (3, H, W) tensor, got "
                     f"{type(image).__name__}")
 
@@ -154,7 +165,8 @@ class Predictor:
 
     def __init__(self, config: Union[str, os.PathLike, CfgNode] = "naclip_vitb16", *, weights: Optional[str] = None,
                  device: Optional[str] = None, dtype: Optional[str] = None, opts: Sequence[str] = (),
-                 vocabulary: Union[None, str, Sequence[str], Vocabulary] = None, batch_size: int = 8):
+                 vocabulary: Union[None, str, Sequence[str], Vocabulary] = None, batch_size: int = 8,
+                 input_format: Optional[str] = None):
         """
         Args:
             config: a shipped config's name (`naclip_vitb16`, see `resolve_config`), a yaml path, or a config.
@@ -167,7 +179,12 @@ class Predictor:
             opts: config overrides, KEY VALUE ... as on the command line.
             vocabulary: the initial classes (a "cat,sofa|couch" string, a list, a text file or a dataset name).
             batch_size: the most images of one size per model forward.
+            input_format: the channel order of the arrays and tensors given to the call, "RGB" or "BGR" (OpenCV's
+                `cv2.imread`, as detectron2's `DefaultPredictor` takes); default: the config's INPUT.FORMAT ("RGB"
+                for ovseg's configs). Paths and PIL images are always decoded correctly.
         """
+        if input_format is not None:  # before the model is built
+            _check_format(input_format, "input_format")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
@@ -194,6 +211,9 @@ class Predictor:
         cfg = resolve_device(cfg)  # "cuda" on a machine without CUDA: CPU, as train_net.py
         cfg.freeze()
         self.cfg = cfg
+        _check_format(cfg.INPUT.FORMAT, "INPUT.FORMAT")  # the model's order
+        # the caller's order, as detectron2's DefaultPredictor converts its BGR arrays to INPUT.FORMAT
+        self.input_format = _check_format(cfg.INPUT.FORMAT if input_format is None else input_format, "input_format")
         self.dtype = resolve_inference_dtype(cfg.MODEL.INFERENCE_DTYPE, cfg.MODEL.DEVICE)  # checked before building
         # a model trained on `folder:` / `coco:` data names them in DATASETS.*: its vocabulary comes from there
         register_dataset_names(tuple(cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST))
@@ -209,8 +229,6 @@ class Predictor:
         self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
         # TEST.AUG.ENABLED: flip / multi-scale `sem_seg`, as train_net.py evaluates
         self._segment = SegmentorWithTTA(cfg, self.model).eval() if cfg.TEST.AUG.ENABLED else self.model
-        if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
-            raise ValueError(f"INPUT.FORMAT={cfg.INPUT.FORMAT!r}: the predictor feeds RGB or BGR images")
         self._vocabulary: Optional[Vocabulary] = None
         self._vocabulary_key: Optional[Tuple[Vocabulary, Optional[str]]] = None
         if vocabulary is not None:
@@ -252,9 +270,9 @@ class Predictor:
     def __call__(self, images: Union[ImageInput, Sequence[ImageInput]],
                  vocabulary: Union[None, str, Sequence[str], Vocabulary] = None
                  ) -> Union[Prediction, List[Prediction]]:
-        """Segment one image (a path, PIL image, (H, W, 3) uint8 RGB array or (3, H, W) RGB tensor) or a list of
-        them. Images whose resized sizes agree go through the model together (up to `batch_size` per forward),
-        the others one size at a time.
+        """Segment one image (a path, PIL image, (H, W, 3) uint8 array or (3, H, W) tensor, both in the
+        `input_format` channel order) or a list of them. Images whose resized sizes agree go through the model
+        together (up to `batch_size` per forward), the others one size at a time.
 
         Returns:
             a `Prediction` for one image, a list of them (in input order) for a list.
@@ -266,7 +284,7 @@ class Predictor:
         items = [images] if single else list(images)
         if not items:
             raise ValueError("no images given")
-        arrays = [_as_rgb_array(im, f"image {i}") for i, im in enumerate(items)]
+        arrays = [_as_rgb_array(im, f"image {i}", self.input_format) for i, im in enumerate(items)]
         inputs = [self._model_input(a) for a in arrays]
         by_size: Dict[Tuple[int, int], List[int]] = {}
         for i, inp in enumerate(inputs):

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     if not os.path.isfile(args.input):  # before the model is built, named as the user wrote it
         parser.error(f"--input {args.input}: no such file")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    model = load_open_clip(args.model_name, args.input, args.trust_pickled_weights)
+    model = load_open_clip(args.model_name, args.input, args.trust_pickled_weights, what="--input")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     torch.save(model.state_dict(), args.output)
     print(f"wrote {args.output} ({len(model.state_dict())} tensors of {args.model_name})")

@@ -163,3 +163,21 @@ def test_eva_rope_adapter_refuses_a_changed_timm(tiny_clip, monkeypatch):
                         lambda self, shape=None: real(self, shape) * (1.5 if shape is not None else 1.0))
     with pytest.raises(RuntimeError, match="timm .* tested with timm"):
         clip_vit.EvaTower(visual)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_block_count_errors_name_the_model_and_its_depth(name):
+    from ovseg.modeling.clip_model import load_clip_towers
+    from tests.helpers import tiny_cfg
+
+    cfg = tiny_cfg(MODEL__CLIP__MODEL_NAME=name, MODEL__CLIP__UNLOCK_LAST_BLOCKS=12)
+    visual, _ = load_clip_towers(cfg)
+    depth = len(visual.trunk.blocks if hasattr(visual, "trunk") else visual.transformer.resblocks)  # open_clip's
+    with pytest.raises(ValueError, match=rf"UNLOCK_LAST_BLOCKS=12 not in \[0, {depth}\]: the visual tower of "
+                                         rf"{name} has {depth} blocks"):
+        CLIPViTDenseEncoder(cfg, visual=visual)
+    cfg.MODEL.CLIP.UNLOCK_LAST_BLOCKS = 0
+    cfg.MODEL.CLIP.FEATURE_BLOCKS = [0, depth]
+    with pytest.raises(ValueError, match=rf"FEATURE_BLOCKS has {depth}, but the visual tower of {name} has {depth} "
+                                         rf"blocks \(0..{depth - 1}\)"):
+        CLIPViTDenseEncoder(cfg, visual=visual)

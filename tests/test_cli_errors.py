@@ -101,6 +101,18 @@ def test_convert_missing_input_names_the_flag(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out.pt").exists()
 
 
+def test_convert_key_mismatches_name_the_input_flag(tmp_path, monkeypatch, capsys):
+    # the user gave --input, not a config key: the error names what they typed
+    other = tmp_path / "other.pt"
+    torch.save({"backbone.conv.weight": torch.zeros(3)}, other)
+    code, err = run_tool("scripts/convert_to_open_clip.py", [
+        "--model-name", "ovseg-tiny-ViT-16", "--input", str(other), "--output", str(tmp_path / "out.pt")],
+        monkeypatch, capsys)
+    assert code == 2 and len([line for line in err if line.startswith("error:")]) == 1, err
+    assert err[-1].startswith(f"error: --input {str(other)!r} has none of the keys"), err
+    assert "MODEL.CLIP.PRETRAINED" not in "\n".join(err) and not (tmp_path / "out.pt").exists()
+
+
 def test_train_net_takes_a_shipped_config_name(monkeypatch, capsys, empty_datasets):
     from ovseg.engine import load_config_file, run
     from ovseg.utils.paths import PACKAGE_DIR

@@ -1,5 +1,8 @@
 """Every shipped config parses, and builds its model (with the tiny CLIP swapped in), from any working directory;
 the checkout's `configs/` is a link to the package's `ovseg/configs/`."""
+import importlib.util
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -56,3 +59,40 @@ def test_config_builds(path, tmp_path, monkeypatch):
             classes = [c.lower() for c in model.set_vocabulary(vocab).names]
             assert cfg.MODEL.DENSE_SEG.BACKGROUND_CLASS.lower() in classes, name
             assert len(classes) == len(MetadataCatalog.get(name).stuff_classes), name
+
+
+def _readme_tiny_smoke_commands():
+    """The argv of each `python ...` line of the README's tiny smoke-run block (continuation lines joined)."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"their smoke runs set those keys.*?```bash\n(.*?)```", text, re.S)
+    assert block, "README.md lacks the tiny smoke-run block"
+    lines = block.group(1).replace("\\\n", " ").splitlines()
+    return [shlex.split(line)[1:] for line in lines if line.startswith("python ")]
+
+
+def test_readme_tiny_smoke_commands_build_their_models():
+    """Each README smoke command's config, read by the tool's own parser, builds its model: the overrides fit the
+    tiny tower (running them all takes about a minute on CPU; they were run by hand)."""
+    from detectron2.engine import default_argument_parser
+
+    from ovseg.engine import load_config_file
+    from ovseg.utils.paths import resolve_config
+
+    spec = importlib.util.spec_from_file_location("readme_demo_cli", ROOT / "demo" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+
+    built = set()
+    for argv in _readme_tiny_smoke_commands():
+        if argv[0] == "demo/demo.py":
+            args = demo.get_parser().parse_args(argv[1:])
+            opts = demo.config_overrides(args)
+        else:
+            assert argv[0] == "train_net.py", argv
+            args = default_argument_parser().parse_args(argv[1:])
+            opts = args.opts
+        cfg = load_config_file(str(resolve_config(args.config_file)), opts, warn=False)
+        assert cfg.MODEL.CLIP.MODEL_NAME == "ovseg-tiny-ViT-16" and cfg.MODEL.CLIP.PRETRAINED == "", argv
+        build_model(cfg)
+        built.add(cfg.MODEL.META_ARCHITECTURE)
+    assert built == {"LSegSegmentor", "CATSegSegmentor", "CLIPSelfDistiller"}

@@ -298,3 +298,25 @@ def test_position_embedding_and_rope_cached_per_grid(tiny_clip, name, monkeypatc
         assert not torch.allclose(edited, first)
         enc.load_state_dict(state)
         assert torch.equal(enc(img)["clip_dense"], first)
+
+
+def test_every_dense_mode_is_documented_and_offered_by_the_demo():
+    """The README's training-free section names each registry mode, and the demo's --dense-mode offers them."""
+    import importlib.util
+    from pathlib import Path
+
+    from ovseg.modeling.backbone import DENSE_MODE_REGISTRY
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## Training-free segmentation"):]
+    section = section[:section.index("\n## ", 1)]
+    assert [m for m in DENSE_MODE_REGISTRY if f"`{m}`" not in section] == []
+    spec = importlib.util.spec_from_file_location("dense_modes_demo_cli", root / "demo" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    parser = demo.get_parser()
+    for mode in DENSE_MODE_REGISTRY:
+        assert parser.parse_args(["--vocab", "a", "--dense-mode", mode]).dense_mode == mode
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--vocab", "a", "--dense-mode", "maskclip"])

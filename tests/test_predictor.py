@@ -154,6 +154,41 @@ def test_errors(dense, tmp_path):
         no_vocab(_image())
 
 
+def test_input_format_bgr_arrays(dense):
+    """An OpenCV (BGR) array given with input_format="BGR" is read as the same image in RGB; without it the channels
+    are swapped (the silent misreading the option exists for)."""
+    bgr_p = Predictor(tiny_cfg(INPUT__MIN_SIZE_TEST=32, INPUT__MAX_SIZE_TEST=1000), vocabulary=VOCAB,
+                      input_format="BGR")
+    bgr_p.model.load_state_dict(dense.model.state_dict())
+    rgb = _image(40, 56, seed=7)
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    expected = dense(rgb, vocabulary=VOCAB)
+    for given in (bgr, torch.as_tensor(bgr).permute(2, 0, 1), Image.fromarray(rgb)):  # PIL images stay RGB
+        out = bgr_p(given)
+        assert torch.equal(out.outputs["sem_seg"], expected.outputs["sem_seg"]), type(given)
+        assert np.array_equal(out.image, rgb)  # drawn in RGB
+    misread = dense(bgr).outputs["sem_seg"]
+    assert not torch.allclose(misread, expected.outputs["sem_seg"], atol=1e-4)
+    with pytest.raises(ValueError, match=r"input_format='rgb'.*\['RGB', 'BGR'\]"):
+        Predictor(tiny_cfg(), input_format="rgb")
+
+
+def test_bgr_model_config_takes_bgr_arrays_by_default():
+    """INPUT.FORMAT="BGR" (a model fed BGR): arrays default to that order and reach the model unflipped."""
+    torch.manual_seed(0)
+    p = Predictor(tiny_cfg(INPUT__FORMAT="BGR", INPUT__MIN_SIZE_TEST=32, INPUT__MAX_SIZE_TEST=1000),
+                  vocabulary=VOCAB)
+    assert p.input_format == "BGR"
+    bgr = _image(40, 56, seed=8)
+    out = p(bgr)
+    ref = _direct(p.model, bgr, 32, 1000)  # the BGR array fed to the model as is
+    assert torch.equal(out.outputs["sem_seg"], ref["sem_seg"])
+    assert np.array_equal(out.image, bgr[:, :, ::-1])
+    rgb_p = Predictor(p.cfg, vocabulary=VOCAB, input_format="RGB")
+    rgb_p.model.load_state_dict(p.model.state_dict())
+    assert torch.equal(rgb_p(np.ascontiguousarray(bgr[:, :, ::-1])).outputs["sem_seg"], ref["sem_seg"])
+
+
 def test_config_names(tmp_path):
     naclip = resolve_config("naclip_vitb16")
     assert naclip == ROOT / "ovseg" / "configs" / "trainingfree" / "naclip_vitb16.yaml"

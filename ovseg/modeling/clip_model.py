@@ -78,24 +78,32 @@ def _open_clip_key(key: str) -> str:
     return key
 
 
-def _load_file(model: nn.Module, path: str, model_name: str, trust_pickled_weights: bool = False) -> None:
-    """Load an open_clip (or ovseg-exported) state dict into `model`, reporting key mismatches."""
+def _named(what: str, value: str) -> str:
+    """How an error names the value the user gave: `KEY='value'` for a config key, `--flag 'value'` for a flag."""
+    return f"{what} {value!r}" if what.startswith("-") else f"{what}={value!r}"
+
+
+def _load_file(model: nn.Module, path: str, model_name: str, trust_pickled_weights: bool = False,
+               what: str = "MODEL.CLIP.PRETRAINED") -> None:
+    """Load an open_clip (or ovseg-exported) state dict into `model`, reporting key mismatches; errors name the file
+    as `what` (the config key or command-line flag it came from)."""
+    source = _named(what, path)
     state = load_weights_file(
-        path, trust_pickled=trust_pickled_weights, what=f"MODEL.CLIP.PRETRAINED={path!r}",
+        path, trust_pickled=trust_pickled_weights, what=source,
         trust_hint="set MODEL.CLIP.TRUST_PICKLED_WEIGHTS True (scripts/convert_to_open_clip.py: "
                    "--trust-pickled-weights)",
     )
     if isinstance(state, dict):
         state = state.get("state_dict", state.get("model", state))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"MODEL.CLIP.PRETRAINED={path!r} does not hold a state dict of tensors")
+        raise ValueError(f"{source} does not hold a state dict of tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
     try:
         # foreign layouts first (EVA-CLIP, CLIPSelfDistiller with its teacher): strict, complete conversions
         state, layout = to_open_clip_layout(state, own.keys())
     except ValueError as e:
-        raise ValueError(f"MODEL.CLIP.PRETRAINED={path!r} for {model_name!r}: {e}") from e
+        raise ValueError(f"{source} for {model_name!r}: {e}") from e
     if layout:
         logger.info("Converted %s from the %s key layout to open_clip's", path, layout)
     else:
@@ -103,7 +111,7 @@ def _load_file(model: nn.Module, path: str, model_name: str, trust_pickled_weigh
     matched = [k for k in state if k in own]
     if not matched:
         raise ValueError(
-            f"MODEL.CLIP.PRETRAINED={path!r} has none of the keys of open_clip model {model_name!r} "
+            f"{source} has none of the keys of open_clip model {model_name!r} "
             f"(e.g. file has {list(state)[:3]}, model expects {list(own)[:3]}): wrong model name or wrong file? "
             "(EVA-CLIP / CLIPSelf and ovseg CLIPSelfDistiller layouts are converted automatically.)"
         )
@@ -111,7 +119,7 @@ def _load_file(model: nn.Module, path: str, model_name: str, trust_pickled_weigh
                   for k in matched if state[k].shape != own[k].shape]
     if bad_shapes:
         raise ValueError(
-            f"MODEL.CLIP.PRETRAINED={path!r} does not fit {model_name!r}; shape mismatches: {bad_shapes[:5]}"
+            f"{source} does not fit {model_name!r}; shape mismatches: {bad_shapes[:5]}"
         )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing:
@@ -123,7 +131,8 @@ def _load_file(model: nn.Module, path: str, model_name: str, trust_pickled_weigh
     logger.info("Loaded %d/%d tensors of %s from %s", len(matched), len(own), model_name, path)
 
 
-def load_open_clip(model_name: str, pretrained: str, trust_pickled_weights: bool = False) -> nn.Module:
+def load_open_clip(model_name: str, pretrained: str, trust_pickled_weights: bool = False,
+                   what: str = "MODEL.CLIP.PRETRAINED") -> nn.Module:
     """Build the open_clip model `model_name` with weights `pretrained`.
 
     Args:
@@ -134,6 +143,7 @@ def load_open_clip(model_name: str, pretrained: str, trust_pickled_weights: bool
         trust_pickled_weights: let a local file that needs full unpickling (objects beyond tensors, TorchScript)
             load; such a file can run code (MODEL.CLIP.TRUST_PICKLED_WEIGHTS). Safetensors and plain state dicts
             load either way.
+        what: how errors name `pretrained`: the config key, or the flag of a script (e.g. "--input").
     Returns:
         the open_clip model (CLIP or CustomTextCLIP), fp32, on CPU, in eval mode.
     """
@@ -150,11 +160,11 @@ def load_open_clip(model_name: str, pretrained: str, trust_pickled_weights: bool
     elif _is_path(pretrained):
         if not os.path.isfile(pretrained):
             raise FileNotFoundError(
-                f"MODEL.CLIP.PRETRAINED={pretrained!r}: no such file. Give the path of a CLIP checkpoint for "
+                f"{_named(what, pretrained)}: no such file. Give the path of a CLIP checkpoint for "
                 f"{model_name}, or an open_clip tag ({open_clip.list_pretrained_tags_by_model(model_name)})."
             )
         model = open_clip.create_model(model_name, pretrained=None)
-        _load_file(model, pretrained, model_name, trust_pickled_weights)
+        _load_file(model, pretrained, model_name, trust_pickled_weights, what)
     else:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         if pretrained not in tags:

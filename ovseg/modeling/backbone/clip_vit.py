@@ -597,7 +597,7 @@ class CLIPViTDenseEncoder(Backbone):
     @configurable
     def __init__(self, *, visual: nn.Module, feature_blocks: Sequence[int] = (), dense_mode: str = "value",
                  unlock_last_blocks: int = 0, mode_params: Optional[Mapping[str, Mapping[str, float]]] = None,
-                 pos_embed_resize: str = "size", unlock_patterns: Sequence[str] = ()):
+                 pos_embed_resize: str = "size", unlock_patterns: Sequence[str] = (), model_name: str = ""):
         """
         Args:
             visual: an open_clip visual tower (`model.visual`).
@@ -612,6 +612,7 @@ class CLIPViTDenseEncoder(Backbone):
             unlock_patterns: regular expressions over the visual tower's parameter names (open_clip's, e.g.
                 "attn.(q|v)_proj" for EVA's q / v projections) also left trainable
                 (`unlock_by_patterns`).
+            model_name: the CLIP's name (MODEL.CLIP.MODEL_NAME), for error messages only.
         """
         super().__init__()
         get_dense_mode(dense_mode)
@@ -627,11 +628,14 @@ class CLIPViTDenseEncoder(Backbone):
         if not feature_blocks:
             # ends of the four quarters of the tower; the last block is the dense block, so its neighbour
             feature_blocks = sorted({min(max(depth * k // 4 - 1, 0), max(depth - 2, 0)) for k in range(1, 5)})
+        # configs are written for one CLIP (ViT-B/16: 12 blocks); a shallower one needs these keys set to fit
+        tower = f"the visual tower of {model_name or type(visual).__name__} has {depth} blocks"
         for i in feature_blocks:
             if not 0 <= i < depth:
-                raise ValueError(f"MODEL.CLIP.FEATURE_BLOCKS has {i}, but the tower has blocks 0..{depth - 1}")
+                raise ValueError(f"MODEL.CLIP.FEATURE_BLOCKS has {i}, but {tower} (0..{depth - 1}): set "
+                                 "MODEL.CLIP.FEATURE_BLOCKS for this model")
         if not 0 <= unlock_last_blocks <= depth:
-            raise ValueError(f"MODEL.CLIP.UNLOCK_LAST_BLOCKS={unlock_last_blocks} not in [0, {depth}]")
+            raise ValueError(f"MODEL.CLIP.UNLOCK_LAST_BLOCKS={unlock_last_blocks} not in [0, {depth}]: {tower}")
         self.feature_blocks = list(feature_blocks)
         self.dense_mode = dense_mode
         self.mode_params = resolve_mode_params(mode_params)
@@ -665,6 +669,7 @@ class CLIPViTDenseEncoder(Backbone):
             "mode_params": mode_params_from_config(cfg),
             "pos_embed_resize": cfg.MODEL.CLIP.POS_EMBED_RESIZE,
             "unlock_patterns": list(cfg.MODEL.CLIP.UNLOCK_PATTERNS),
+            "model_name": cfg.MODEL.CLIP.MODEL_NAME,
         }
 
     def unlocked_blocks(self) -> List[nn.Module]:
