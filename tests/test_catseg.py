@@ -291,7 +291,9 @@ def test_training_learns_and_resumes(tmp_path, dataset):
     train, val = dataset
     # a random tiny CLIP knows nothing (its text embeddings of the class names have cosines of 0.87-0.99): its
     # q / v projections must learn to tell the classes apart too, at the head's rate
-    _, path = _train_cfg(tmp_path, train, val, iters=160, SOLVER__CHECKPOINT_PERIOD=30, SOLVER__BASE_LR=2e-2,
+    # BASE_LR 5e-3: at 1e-2 / 2e-2 some seeds never leave the all-negative plateau (loss ratio 0.99, mIoU 13-14),
+    # and which ones changed with rounding-level changes of the head; at 5e-3 seeds 1, 2: loss x0.42 / x0.45
+    _, path = _train_cfg(tmp_path, train, val, iters=160, SOLVER__CHECKPOINT_PERIOD=30, SOLVER__BASE_LR=5e-3,
                          MODEL__CATSEG__CLIP_LR_MULTIPLIER=1.0, SEED=1)
     before = train_net.main(_args(path, "--eval-only", "MODEL.ALLOW_RANDOM_WEIGHTS", "True"))[val]["sem_seg"]
     train_net.main(_args(path))
@@ -300,7 +302,7 @@ def test_training_learns_and_resumes(tmp_path, dataset):
     losses = [json.loads(ln)["total_loss"] for ln in (out / "metrics.json").read_text().splitlines()
               if "total_loss" in ln]
     assert sum(losses[-2:]) < 0.75 * sum(losses[:2]), losses
-    assert after["mIoU"] > before["mIoU"] + 10, (before, after)  # measured: 2.7 -> 25.0 (pixel acc. 6 -> 80)
+    assert after["mIoU"] > before["mIoU"] + 10, (before, after)  # measured: 2.7 -> 26.7
 
     # resume: from the iteration-29 checkpoint the run continues at 30, not 0
     (out / "last_checkpoint").write_text("model_0000029.pth")

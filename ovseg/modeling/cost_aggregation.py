@@ -351,9 +351,15 @@ class UpBlock(nn.Module):
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
         """x: (B*T, C, h, w); guidance: (B, Cg, 2h, 2w) -> (B*T, C_out, 2h, 2w)."""
         x = self.up(x)
-        if guidance is not None:
-            x = torch.cat([x, guidance.repeat_interleave(x.shape[0] // guidance.shape[0], dim=0)], dim=1)
-        return self.conv(x)
+        if guidance is None:
+            return self.conv(x)
+        # conv([x, g]) = conv_x(x) + conv_g(g): the guidance part once per image, broadcast over its classes,
+        # instead of a copy of the guidance per class concatenated to x
+        first, c = self.conv[0], x.shape[1]
+        y = F.conv2d(x, first.weight[:, :c], padding=first.padding)
+        g = F.conv2d(guidance, first.weight[:, c:], padding=first.padding)  # (B, C_out, 2h, 2w)
+        y = (y.view(g.shape[0], -1, *y.shape[1:]) + g.unsqueeze(1)).view(y.shape)
+        return self.conv[1:](y)
 
 
 class CostAggregator(nn.Module):
