@@ -1,6 +1,9 @@
 """Plain helpers shared by the tests (fixtures live in conftest.py)."""
 import socket
 
+import numpy as np
+from PIL import Image
+
 from ovseg.modeling.tiny_models import TINY_EVA, TINY_VIT
 
 TINY_MODELS = [TINY_VIT, TINY_EVA]
@@ -29,3 +32,16 @@ def free_dist_url() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def random_sem_seg_record(folder, height: int, width: int, ignored_rows: int) -> dict:
+    """A detectron2 semantic-segmentation record of a random RGB image and a random 4-class label map (its first
+    `ignored_rows` rows 255), written as PNGs into `folder`."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    label = rng.integers(0, 4, (height, width), dtype=np.uint8)
+    label[:ignored_rows] = 255
+    Image.fromarray(image).save(folder / "img.png")
+    Image.fromarray(label).save(folder / "lbl.png")
+    return {"file_name": str(folder / "img.png"), "sem_seg_file_name": str(folder / "lbl.png"),
+            "height": height, "width": width}

@@ -3,23 +3,16 @@ import random
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from ovseg.config import get_ovseg_cfg
 from ovseg.data.mappers import MaskSemanticMapper
+from tests.helpers import random_sem_seg_record
 
 
 @pytest.fixture
 def wide_record(tmp_path):
     """An image much wider than tall: resized to short side 20 it stays shorter than the 32 px crop."""
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (20, 90, 3), dtype=np.uint8)
-    label = rng.integers(0, 4, (20, 90), dtype=np.uint8)
-    label[:3] = 255
-    Image.fromarray(image).save(tmp_path / "img.png")
-    Image.fromarray(label).save(tmp_path / "lbl.png")
-    return {"file_name": str(tmp_path / "img.png"), "sem_seg_file_name": str(tmp_path / "lbl.png"),
-            "height": 20, "width": 90}
+    return random_sem_seg_record(tmp_path, 20, 90, 3)
 
 
 def _mapper(pad_size: int, crop: int = 32):

@@ -5,10 +5,10 @@ import random
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
 
 from ovseg.config import get_ovseg_cfg
 from ovseg.data.mappers import MaskSemanticMapper
+from tests.helpers import random_sem_seg_record
 
 
 def _clip_uint8(x):
@@ -61,14 +61,7 @@ def _reference(rgb, rng: random.Random, applied: set):
 
 @pytest.fixture
 def record(tmp_path):
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
-    label = rng.integers(0, 4, (40, 56), dtype=np.uint8)
-    label[:5] = 255
-    Image.fromarray(image).save(tmp_path / "img.png")
-    Image.fromarray(label).save(tmp_path / "lbl.png")
-    return {"file_name": str(tmp_path / "img.png"), "sem_seg_file_name": str(tmp_path / "lbl.png"),
-            "height": 40, "width": 56}
+    return random_sem_seg_record(tmp_path, 40, 56, 5)
 
 
 def _mapper(color_aug: bool, geometric: bool):
