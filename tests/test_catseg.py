@@ -16,6 +16,7 @@ from ovseg.modeling.cost_aggregation import (
     CostAggregator,
     GuidedWindowBlock,
     cost_volume,
+    guided_linear,
     linear_attention,
 )
 from ovseg.modeling.text import parse_vocabulary
@@ -79,6 +80,18 @@ def test_linear_attention_matches_its_formula():
         weights = torch.stack([phi(q[n, length, hd]) @ phi(k[n, s, hd]) for s in range(5)])
         ref = (weights[:, None] * v[n, :, hd]).sum(0) / weights.sum()
         torch.testing.assert_close(out[n, length, hd], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_guided_linear_is_the_linear_of_the_concatenation_and_refuses_missing_guidance():
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(6 + 4, 5)
+    x, guidance = torch.randn(2 * 3, 7, 6, generator=g), torch.randn(2, 7, 4, generator=g)  # 3 rows per guidance
+    reference = linear(torch.cat([x, guidance.repeat_interleave(3, dim=0)], dim=-1))
+    torch.testing.assert_close(guided_linear(linear, x, guidance), reference, **TOL)
+    with pytest.raises(ValueError, match="got no guidance"):
+        guided_linear(linear, x, None)
+    unguided = torch.nn.Linear(6, 5)
+    torch.testing.assert_close(guided_linear(unguided, x, None), unguided(x))
 
 
 @pytest.mark.parametrize("shifted", [False, True])

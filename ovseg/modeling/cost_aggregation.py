@@ -61,6 +61,9 @@ def guided_linear(linear: nn.Linear, x: torch.Tensor, guidance: Optional[torch.T
     x: (G * R, *rest, dim), guidance: (G, *rest, Cg) or None (then `linear` reads x alone); consecutive groups of R
     rows of x share one guidance row (R classes of one image, or R pixels of one image). -> (G * R, *rest, out)."""
     dim = x.shape[-1]
+    if guidance is None and linear.in_features != dim:  # its guidance columns would be dropped silently
+        raise ValueError(f"a linear layer of {linear.in_features} inputs guided by {linear.in_features - dim} "
+                         f"channels got no guidance")
     out = F.linear(x, linear.weight[:, :dim], linear.bias)
     if guidance is None:
         return out
